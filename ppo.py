@@ -1,0 +1,139 @@
+"""PPO for a text-generating VLM agent: the policy objective of RL4VLM / GTR-Turbo.
+
+The agent answers each observation with a response y = (thought tokens, action tokens). Its
+"action log-probability" is a weighted sum of per-token log-probs (PAPER.md §2), and PPO
+(PAPER.md §3) treats that sum like the log-prob of an ordinary discrete action:
+
+    log pi(a|o) = lambda * sum_thought log p(y_t) + sum_action log p(y_t)         (§2)
+    A_t = GAE(gamma=0.9, lambda=0.95), truncated episodes bootstrap from V         (§3)
+    L_pi = -mean(min(r A, clip(r, 1-c, 1+c) A)),  r = pi / pi_old,  c = 0.1        (§3)
+    L_V  = 0.5 * mean((V - R)^2)   (the caller multiplies by the value coefficient 0.5)
+    lr cosine-annealed from 1e-5 to 1e-9 over 25 updates                          (§3)
+
+Usage (one update):
+
+    adv, ret = gae(rewards, values, next_values, terminated, truncated)     # [T, N]
+    adv = adv + format_bonus - beta * kl                # caller's additions (§3, §4.3)
+    adv = normalize_advantages(adv.flatten())
+    lp = sequence_logprob(token_logprobs(logits, tokens, 0.2), th_mask, act_mask, 0.5)
+    pg, stats = policy_loss(lp, old_lp, adv[idx])
+    loss = pg + 0.5 * value_loss(v, ret.flatten()[idx])
+"""
+import math
+
+import torch
+
+
+def gae(rewards, values, next_values, terminated, truncated, gamma=0.9, lam=0.95):
+    """Generalised advantage estimation over T steps of N lockstep environments.
+
+    All inputs are [T, N]. `next_values[t]` is V of the TRUE next state s_{t+1}: for a step
+    that ended its episode by truncation it is the value of the final observation (not of the
+    reset observation stored at t+1), for t = T-1 the value of the observation after the
+    rollout. Returns (advantages, returns), float32 [T, N], returns = advantages + values.
+
+    The format reward (PAPER.md §3) and the KL penalty -beta * KL_hat (§4.3) are NOT rewards
+    here: the caller adds them to that step's advantage after GAE, so they never propagate
+    to earlier steps.
+    """
+    rewards, values, next_values = rewards.float(), values.float(), next_values.float()
+    terminated, truncated = terminated.float(), truncated.float()  # [T, N]
+    # A terminal state has value 0; a truncated one still has a future, so it bootstraps.
+    deltas = rewards + gamma * next_values * (1.0 - terminated) - values  # [T, N]
+    # Any episode end (either kind) stops the recursion: A_{t+1} belongs to another episode.
+    not_done = 1.0 - torch.maximum(terminated, truncated)  # [T, N]
+    advantages = torch.zeros_like(deltas)  # [T, N]
+    running = torch.zeros_like(deltas[0])  # [N], A_T = 0 past the rollout
+    for t in reversed(range(deltas.shape[0])):
+        running = deltas[t] + gamma * lam * not_done[t] * running
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+def normalize_advantages(advantages, eps=1e-8):
+    """Zero mean, unit std over the whole batch (PAPER.md §3), so the step size of the policy
+    loss does not depend on the scale of the rewards."""
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def policy_loss(logprobs, old_logprobs, advantages, clip=0.1, ratio_guard=10.0):
+    """Clipped PPO surrogate on [B] sequence log-probs. Returns (loss, stats).
+
+    Ratio guard (PAPER.md §3): a sequence log-prob sums hundreds of token log-probs, so a
+    small change per token can make r = pi/pi_old explode. For A < 0 the min() of the plain
+    surrogate then picks the unclipped r*A, a huge loss and gradient. If any ratio in the
+    mini-batch exceeds `ratio_guard`, only the clipped term is used: bounded, and its
+    gradient is zero wherever r lies outside the clip range.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)  # [B]
+    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages  # [B]
+    guard_triggered = bool((ratio.detach() > ratio_guard).any())
+    if guard_triggered:
+        loss = -clipped.mean()
+    else:
+        loss = -torch.min(ratio * advantages, clipped).mean()
+    with torch.no_grad():
+        log_ratio = logprobs - old_logprobs  # [B]
+        stats = {
+            # k3 estimator of KL(pi_old || pi) from samples of pi_old (Schulman, "Approximating
+            # KL divergence"): unbiased, non-negative per sample, low variance.
+            "approx_kl": ((ratio - 1.0) - log_ratio).mean(),
+            "clip_fraction": ((ratio - 1.0).abs() > clip).float().mean(),
+            "ratio_max": ratio.max(),
+            "guard_triggered": torch.tensor(float(guard_triggered)),
+        }
+    return loss, stats
+
+
+def value_loss(values, returns, old_values=None, clip=None):
+    """0.5 * mean((V - R)^2) on [B]; the value coefficient (0.5, PAPER.md §3) is applied by
+    the caller. With `old_values` and `clip`, the PPO2 form: the pessimistic max of the plain
+    error and the error of V kept within `clip` of the value at rollout time."""
+    unclipped = (values - returns) ** 2  # [B]
+    if clip is None:
+        return 0.5 * unclipped.mean()
+    values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)  # [B]
+    return 0.5 * torch.max(unclipped, (values_clipped - returns) ** 2).mean()
+
+
+def cosine_lr(update, total_updates, lr, lr_min=1e-9):
+    """Learning rate for `update` (0-based): cosine from lr at 0 to lr_min at total_updates,
+    held at lr_min beyond (PAPER.md §3: 1e-5 -> 1e-9 over 25 updates)."""
+    progress = min(max(update, 0), total_updates) / total_updates
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * progress))
+
+
+def token_logprobs(logits, tokens, temperature=1.0):
+    """Log-prob of each sampled token, [B, L, V] logits and [B, L] tokens -> [B, L] float32.
+
+    Logits are divided by the sampling temperature (PAPER.md §2), so the log-probs are those
+    of the distribution the tokens were actually sampled from. The log-softmax runs in
+    float32, unlike the reference's bfloat16: bfloat16 keeps 8 significant bits, so each
+    token log-prob is off by ~0.4 % and a sequence sum near -100 is only resolved to steps of
+    0.5, while PPO clips the ratio exp(lp - lp_old) at 1 +- 0.1.
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, L, V]
+    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # [B, L]
+
+
+def per_token_entropy(logits):
+    """Entropy of softmax(logits) over the last dim, in float32: [..., V] -> [...].
+    Logged, not optimised (PAPER.md §3): its fall is the sign of entropy/thought collapse."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [..., V]
+    # xlogy gives 0 * log 0 = 0 for tokens masked to -inf (0 * -inf would be NaN).
+    return -torch.xlogy(logp.exp(), logp.exp()).sum(-1)  # [...]
+
+
+def sequence_logprob(token_logprobs, thought_mask, action_mask, thought_coef):
+    """Action log-prob of each response (PAPER.md §2): [B, L] -> [B].
+
+        lambda * sum_{thought} log p + sum_{action} log p,   lambda = thought_coef
+
+    lambda < 1 (0.5 card games, 0.2 ALFWorld) keeps the long thought from dominating the
+    ratio. Masked positions are selected with where(), so padding never leaks in, not even
+    as -inf * 0 = NaN.
+    """
+    zero = torch.zeros_like(token_logprobs)  # [B, L]
+    thought = torch.where(thought_mask.bool(), token_logprobs, zero).sum(-1)  # [B]
+    action = torch.where(action_mask.bool(), token_logprobs, zero).sum(-1)  # [B]
+    return thought_coef * thought + action

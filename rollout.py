@@ -1,0 +1,179 @@
+"""Multi-turn rollouts: N environments stepped in lockstep by ONE batched model call per step.
+
+PAPER.md §3 (RL4VLM): every step the VLM reads each environment's image and prompt, answers
+with `{"thoughts": ..., "action": ...}`, and the parsed action moves that environment. The
+reference generates for one environment at a time; here all N observations of a step go
+through one `generate` and one scoring pass, which is what makes rollouts fast (bench.py).
+
+Per step and environment the rollout keeps what PPO (ppo.py) and the teacher guidance
+(distill.py) need: the encoded observation, the response tokens, the old lambda-weighted
+log-prob and the value, reward and termination flags, whether the answer parsed, the played
+action, the mean token entropy and thought length, and with guidance the teacher's KL estimate
+(`--guidance kl`, PAPER.md §4.3) or the teacher's answer for SFT (`--guidance sft`, §4.2).
+
+Use:
+    envs = [gym.make("gtr/NumberLine-v0") for _ in range(8)]
+    runner = Rollout(envs, seed=0)
+    batch = runner.collect(policy, steps=8, temperature=0.2, max_new_tokens=64)
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import envs as gtr_envs
+from distill import kl_estimate, masked_mean, retry_temperatures
+
+
+@dataclass
+class Batch:
+    """One rollout of `steps` x `num_envs`; tensors are [T, N], lists are flat in (t, n) order."""
+    encoded: list                 # T*N model inputs of the observations (policy.encode)
+    responses: list               # T*N response token ids
+    old_logprobs: torch.Tensor    # lambda-weighted sequence log-prob at sampling time
+    values: torch.Tensor          # V(s_t)
+    next_values: torch.Tensor     # V(s_{t+1}) of the true next state (see ppo.gae)
+    rewards: torch.Tensor         # environment rewards
+    format_rewards: torch.Tensor  # PAPER.md §3: +3 parsed / -2 not, added after GAE
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    format_valid: torch.Tensor    # the answer parsed into "thoughts" and a legal "action"
+    actions: torch.Tensor         # the action played (random for an unparsed answer, see below)
+    entropy: torch.Tensor         # mean per-token entropy of the response
+    thought_tokens: torch.Tensor  # length of the thought part in tokens
+    teacher_kl: torch.Tensor      # per-step KL estimate to the teacher (zeros without KL guidance)
+    sft_targets: list = field(default_factory=list)  # T*N teacher answers (token ids) or None
+    teacher_parse_rate: float = float("nan")
+    episodes: list = field(default_factory=list)     # finished episodes: return, length, success
+    time_teacher: float = 0.0
+
+
+class Rollout:
+    """N environments that persist across updates (episodes continue over update boundaries)."""
+
+    def __init__(self, envs, seed=0, unparsed_action="random"):
+        self.envs = envs
+        self.unparsed_action = unparsed_action
+        self.rng = np.random.default_rng(seed)
+        # Distinct seeds per environment; later resets draw from each env's own np_random.
+        self.obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
+        self.episode_return = np.zeros(len(envs))
+        self.episode_length = np.zeros(len(envs), dtype=int)
+
+    def _act(self, i, text):
+        """Step env i with the answer `text`; returns (step result, parsed?, action played)."""
+        env = self.envs[i].unwrapped
+        action = env.parse(text)
+        parsed = action is not None and gtr_envs.extract_thoughts(text) is not None
+        if action is None:
+            if self.unparsed_action == "penalty":
+                # The environment's own penalty for a non-move (see each env's invalid_step).
+                return env.invalid_step(), parsed, -1
+            # The reference plays a uniformly random action: the episode goes on and the
+            # environment's own reward judges the move; the format penalty marks the answer.
+            action = int(self.rng.integers(len(env.actions)))
+        return self.envs[i].step(action), parsed, action
+
+    def collect(self, policy, steps, temperature=0.2, max_new_tokens=256, guidance="none",
+                format_reward=(3.0, -2.0), kl_estimator="clip"):
+        n = len(self.envs)
+        T = steps
+        flat = lambda: torch.zeros(T, n)
+        out = Batch(encoded=[], responses=[], old_logprobs=flat(), values=flat(), next_values=flat(),
+                    rewards=flat(), format_rewards=flat(), terminated=flat(), truncated=flat(),
+                    format_valid=flat(), actions=flat(), entropy=flat(), thought_tokens=flat(),
+                    teacher_kl=flat())
+        teacher_answers = teacher_parsed = 0
+        bootstrap = {}  # (t, i) -> encoded final observation of an episode truncated at step t
+        for t in range(T):
+            prompts = [env.unwrapped.prompt() for env in self.envs]
+            encoded = policy.encode(self.obs, prompts)
+            responses, texts = policy.generate(encoded, temperature, max_new_tokens)
+            with torch.no_grad():
+                scored = policy(encoded, responses, temperature)
+                if guidance == "kl":
+                    # PAPER.md §4.3: the teacher scores the agent's OWN thought tokens (one batched
+                    # forward pass with the teacher adapter, no generation).
+                    start = time.perf_counter()
+                    with policy.use_adapter("teacher"):
+                        teacher = policy(encoded, responses, temperature)
+                    out.teacher_kl[t] = kl_estimate(scored["logprobs"], teacher["logprobs"],
+                                                    scored["thought_mask"] & scored["response_mask"],
+                                                    kl_estimator).cpu()
+                    out.time_teacher += time.perf_counter() - start
+            mask = scored["response_mask"]
+            out.old_logprobs[t] = scored["seq_logprob"].cpu()
+            out.values[t] = scored["value"].float().cpu()
+            out.entropy[t] = masked_mean(scored["entropy"], mask).cpu()
+            out.thought_tokens[t] = (scored["thought_mask"] & mask).sum(-1).float().cpu()
+            out.encoded += encoded
+            out.responses += responses
+
+            for i, text in enumerate(texts):
+                (obs, reward, terminated, truncated, info), parsed, action = self._act(i, text)
+                out.rewards[t, i], out.terminated[t, i], out.truncated[t, i] = reward, terminated, truncated
+                out.format_valid[t, i], out.actions[t, i] = parsed, action
+                out.format_rewards[t, i] = format_reward[0] if parsed else format_reward[1]
+                self.episode_return[i] += reward
+                self.episode_length[i] += 1
+                if terminated or truncated:
+                    if truncated and not terminated:
+                        bootstrap[(t, i)] = policy.encode([obs], [self.envs[i].unwrapped.prompt()])[0]
+                    out.episodes.append({"return": float(self.episode_return[i]),
+                                         "length": int(self.episode_length[i]),
+                                         "success": bool(info.get("success", False))})
+                    self.episode_return[i], self.episode_length[i] = 0.0, 0
+                    obs, _ = self.envs[i].reset()
+                self.obs[i] = obs
+
+            if guidance == "sft":
+                start = time.perf_counter()
+                targets, parsed = self.teacher_answers(policy, encoded, out.actions[t], max_new_tokens)
+                out.sft_targets += targets
+                teacher_answers += len(targets)
+                teacher_parsed += parsed
+                out.time_teacher += time.perf_counter() - start
+
+        # V(s_{t+1}): the next step's value, or a fresh evaluation where that is not the true
+        # next state (after a truncation, and after the last step of the rollout).
+        with torch.no_grad():
+            out.next_values[:-1] = out.values[1:]
+            last = policy.encode(self.obs, [env.unwrapped.prompt() for env in self.envs])
+            out.next_values[-1] = policy.value(last).float().cpu()
+            if bootstrap:
+                values = policy.value(list(bootstrap.values())).float().cpu()
+                for (t, i), v in zip(bootstrap, values):
+                    out.next_values[t, i] = v
+        if guidance == "sft":
+            out.teacher_parse_rate = teacher_parsed / max(teacher_answers, 1)
+        return out
+
+    def teacher_answers(self, policy, encoded, actions, max_new_tokens):
+        """PAPER.md §4.2: the teacher answers the step's observations (batched); unparseable
+        answers are resampled at a rising temperature and dropped after the last try. The
+        agent's own action replaces the teacher's, so only the teacher's thoughts are imitated.
+
+        Returns (one target per environment: token ids of the answer, or None; count parsed).
+        """
+        targets = [None] * len(encoded)
+        pending = list(range(len(encoded)))
+        with policy.use_adapter("teacher"):
+            for temperature in retry_temperatures():
+                if not pending:
+                    break
+                _, texts = policy.generate([encoded[i] for i in pending], temperature, max_new_tokens)
+                still = []
+                for i, text in zip(pending, texts):
+                    thoughts = gtr_envs.extract_thoughts(text)
+                    env = self.envs[i].unwrapped
+                    if thoughts is None or env.parse(text) is None:
+                        still.append(i)
+                        continue
+                    action = int(actions[i])
+                    # An unparsed agent answer played no named action: keep the teacher's.
+                    answer = gtr_envs.format_answer(thoughts, env.actions[action if action >= 0 else env.parse(text)])
+                    targets[i] = policy.answer_ids(answer)
+                pending = still
+        return targets, len(encoded) - len(pending)

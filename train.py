@@ -1,0 +1,338 @@
+"""GTR-Turbo training loop: rollout -> PPO step -> periodic merge -> SFT/KL guidance.
+
+Implements GTR-Turbo (PAPER.md §4) on top of the RL4VLM PPO baseline (PAPER.md §2-3):
+  1. rollout   N environments in lockstep, one batched generate per step (rollout.py)
+  2. guidance  kl:  the merged teacher scores the agent's thoughts; A' = A - beta*KL (§4.3)
+               sft: the teacher answers; its thoughts are imitated, L += c*L_SFT (§4.2)
+  3. PPO       GAE, clipped surrogate on the lambda-weighted sequence log-prob (ppo.py)
+  4. merge     every --merge-every updates the policy adapter is merged into the teacher
+               adapter with TIES and EMA/SMA weights (merge.py, §4.1)
+
+Run (a tiny offline VLM is built on first use; nothing is downloaded):
+    python train.py                                   # GTR-Turbo (KL) on NumberLine, on CPU
+    python train.py --guidance none                   # the RL4VLM baseline (PPO only)
+    python train.py --guidance sft --env gtr/Points24-v0
+    torchrun --nproc_per_node=2 train.py              # one process per CPU core or GPU
+    python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --steps-per-update 1024 --max-new-tokens 256
+Outputs in --out: config.json, metrics.jsonl (one JSON object per update), adapters/.
+"""
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import envs  # noqa: F401  (registers the gtr/ environments)
+from distill import KL_ESTIMATORS, kl_penalized_advantages, sft_loss
+from merge import update_teacher
+from policy import LoraArgs, load_policy
+from ppo import cosine_lr, gae, normalize_advantages, policy_loss, value_loss
+from rollout import Rollout
+
+
+@dataclass
+class Args:
+    env: str = "gtr/NumberLine-v0"
+    """gymnasium id of the environment (gtr/NumberLine-v0, gtr/EZPoints-v0, gtr/Points24-v0, gtr/Blackjack-v0)"""
+    model: str = "tiny"
+    """hub id or folder of a Qwen2-VL / Qwen2.5-VL checkpoint, or 'tiny' (built offline)"""
+    guidance: str = "kl"
+    """teacher guidance: none (RL4VLM PPO), sft (PAPER.md §4.2) or kl (§4.3)"""
+    num_envs: int = 8
+    """environments stepped in lockstep per process (one batched generate per step)"""
+    steps_per_update: int = 64
+    """environment steps per update per process (paper: 1024)"""
+    updates: int = 10
+    """number of PPO updates"""
+    seed: int = 0
+    """random seed (process r uses seed + 1000 r for its environments)"""
+    out: str = "runs/default"
+    """run folder for config.json, metrics.jsonl and adapters"""
+    device: str = "auto"
+    """auto, cpu, cuda"""
+    image_size: int = 0
+    """resize observations to this many pixels before the processor (0: the model's default)"""
+    # Sampling and the action log-prob (PAPER.md §2)
+    temperature: float = 0.2
+    """sampling temperature; logits are divided by it when evaluating too"""
+    max_new_tokens: int = 64
+    """longest answer in tokens (paper: 256)"""
+    thought_coef: float = 0.5
+    """lambda: weight of the thought tokens in the action log-prob (0.5 card games, 0.2 ALFWorld)"""
+    format_reward: float = 3.0
+    """reward for an answer that parses, added after GAE (0 turns the format reward off)"""
+    format_penalty: float = -2.0
+    """reward for an answer that does not parse"""
+    unparsed_action: str = "random"
+    """what an unparsed answer plays: random (the reference) or penalty (the env's illegal-move penalty)"""
+    # PPO (PAPER.md §3)
+    gamma: float = 0.9
+    """discount"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    clip: float = 0.1
+    """PPO clip range"""
+    ratio_guard: float = 10.0
+    """if any ratio in a micro-batch exceeds this, only the clipped term is used"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.01
+    """gradient norm clip"""
+    ppo_epochs: int = 4
+    """PPO epochs per update"""
+    minibatch_size: int = 32
+    """samples per optimizer step (paper: 128 by gradient accumulation)"""
+    micro_batch_size: int = 8
+    """samples per forward pass; gradients are accumulated over a mini-batch"""
+    lr: float = 1e-5
+    """Adam learning rate, cosine-annealed to lr_min"""
+    lr_min: float = 1e-9
+    """final learning rate"""
+    lr_updates: int = 25
+    """updates over which the learning rate anneals (paper: 25)"""
+    lora_r: int = 128
+    """LoRA rank"""
+    lora_alpha: int = 256
+    """LoRA alpha"""
+    lora_dropout: float = 0.05
+    """LoRA dropout"""
+    lora_vision: bool = True
+    """also put LoRA on the vision tower"""
+    # GTR-Turbo teacher (PAPER.md §4)
+    kl_coef: float = 1.0
+    """beta: weight of the teacher KL subtracted from the advantages"""
+    kl_estimator: str = "clip"
+    """per-token KL estimator: clip (paper), abs, k3, forward"""
+    sft_coef: float = 1.0
+    """weight of the SFT loss on the teacher's thoughts"""
+    merge: str = "ties"
+    """merge operator: ties, linear, dare"""
+    merge_weights: str = "ema"
+    """teacher update weights: ema (alpha, 1-alpha) or sma (1/k, (k-1)/k)"""
+    ema_alpha: float = 0.5
+    """EMA weight of the newest checkpoint"""
+    ties_density: float = 0.8
+    """fraction of entries TIES (and DARE) keep"""
+    merge_space: str = "factors"
+    """merge LoRA A and B factors (the reference) or their product B@A (delta)"""
+    merge_every: int = 1
+    """merge the policy into the teacher every this many updates"""
+    teacher: str = ""
+    """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
+
+
+def parse_args(argv=None):
+    """Command-line flags from the Args fields; each field's docstring is its --help text."""
+    import argparse
+    source = inspect.getsource(Args)
+    body = ast.parse(source).body[0].body
+    helps = {node.target.id: body[i + 1].value.value for i, node in enumerate(body[:-1])
+             if isinstance(node, ast.AnnAssign) and isinstance(body[i + 1], ast.Expr)}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
+                                help=f"{helps[f.name]} (default: {f.default})")
+        else:
+            parser.add_argument(flag, type=f.type, default=f.default, help=f"{helps[f.name]} (default: {f.default})")
+    args = Args(**vars(parser.parse_args(argv)))
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Stop early, with the fix in the message, on flags that would fail deep inside a library."""
+    choices = {"guidance": ("none", "sft", "kl"), "merge": ("ties", "linear", "dare"),
+               "merge_weights": ("ema", "sma"), "merge_space": ("factors", "delta"),
+               "kl_estimator": KL_ESTIMATORS, "unparsed_action": ("random", "penalty")}
+    for name, valid in choices.items():
+        if getattr(args, name) not in valid:
+            sys.exit(f"--{name.replace('_', '-')} {getattr(args, name)!r}: choose one of {', '.join(valid)}")
+    if args.env not in gym.registry:
+        sys.exit(f"--env {args.env!r} is not a registered gymnasium id; bundled: {', '.join(envs.ENV_IDS)}")
+    if args.steps_per_update % args.num_envs:
+        sys.exit(f"--steps-per-update {args.steps_per_update} must be a multiple of --num-envs {args.num_envs}")
+    if args.teacher and not os.path.exists(os.path.join(args.teacher, "adapter_config.json")):
+        sys.exit(f"--teacher {args.teacher!r}: no adapter_config.json there; pass a peft adapter folder")
+
+
+def setup_distributed(device):
+    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                  ("cpu" if device == "auto" else device))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
+    return rank, world, torch.device("cpu")
+
+
+def all_mean(values, world):
+    """Mean of a list of floats over all processes (episode statistics, losses)."""
+    t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
+
+
+def main(args):
+    rank, world, device = setup_distributed(args.device)
+    torch.manual_seed(args.seed)
+    lora = LoraArgs(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vision=args.lora_vision)
+    policy = load_policy(args.model, lora, device=device, thought_coef=args.thought_coef,
+                         image_size=args.image_size or None, seed=args.seed)
+    if args.guidance != "none":
+        if args.teacher:
+            policy.model.load_adapter(args.teacher, adapter_name="teacher", is_trainable=False)
+            policy.model.set_adapter("policy")
+        else:
+            policy.add_teacher()
+            teacher_state = policy.adapter_state("policy")  # pi_T^(0): the starting policy
+            policy.load_adapter_state(teacher_state, "teacher")
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
+    optimizer = torch.optim.Adam(trainable, lr=args.lr)
+
+    env_list = [gym.make(args.env) for _ in range(args.num_envs)]
+    runner = Rollout(env_list, seed=args.seed + 1000 * rank, unparsed_action=args.unparsed_action)
+    steps = args.steps_per_update // args.num_envs
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(args) | {"world_size": world}, f, indent=2)
+        metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+    merges = 0
+    env_steps = 0
+    progress = tqdm(range(1, args.updates + 1), disable=rank != 0, desc="updates")
+    for update in progress:
+        lr = cosine_lr(update - 1, args.lr_updates, args.lr, args.lr_min)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # ---- 1. Rollout (with the teacher's KL or answers when guided) -------------------------
+        policy.eval()
+        start = time.perf_counter()
+        batch = runner.collect(policy, steps, args.temperature, args.max_new_tokens, args.guidance,
+                               (args.format_reward, args.format_penalty), args.kl_estimator)
+        time_rollout = time.perf_counter() - start
+        env_steps += args.steps_per_update * world
+
+        # ---- 2. Advantages: GAE, then the per-step terms added after it ------------------------
+        advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                                  batch.truncated, args.gamma, args.gae_lambda)  # [T, N]
+        # PAPER.md §3: the format reward is added to that step's return after GAE, so it moves
+        # that step's advantage directly; §4.3: so is the KL penalty, A' = A - beta * KL_hat.
+        bonus = batch.format_rewards
+        if args.guidance == "kl":
+            bonus = kl_penalized_advantages(bonus, batch.teacher_kl, args.kl_coef)
+        advantages, returns = (advantages + bonus).flatten(), (returns + bonus).flatten()  # [T*N]
+        advantages = normalize_advantages(advantages)
+        old_logprobs = batch.old_logprobs.flatten()  # [T*N]
+
+        # ---- 3. PPO epochs over mini-batches, gradients accumulated over micro-batches ---------
+        policy.train()
+        start = time.perf_counter()
+        logs = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": [], "sft_loss": []}
+        size = len(old_logprobs)
+        for epoch in range(args.ppo_epochs):
+            order = torch.randperm(size).tolist()
+            for mb_start in range(0, size, args.minibatch_size):
+                minibatch = order[mb_start:mb_start + args.minibatch_size]
+                optimizer.zero_grad(set_to_none=True)
+                for mc_start in range(0, len(minibatch), args.micro_batch_size):
+                    idx = minibatch[mc_start:mc_start + args.micro_batch_size]
+                    loss = micro_batch_loss(model, policy, batch, idx, advantages, returns,
+                                            old_logprobs, args, logs)
+                    (loss * len(idx) / len(minibatch)).backward()
+                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+        time_update = time.perf_counter() - start
+
+        # ---- 4. Merge the new policy into the teacher (PAPER.md §4.1) ---------------------------
+        time_merge = 0.0
+        if args.guidance != "none" and not args.teacher and update % args.merge_every == 0:
+            start = time.perf_counter()
+            merges += 1
+            teacher_state = update_teacher(teacher_state, policy.adapter_state("policy"), merges,
+                                           scheme=args.merge_weights, alpha=args.ema_alpha,
+                                           method=args.merge, density=args.ties_density,
+                                           seed=args.seed + merges, space=args.merge_space)
+            policy.load_adapter_state(teacher_state, "teacher")
+            time_merge = time.perf_counter() - start
+
+        # ---- 5. Log ---------------------------------------------------------------------------
+        episodes = batch.episodes
+        row = {
+            "update": update, "env_steps": env_steps,
+            "success_rate": all_mean([e["success"] for e in episodes], world),
+            "episode_return": all_mean([e["return"] for e in episodes], world),
+            "episode_length": all_mean([e["length"] for e in episodes], world),
+            "episodes": int(all_mean([len(episodes)], world) * world),
+            "format_valid": all_mean(batch.format_valid.flatten().tolist(), world),
+            "entropy": all_mean(batch.entropy.flatten().tolist(), world),
+            "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),
+            **{k: all_mean(v, world) for k, v in logs.items()},
+            "teacher_kl": all_mean(batch.teacher_kl.flatten().tolist(), world),
+            "teacher_parse_rate": batch.teacher_parse_rate,
+            "lr": lr, "time_rollout": time_rollout, "time_update": time_update,
+            "time_teacher": batch.time_teacher, "time_merge": time_merge,
+            "env_steps_per_s": args.steps_per_update * world / time_rollout,
+        }
+        if rank == 0:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            progress.set_postfix(success=f"{row['success_rate']:.2f}", ret=f"{row['episode_return']:.2f}")
+            tqdm.write(f"update {update:3d} | steps {env_steps:6d} | success {row['success_rate']:.2f} | "
+                       f"return {row['episode_return']:6.2f} | format {row['format_valid']:.2f} | "
+                       f"entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | "
+                       f"pg {row['policy_loss']:+.4f} | vf {row['value_loss']:.3f} | "
+                       f"{row['env_steps_per_s']:.1f} steps/s")
+    if rank == 0:
+        metrics_file.close()
+        policy.save(os.path.join(args.out, "adapters"),
+                    adapters=("policy", "teacher") if args.guidance != "none" else ("policy",))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def micro_batch_loss(model, policy, batch, idx, advantages, returns, old_logprobs, args, logs):
+    """PPO loss (+ SFT loss on the teacher's thoughts) of one micro-batch, in ONE forward pass."""
+    encoded = [batch.encoded[i] for i in idx]
+    responses = [batch.responses[i] for i in idx]
+    # SFT guidance: the teacher's answers are scored in the same forward pass as the agent's.
+    sft = [i for i in idx if args.guidance == "sft" and batch.sft_targets[i] is not None]
+    out = model(encoded + [batch.encoded[i] for i in sft], responses + [batch.sft_targets[i] for i in sft],
+                args.temperature)
+    n = len(idx)
+    pg_loss, stats = policy_loss(out["seq_logprob"][:n], old_logprobs[idx].to(out["value"].device),
+                                 advantages[idx].to(out["value"].device), args.clip, args.ratio_guard)
+    vf_loss = value_loss(out["value"][:n], returns[idx].to(out["value"].device))
+    loss = pg_loss + args.vf_coef * vf_loss
+    logs["policy_loss"].append(pg_loss.item())
+    logs["value_loss"].append(vf_loss.item())
+    logs["approx_kl"].append(stats["approx_kl"].item())
+    logs["clip_fraction"].append(stats["clip_fraction"].item())
+    if sft:
+        thought_mask = out["thought_mask"][n:] & out["response_mask"][n:]
+        guidance_loss = sft_loss(out["logprobs"][n:], thought_mask)
+        loss = loss + args.sft_coef * guidance_loss
+        logs["sft_loss"].append(guidance_loss.item())
+    return loss
+
+
+if __name__ == "__main__":
+    main(parse_args())
