@@ -27,6 +27,8 @@ import contextlib
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -419,7 +421,8 @@ class ActorCritic(nn.Module):
         """Adapters in peft's format (loadable by `PeftModel.from_pretrained`) + the value head."""
         os.makedirs(folder, exist_ok=True)
         self.model.save_pretrained(folder, selected_adapters=list(adapters))
-        torch.save(self.value_head.state_dict(), os.path.join(folder, "value_head.pt"))
+        # The critic travels with the policy adapter (peft puts a named adapter in folder/<name>).
+        torch.save(self.value_head.state_dict(), os.path.join(folder, "policy", "value_head.pt"))
 
 
 def _lora_targets(model, vision):
@@ -446,11 +449,20 @@ def load_policy(model="tiny", lora=LoraArgs(), device="cpu", thought_coef=0.5, i
     if model == "tiny":
         path = os.path.abspath(os.path.join(cache_dir, f"seed{seed}"))
         if not os.path.exists(os.path.join(path, "config.json")):
-            build_tiny_model(path, seed=seed)
+            # Build aside, then rename: processes started together (torchrun) never see a
+            # half-written folder; the build is deterministic, so whichever rename wins is fine.
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=f"seed{seed}-", dir=os.path.dirname(path))
+            build_tiny_model(staging, seed=seed)
+            try:
+                os.rename(staging, path)
+            except OSError:
+                shutil.rmtree(staging)
         image_size = image_size or 112
     else:
         path = model
-        if (os.sep in model or model.startswith(".")) and not os.path.isdir(model):
+        looks_like_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) and not model.startswith(".")
+        if not os.path.isdir(model) and not looks_like_hub_id:
             raise FileNotFoundError(f"--model {model!r}: no such folder. Pass a local folder of a "
                                     "Qwen2-VL / Qwen2.5-VL checkpoint, a hub id, or 'tiny'.")
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32

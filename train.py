@@ -293,7 +293,8 @@ def main(args):
             "env_steps_per_s": args.steps_per_update * world / time_rollout,
         }
         if rank == 0:
-            metrics_file.write(json.dumps(row) + "\n")
+            # NaN (no episode finished, no SFT target) is written as null: strict JSON.
+            metrics_file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")
             metrics_file.flush()
             progress.set_postfix(success=f"{row['success_rate']:.2f}", ret=f"{row['episode_return']:.2f}")
             tqdm.write(f"update {update:3d} | steps {env_steps:6d} | success {row['success_rate']:.2f} | "

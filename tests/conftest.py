@@ -1,0 +1,25 @@
+"""Shared fixtures: the tiny offline VLM is built once per test session into a temp folder."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Folder holding the tiny model cache (seed0/), shared by every test of the session."""
+    return str(tmp_path_factory.mktemp("session") / "tiny-vlm")
+
+
+@pytest.fixture(scope="session")
+def make_policy(tiny_dir):
+    """Factory for fresh policies on the tiny model (small LoRA rank keeps tests fast)."""
+    from policy import LoraArgs, load_policy
+
+    def make(**kwargs):
+        lora = kwargs.pop("lora", LoraArgs(r=8, alpha=16, dropout=0.0))
+        return load_policy("tiny", lora, cache_dir=tiny_dir, **kwargs)
+
+    return make
