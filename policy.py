@@ -326,10 +326,9 @@ class ActorCritic(nn.Module):
         stop = self.stop_ids()
         # A fresh config: checkpoints ship top_k/top_p/repetition penalties that would make the
         # sampled distribution differ from the softmax(logits / T) that PPO evaluates.
-        config = GenerationConfig(
-            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-            top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, eos_token_id=stop,
-            pad_token_id=self.tokenizer.pad_token_id)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
+        config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=stop,
+                                  pad_token_id=self.tokenizer.pad_token_id)
         output = self.model.generate(**batch, generation_config=config,
                                      logits_processor=LogitsProcessorList([_SuppressTokens(self.suppressed)]))
         generated = output[:, batch["input_ids"].shape[1]:].cpu()  # [batch, new_tokens]
@@ -448,9 +447,11 @@ def load_policy(model="tiny", lora=LoraArgs(), device="cpu", thought_coef=0.5, i
 
     if model == "tiny":
         path = os.path.abspath(os.path.join(cache_dir, f"seed{seed}"))
-        if not os.path.exists(os.path.join(path, "config.json")):
-            # Build aside, then rename: processes started together (torchrun) never see a
-            # half-written folder; the build is deterministic, so whichever rename wins is fine.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        # Under torchrun rank 0 builds (transformers saves weights on rank 0 only), the rest wait.
+        if not os.path.exists(os.path.join(path, "config.json")) and (not distributed or torch.distributed.get_rank() == 0):
+            # Build aside, then rename: other processes never see a half-written folder; the
+            # build is deterministic, so whichever process's rename wins is fine.
             os.makedirs(os.path.dirname(path), exist_ok=True)
             staging = tempfile.mkdtemp(prefix=f"seed{seed}-", dir=os.path.dirname(path))
             build_tiny_model(staging, seed=seed)
@@ -458,6 +459,8 @@ def load_policy(model="tiny", lora=LoraArgs(), device="cpu", thought_coef=0.5, i
                 os.rename(staging, path)
             except OSError:
                 shutil.rmtree(staging)
+        if distributed:
+            torch.distributed.barrier()
         image_size = image_size or 112
     else:
         path = model

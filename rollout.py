@@ -61,6 +61,7 @@ class Rollout:
         self.obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
         self.episode_return = np.zeros(len(envs))
         self.episode_length = np.zeros(len(envs), dtype=int)
+        self.episodes = []  # finished episodes since the last collect
 
     def _act(self, i, text):
         """Step env i with the answer `text`; returns (step result, parsed?, action played)."""
@@ -76,6 +77,34 @@ class Rollout:
             action = int(self.rng.integers(len(env.actions)))
         return self.envs[i].step(action), parsed, action
 
+    def step(self, texts, active=None):
+        """Play one answer per (active) environment; finished episodes are recorded and reset.
+
+        Returns one dict per played env: reward, terminated, truncated, parsed, action and, for
+        an episode cut by truncation, `final_obs` (its last observation, to bootstrap from).
+        """
+        results = []
+        for i, text in zip(active if active is not None else range(len(self.envs)), texts):
+            (obs, reward, terminated, truncated, info), parsed, action = self._act(i, text)
+            result = {"reward": reward, "terminated": terminated, "truncated": truncated,
+                      "parsed": parsed, "action": action}
+            self.episode_return[i] += reward
+            self.episode_length[i] += 1
+            if terminated or truncated:
+                if truncated and not terminated:
+                    result["final_obs"] = (obs, self.envs[i].unwrapped.prompt())
+                self.episodes.append({"return": float(self.episode_return[i]),
+                                      "length": int(self.episode_length[i]),
+                                      "success": bool(info.get("success", False))})
+                self.episode_return[i], self.episode_length[i] = 0.0, 0
+                obs, _ = self.envs[i].reset()
+            self.obs[i] = obs
+            results.append(result)
+        return results
+
+    def prompts(self, active=None):
+        return [self.envs[i].unwrapped.prompt() for i in (active if active is not None else range(len(self.envs)))]
+
     def collect(self, policy, steps, temperature=0.2, max_new_tokens=256, guidance="none",
                 format_reward=(3.0, -2.0), kl_estimator="clip"):
         n = len(self.envs)
@@ -85,11 +114,11 @@ class Rollout:
                     rewards=flat(), format_rewards=flat(), terminated=flat(), truncated=flat(),
                     format_valid=flat(), actions=flat(), entropy=flat(), thought_tokens=flat(),
                     teacher_kl=flat())
+        self.episodes = []
         teacher_answers = teacher_parsed = 0
         bootstrap = {}  # (t, i) -> encoded final observation of an episode truncated at step t
         for t in range(T):
-            prompts = [env.unwrapped.prompt() for env in self.envs]
-            encoded = policy.encode(self.obs, prompts)
+            encoded = policy.encode(self.obs, self.prompts())
             responses, texts = policy.generate(encoded, temperature, max_new_tokens)
             with torch.no_grad():
                 scored = policy(encoded, responses, temperature)
@@ -111,22 +140,13 @@ class Rollout:
             out.encoded += encoded
             out.responses += responses
 
-            for i, text in enumerate(texts):
-                (obs, reward, terminated, truncated, info), parsed, action = self._act(i, text)
-                out.rewards[t, i], out.terminated[t, i], out.truncated[t, i] = reward, terminated, truncated
-                out.format_valid[t, i], out.actions[t, i] = parsed, action
-                out.format_rewards[t, i] = format_reward[0] if parsed else format_reward[1]
-                self.episode_return[i] += reward
-                self.episode_length[i] += 1
-                if terminated or truncated:
-                    if truncated and not terminated:
-                        bootstrap[(t, i)] = policy.encode([obs], [self.envs[i].unwrapped.prompt()])[0]
-                    out.episodes.append({"return": float(self.episode_return[i]),
-                                         "length": int(self.episode_length[i]),
-                                         "success": bool(info.get("success", False))})
-                    self.episode_return[i], self.episode_length[i] = 0.0, 0
-                    obs, _ = self.envs[i].reset()
-                self.obs[i] = obs
+            for i, result in enumerate(self.step(texts)):
+                out.rewards[t, i], out.actions[t, i] = result["reward"], result["action"]
+                out.terminated[t, i], out.truncated[t, i] = result["terminated"], result["truncated"]
+                out.format_valid[t, i] = result["parsed"]
+                out.format_rewards[t, i] = format_reward[0] if result["parsed"] else format_reward[1]
+                if "final_obs" in result:
+                    bootstrap[(t, i)] = policy.encode(*[[x] for x in result["final_obs"]])[0]
 
             if guidance == "sft":
                 start = time.perf_counter()
@@ -140,12 +160,12 @@ class Rollout:
         # next state (after a truncation, and after the last step of the rollout).
         with torch.no_grad():
             out.next_values[:-1] = out.values[1:]
-            last = policy.encode(self.obs, [env.unwrapped.prompt() for env in self.envs])
-            out.next_values[-1] = policy.value(last).float().cpu()
+            out.next_values[-1] = policy.value(policy.encode(self.obs, self.prompts())).float().cpu()
             if bootstrap:
                 values = policy.value(list(bootstrap.values())).float().cpu()
                 for (t, i), v in zip(bootstrap, values):
                     out.next_values[t, i] = v
+        out.episodes = self.episodes
         if guidance == "sft":
             out.teacher_parse_rate = teacher_parsed / max(teacher_answers, 1)
         return out
@@ -177,3 +197,20 @@ class Rollout:
                     targets[i] = policy.answer_ids(answer)
                 pending = still
         return targets, len(encoded) - len(pending)
+
+
+def evaluate(policy, envs, episodes, seed, temperature=0.0, max_new_tokens=256, unparsed_action="random"):
+    """Play `episodes` fresh episodes with the environments in lockstep (env i reset with seed + i).
+
+    Each environment plays a fixed share of the episodes, so short episodes are not favoured by
+    whichever environments finish first. temperature 0 is greedy. Returns the episode dicts.
+    """
+    quota = [len(range(i, episodes, len(envs))) for i in range(len(envs))]
+    runner = Rollout(envs, seed=seed, unparsed_action=unparsed_action)
+    while any(q > 0 for q in quota):
+        active = [i for i, q in enumerate(quota) if q > 0]
+        encoded = policy.encode([runner.obs[i] for i in active], runner.prompts(active))
+        _, texts = policy.generate(encoded, temperature, max_new_tokens)
+        for i, result in zip(active, runner.step(texts, active)):
+            quota[i] -= result["terminated"] or result["truncated"]
+    return runner.episodes

@@ -19,9 +19,12 @@ Outputs in --out: config.json, metrics.jsonl (one JSON object per update), adapt
 
 import ast
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
+import pickle
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from distill import KL_ESTIMATORS, kl_penalized_advantages, sft_loss
 from merge import update_teacher
 from policy import LoraArgs, load_policy
 from ppo import cosine_lr, gae, normalize_advantages, policy_loss, value_loss
-from rollout import Rollout
+from rollout import Rollout, evaluate
 
 
 @dataclass
@@ -129,6 +132,19 @@ class Args:
     """merge the policy into the teacher every this many updates"""
     teacher: str = ""
     """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
+    # Checkpoints and evaluation
+    save_every: int = 5
+    """write OUT/checkpoint every this many updates (and after the last)"""
+    resume: bool = False
+    """continue from OUT/checkpoint"""
+    eval_episodes: int = 32
+    """episodes of the final evaluation on fresh seeds (0: none)"""
+    eval_every: int = 0
+    """also evaluate every this many updates (0: only at the end)"""
+    eval_temperature: float = 0.0
+    """sampling temperature of evaluation (0: greedy)"""
+    eval_only: bool = False
+    """evaluate the run in --out (with --resume) and exit"""
 
 
 def parse_args(argv=None):
@@ -142,7 +158,7 @@ def parse_args(argv=None):
     for f in dataclasses.fields(Args):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default,
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=f"{helps[f.name]} (default: {f.default})")
         else:
             parser.add_argument(flag, type=f.type, default=f.default, help=f"{helps[f.name]} (default: {f.default})")
@@ -165,6 +181,21 @@ def check_args(args):
         sys.exit(f"--steps-per-update {args.steps_per_update} must be a multiple of --num-envs {args.num_envs}")
     if args.teacher and not os.path.exists(os.path.join(args.teacher, "adapter_config.json")):
         sys.exit(f"--teacher {args.teacher!r}: no adapter_config.json there; pass a peft adapter folder")
+    if args.eval_only and not args.resume:
+        sys.exit("--eval-only evaluates a saved run: add --resume (and --out RUN)")
+    if args.resume:
+        checkpoint = checkpoint_dir(args.out)
+        if checkpoint is None:
+            sys.exit(f"--resume: no checkpoint in {args.out}/checkpoint; train without --resume first")
+        with open(os.path.join(args.out, "config.json")) as f:
+            saved = json.load(f)
+        # These fix what the checkpoint holds; continuing with others would silently mix runs.
+        fixed = ("model", "env", "guidance", "num_envs", "steps_per_update", "lora_r", "lora_vision")
+        changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(args, k)!r}" for k in fixed
+                   if saved.get(k) != getattr(args, k)]
+        if changed:
+            sys.exit(f"--resume: the run in {args.out} was trained with other settings ({'; '.join(changed)}). "
+                     "Resume with the same flags, or start a new run with another --out.")
 
 
 def setup_distributed(device):
@@ -191,33 +222,44 @@ def all_mean(values, world):
 
 def main(args):
     rank, world, device = setup_distributed(args.device)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed + rank)
+    checkpoint = checkpoint_dir(args.out) if args.resume else None
     lora = LoraArgs(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vision=args.lora_vision)
     policy = load_policy(args.model, lora, device=device, thought_coef=args.thought_coef,
-                         image_size=args.image_size or None, seed=args.seed)
+                         image_size=args.image_size or None, seed=args.seed,
+                         adapter_path=os.path.join(checkpoint, "adapters", "policy") if checkpoint else None)
     if args.guidance != "none":
         if args.teacher:
             policy.model.load_adapter(args.teacher, adapter_name="teacher", is_trainable=False)
             policy.model.set_adapter("policy")
         else:
             policy.add_teacher()
-            teacher_state = policy.adapter_state("policy")  # pi_T^(0): the starting policy
-            policy.load_adapter_state(teacher_state, "teacher")
     trainable = [p for p in policy.parameters() if p.requires_grad]
+    # DDP broadcasts rank 0's weights (LoRA init, value head) to every rank at construction and
+    # all-reduces gradients in backward; everything else below runs on the bare module.
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     optimizer = torch.optim.Adam(trainable, lr=args.lr)
-
     env_list = [gym.make(args.env) for _ in range(args.num_envs)]
+    # Each rank plays its own environments with distinct seeds.
     runner = Rollout(env_list, seed=args.seed + 1000 * rank, unparsed_action=args.unparsed_action)
+    state = {"update": 0, "env_steps": 0, "merges": 0, "teacher": None}
+    if checkpoint:
+        runner, state = load_checkpoint(checkpoint, policy, optimizer, rank, world, args)
+    elif args.guidance != "none" and not args.teacher:
+        state["teacher"] = policy.adapter_state("policy")  # pi_T^(0): the starting policy
+        policy.load_adapter_state(state["teacher"], "teacher")
+
+    if args.eval_only:
+        run_evaluation(policy, args, rank, world, state["update"])
+        return
     steps = args.steps_per_update // args.num_envs
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args) | {"world_size": world}, f, indent=2)
-        metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
-    merges = 0
-    env_steps = 0
-    progress = tqdm(range(1, args.updates + 1), disable=rank != 0, desc="updates")
+        metrics_file = open_metrics(args.out, state["update"])
+    progress = tqdm(range(state["update"] + 1, args.updates + 1), disable=rank != 0, desc="updates",
+                    initial=state["update"], total=args.updates)
     for update in progress:
         lr = cosine_lr(update - 1, args.lr_updates, args.lr, args.lr_min)
         for group in optimizer.param_groups:
@@ -229,7 +271,7 @@ def main(args):
         batch = runner.collect(policy, steps, args.temperature, args.max_new_tokens, args.guidance,
                                (args.format_reward, args.format_penalty), args.kl_estimator)
         time_rollout = time.perf_counter() - start
-        env_steps += args.steps_per_update * world
+        state["env_steps"] += args.steps_per_update * world
 
         # ---- 2. Advantages: GAE, then the per-step terms added after it ------------------------
         advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
@@ -266,18 +308,20 @@ def main(args):
         time_merge = 0.0
         if args.guidance != "none" and not args.teacher and update % args.merge_every == 0:
             start = time.perf_counter()
-            merges += 1
-            teacher_state = update_teacher(teacher_state, policy.adapter_state("policy"), merges,
-                                           scheme=args.merge_weights, alpha=args.ema_alpha,
-                                           method=args.merge, density=args.ties_density,
-                                           seed=args.seed + merges, space=args.merge_space)
-            policy.load_adapter_state(teacher_state, "teacher")
+            state["merges"] += 1
+            # Deterministic (DARE seeded by the merge count), so every rank gets the same teacher.
+            state["teacher"] = update_teacher(state["teacher"], policy.adapter_state("policy"), state["merges"],
+                                              scheme=args.merge_weights, alpha=args.ema_alpha,
+                                              method=args.merge, density=args.ties_density,
+                                              seed=args.seed + state["merges"], space=args.merge_space)
+            policy.load_adapter_state(state["teacher"], "teacher")
             time_merge = time.perf_counter() - start
+        state["update"] = update
 
         # ---- 5. Log ---------------------------------------------------------------------------
         episodes = batch.episodes
         row = {
-            "update": update, "env_steps": env_steps,
+            "update": update, "env_steps": state["env_steps"],
             "success_rate": all_mean([e["success"] for e in episodes], world),
             "episode_return": all_mean([e["return"] for e in episodes], world),
             "episode_length": all_mean([e["length"] for e in episodes], world),
@@ -297,17 +341,132 @@ def main(args):
             metrics_file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")
             metrics_file.flush()
             progress.set_postfix(success=f"{row['success_rate']:.2f}", ret=f"{row['episode_return']:.2f}")
-            tqdm.write(f"update {update:3d} | steps {env_steps:6d} | success {row['success_rate']:.2f} | "
+            tqdm.write(f"update {update:3d} | steps {state['env_steps']:6d} | success {row['success_rate']:.2f} | "
                        f"return {row['episode_return']:6.2f} | format {row['format_valid']:.2f} | "
                        f"entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | "
                        f"pg {row['policy_loss']:+.4f} | vf {row['value_loss']:.3f} | "
                        f"{row['env_steps_per_s']:.1f} steps/s")
+        if update % args.save_every == 0 or update == args.updates:
+            save_checkpoint(args.out, policy, optimizer, runner, state, rank, world)
+        if args.eval_every and update % args.eval_every == 0 and update != args.updates:
+            run_evaluation(policy, args, rank, world, update)
     if rank == 0:
         metrics_file.close()
-        policy.save(os.path.join(args.out, "adapters"),
-                    adapters=("policy", "teacher") if args.guidance != "none" else ("policy",))
+    if args.eval_episodes:
+        run_evaluation(policy, args, rank, world, state["update"])
     if world > 1:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, resume and evaluation
+# ---------------------------------------------------------------------------------------------
+def checkpoint_dir(out):
+    """OUT/checkpoint, or the previous one if a save was killed between its two renames."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(out, name)
+        if os.path.exists(os.path.join(path, "trainer.pt")):
+            return path
+    return None
+
+
+def save_checkpoint(out, policy, optimizer, runner, state, rank, world):
+    """Everything needed to continue exactly, written to a staging folder and then renamed.
+
+    A kill at any moment leaves a complete checkpoint: either the old one (as checkpoint or,
+    between the two renames, checkpoint.old) or the new one.
+    """
+    final, staging = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        adapters = [name for name in ("policy", "teacher") if name in policy.model.peft_config]
+        policy.save(os.path.join(staging, "adapters"), adapters=adapters)  # peft's format
+        torch.save({"optimizer": optimizer.state_dict(), "update": state["update"],
+                    "env_steps": state["env_steps"], "merges": state["merges"]},
+                   os.path.join(staging, "trainer.pt"))
+    barrier(world)
+    # Per rank: its environments (mid-episode), its rollout RNG and its torch RNG (sampling,
+    # dropout, mini-batch order).
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    # A digest of the weights lets anyone check that all ranks hold the same policy and teacher.
+    digest = hashlib.sha256()
+    for name, tensor in sorted(policy.state_dict().items()):
+        if "lora_" in name or name.startswith("value_head"):
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    with open(os.path.join(staging, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump({"runner": runner, "rng": rng, "weights_sha256": digest.hexdigest()}, f)
+    barrier(world)
+    if rank == 0:
+        old = final + ".old"
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
+
+
+def load_checkpoint(path, policy, optimizer, rank, world, args):
+    """Restore optimizer, teacher, counters, RNG and environments; the policy adapter and value
+    head were loaded by load_policy(adapter_path=...)."""
+    from peft.utils import load_peft_weights
+    saved_world = json.load(open(os.path.join(args.out, "config.json"))).get("world_size", 1)
+    if saved_world != world:
+        sys.exit(f"--resume: the run used {saved_world} processes, this one has {world}; "
+                 "every rank's environments are in the checkpoint, so resume with the same count")
+    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    state = {k: trainer[k] for k in ("update", "env_steps", "merges")}
+    state["teacher"] = None
+    if args.guidance != "none" and not args.teacher:
+        state["teacher"] = load_peft_weights(os.path.join(path, "adapters", "teacher"))
+        policy.load_adapter_state(state["teacher"], "teacher")
+    with open(os.path.join(path, f"rank{rank}.pkl"), "rb") as f:
+        saved = pickle.load(f)
+    torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return saved["runner"], state
+
+
+def open_metrics(out, last_update):
+    """metrics.jsonl for appending, cut back to the checkpoint's update (a run killed after
+    logging an update but before saving it repeats that update: no gap, no duplicate)."""
+    path = os.path.join(out, "metrics.jsonl")
+    rows = []
+    if last_update and os.path.exists(path):
+        rows = [line for line in open(path) if line.strip() and json.loads(line)["update"] <= last_update]
+    with open(path, "w") as f:
+        f.writelines(rows)
+    return open(path, "a")
+
+
+def run_evaluation(policy, args, rank, world, update):
+    """Success rate (with its standard error) and mean return on fresh seeds, over all ranks."""
+    policy.eval()
+    share = len(range(rank, args.eval_episodes, world))
+    env_list = [gym.make(args.env) for _ in range(min(args.num_envs, max(share, 1)))]
+    # Seeds far from training's (seed + 1000 * rank + i), so evaluation deals are fresh.
+    episodes = evaluate(policy, env_list, share, seed=10**6 + args.seed + 1000 * rank,
+                        temperature=args.eval_temperature, max_new_tokens=args.max_new_tokens,
+                        unparsed_action=args.unparsed_action) if share else []
+    n = int(round(all_mean([len(episodes)], world) * world))
+    success = all_mean([e["success"] for e in episodes], world)
+    result = {"update": update, "eval_episodes": n, "eval_success_rate": success,
+              "eval_success_stderr": (success * (1 - success) / max(n, 1)) ** 0.5,
+              "eval_return": all_mean([e["return"] for e in episodes], world),
+              "eval_temperature": args.eval_temperature}
+    if rank == 0:
+        tqdm.write(f"eval update {update}: success {success:.3f} +- {result['eval_success_stderr']:.3f} "
+                   f"over {n} episodes | return {result['eval_return']:.2f}")
+        with open(os.path.join(args.out, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
 
 
 def micro_batch_loss(model, policy, batch, idx, advantages, returns, old_logprobs, args, logs):

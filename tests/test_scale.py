@@ -1,0 +1,83 @@
+"""Operations: torchrun across processes, kill-and-resume, incompatible resumes, evaluation."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--ppo-epochs", "1",
+        "--micro-batch-size", "4", "--eval-episodes", "0"]
+
+
+def train(tiny_dir, *flags, launcher=(sys.executable,), check=True):
+    cmd = [*launcher, os.path.join(ROOT, "train.py"), *TINY, *flags]
+    result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=400)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def updates(out):
+    return [json.loads(line)["update"] for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_two_processes_agree(tiny_dir, tmp_path):
+    """torchrun with 2 gloo ranks: one update, then both ranks hold identical policy and teacher."""
+    out = tmp_path / "ddp"
+    train(tiny_dir, "--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--updates", "1",
+          "--minibatch-size", "4", "--guidance", "kl",
+          launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port=29517"))
+    ranks = [pickle.load(open(out / "checkpoint" / f"rank{r}.pkl", "rb")) for r in range(2)]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    # Distinct seeds: the two ranks played different deals.
+    assert [e.unwrapped.prompt() for e in ranks[0]["runner"].envs] is not None
+    assert json.load(open(out / "config.json"))["world_size"] == 2
+    assert updates(out) == [1]
+
+
+def test_kill_and_resume_continues_without_gap(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
+             "--save-every", "1", "--guidance", "kl"]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, *flags, "--updates", "50"],
+                               cwd=os.path.dirname(tiny_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it once a few updates are logged and saved
+        if os.path.exists(out / "metrics.jsonl") and len(updates(out)) >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    logged = updates(out)
+    assert len(logged) >= 3
+    train(tiny_dir, *flags, "--updates", str(logged[-1] + 2), "--resume")
+    resumed = updates(out)
+    assert resumed == list(range(1, logged[-1] + 3))  # no gap, no duplicate
+    steps = [json.loads(line)["env_steps"] for line in open(out / "metrics.jsonl")]
+    assert steps == [4 * u for u in resumed]
+
+
+def test_incompatible_resume_fails_clearly(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
+            "--updates", "1", "--guidance", "none"]
+    train(tiny_dir, *base)
+    result = train(tiny_dir, *base, "--resume", "--env", "gtr/Blackjack-v0", check=False)
+    assert result.returncode != 0
+    assert "trained with other settings" in result.stderr and "--env" in result.stderr
+    result = train(tiny_dir, "--out", str(tmp_path / "empty"), "--resume", check=False)
+    assert result.returncode != 0 and "no checkpoint" in result.stderr
+
+
+def test_eval_only_reports_success_with_stderr(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
+            "--updates", "1", "--guidance", "none"]
+    train(tiny_dir, *base)
+    result = train(tiny_dir, *base, "--resume", "--eval-only", "--eval-episodes", "6")
+    row = json.loads(open(out / "eval.jsonl").readlines()[-1])
+    assert row["eval_episodes"] == 6 and 0.0 <= row["eval_success_rate"] <= 1.0
+    assert "+-" in result.stderr + result.stdout
