@@ -40,7 +40,7 @@ from distill import KL_ESTIMATORS, kl_penalized_advantages, sft_loss
 from merge import update_teacher
 from policy import LoraArgs, load_policy
 from ppo import cosine_lr, gae, normalize_advantages, policy_loss, value_loss
-from rollout import Rollout, evaluate
+from rollout import Rollout, evaluate, expert_demonstrations
 
 
 @dataclass
@@ -132,6 +132,13 @@ class Args:
     """merge the policy into the teacher every this many updates"""
     teacher: str = ""
     """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
+    # SFT warm start on the environments' expert demonstrations (the paper starts RL from SFT)
+    warmup_sft_steps: int = 0
+    """optimizer steps of SFT on expert demonstrations before RL (0: none)"""
+    warmup_lr: float = 1e-3
+    """learning rate of the warm start"""
+    warmup_batch_size: int = 16
+    """demonstrations per warm-start step"""
     # Checkpoints and evaluation
     save_every: int = 5
     """write OUT/checkpoint every this many updates (and after the last)"""
@@ -258,6 +265,15 @@ def main(args):
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args) | {"world_size": world}, f, indent=2)
         metrics_file = open_metrics(args.out, state["update"])
+    if args.warmup_sft_steps and not checkpoint:
+        row = warm_start(model, policy, trainable, args, rank, world)
+        if rank == 0:
+            metrics_file.write(json.dumps(row) + "\n")
+        if args.guidance != "none" and not args.teacher:
+            state["teacher"] = policy.adapter_state("policy")  # the teacher starts from the SFT policy
+            policy.load_adapter_state(state["teacher"], "teacher")
+        if args.eval_episodes:
+            run_evaluation(policy, args, rank, world, 0)
     progress = tqdm(range(state["update"] + 1, args.updates + 1), disable=rank != 0, desc="updates",
                     initial=state["update"], total=args.updates)
     for update in progress:
@@ -356,6 +372,54 @@ def main(args):
         run_evaluation(policy, args, rank, world, state["update"])
     if world > 1:
         dist.destroy_process_group()
+
+
+def warm_start(model, policy, trainable, args, rank, world):
+    """SFT on expert demonstrations (image, prompt, expert thoughts and action) before RL.
+
+    The paper's RL runs all start from a model fine-tuned on expert trajectories. Here the
+    environments' `expert()` writes the demonstrations and distill.py's SFT loss (over every
+    answer token: the format, the thoughts and the action) trains the policy adapter.
+    """
+    optimizer = torch.optim.Adam(trainable, lr=args.warmup_lr)
+    rng = np.random.default_rng(args.seed + 7919 * (rank + 1))
+    env_list = [gym.make(args.env) for _ in range(args.num_envs)]
+    held_out = expert_demonstrations([gym.make(args.env) for _ in range(4)], 32, np.random.default_rng(10**6))
+    loss_before = demonstration_loss(policy, held_out, args.micro_batch_size)
+    start = time.perf_counter()
+    policy.train()
+    for _ in tqdm(range(args.warmup_sft_steps), disable=rank != 0, desc="warm start"):
+        demos = expert_demonstrations(env_list, args.warmup_batch_size, rng)
+        optimizer.zero_grad(set_to_none=True)
+        for mc_start in range(0, len(demos), args.micro_batch_size):
+            micro = demos[mc_start:mc_start + args.micro_batch_size]
+            images, prompts, answers = zip(*micro)
+            out = model(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0)
+            # The value head gets no SFT signal; its zero-weighted term keeps DDP's gradient
+            # all-reduce expecting the same parameters in every backward.
+            loss = sft_loss(out["logprobs"], out["response_mask"]) + 0.0 * out["value"].sum()
+            (loss * len(micro) / len(demos)).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+    loss_after = demonstration_loss(policy, held_out, args.micro_batch_size)
+    if rank == 0:
+        tqdm.write(f"warm start: held-out SFT loss {loss_before:.3f} -> {loss_after:.3f} "
+                   f"after {args.warmup_sft_steps} steps")
+    return {"update": 0, "phase": "warm_start", "warmup_steps": args.warmup_sft_steps,
+            "warmup_loss_before": loss_before, "warmup_loss_after": loss_after,
+            "time_warmup": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def demonstration_loss(policy, demos, batch_size):
+    """Mean SFT loss (per answer token) of the policy on demonstrations."""
+    policy.eval()
+    losses = []
+    for i in range(0, len(demos), batch_size):
+        images, prompts, answers = zip(*demos[i:i + batch_size])
+        out = policy(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0)
+        losses.append(sft_loss(out["logprobs"], out["response_mask"]).item())
+    return float(np.mean(losses))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,6 +197,7 @@ def test_loading_errors(tmp_path, monkeypatch):
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(text_only)
     with pytest.raises(ValueError, match="not an image-text-to-text model"):
         load_policy(str(text_only))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(OSError, match="could not be loaded"):
         load_policy("nobody-here/no-such-model-xyz")

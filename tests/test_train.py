@@ -51,7 +51,7 @@ def test_guided_smoke(tiny_dir, tmp_path, guidance):
         assert rows[0]["time_merge"] > 0.0
     else:
         assert 0.0 <= rows[0]["teacher_parse_rate"] <= 1.0
-    assert os.path.exists(tmp_path / "run" / "adapters" / "teacher" / "adapter_config.json")
+    assert os.path.exists(tmp_path / "run" / "checkpoint" / "adapters" / "teacher" / "adapter_config.json")
 
 
 def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
