@@ -230,13 +230,17 @@ def thought_action_masks(tokenizer, ids):
 # ---------------------------------------------------------------------------------------------
 # The actor-critic
 # ---------------------------------------------------------------------------------------------
-class _SuppressTokens:
-    """Logits processor for `generate`: tokens that would break the next forward pass get -inf."""
+class _SampleLogits:
+    """Logits processor for `generate`: divide by each row's temperature, and give -inf to tokens
+    that would break the next forward pass. Per-row temperatures let one call sample at several."""
 
-    def __init__(self, mask):
-        self.mask = mask  # [vocab] bool
+    def __init__(self, mask, temperatures=None):
+        self.mask = mask                  # [vocab] bool
+        self.temperatures = temperatures  # [batch, 1] or None (greedy)
 
     def __call__(self, input_ids, scores):
+        if self.temperatures is not None:
+            scores = scores / self.temperatures.to(scores.device)
         return scores.masked_fill(self.mask[: scores.shape[-1]], float("-inf"))
 
 
@@ -323,20 +327,27 @@ class ActorCritic(nn.Module):
     # -- acting -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, encoded, temperature=0.2, max_new_tokens=256):
-        """Sample one answer per sample in ONE batched call. temperature 0 means greedy.
+        """Sample one answer per sample in ONE batched call. `temperature`: one for all or one
+        per sample; 0 means greedy.
 
         Returns (response ids: list of 1-D LongTensors ending at the stop token, texts).
         """
         from transformers import GenerationConfig, LogitsProcessorList
         batch = self._collate(encoded)
         stop = self.stop_ids()
+        temperatures = torch.as_tensor(temperature, dtype=torch.float32).expand(len(encoded)).reshape(-1, 1)
+        greedy = bool((temperatures == 0).all())
+        if not greedy and (temperatures <= 0).any():
+            raise ValueError("generate: temperatures must be all positive, or all 0 (greedy)")
         # A fresh config: checkpoints ship top_k/top_p/repetition penalties that would make the
-        # sampled distribution differ from the softmax(logits / T) that PPO evaluates.
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else {}
+        # sampled distribution differ from the softmax(logits / T) that PPO evaluates. The
+        # temperature itself is applied per row by _SampleLogits.
+        sampling = {} if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
         config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=stop,
                                   pad_token_id=self.tokenizer.pad_token_id)
+        processor = _SampleLogits(self.suppressed, None if greedy else temperatures)
         output = self.model.generate(**batch, generation_config=config,
-                                     logits_processor=LogitsProcessorList([_SuppressTokens(self.suppressed)]))
+                                     logits_processor=LogitsProcessorList([processor]))
         generated = output[:, batch["input_ids"].shape[1]:].cpu()  # [batch, new_tokens]
         responses = []
         for row in generated:
@@ -367,8 +378,10 @@ class ActorCritic(nn.Module):
         logits = backbone.lm_head(hidden[:, -width - 1:-1]).float()  # [batch, width, vocab]
         logits = logits.masked_fill(self.suppressed[: logits.shape[-1]], float("-inf"))
         tokens = batch["input_ids"][:, -width:]  # [batch, width]
+        # One temperature for all, or one per sample (PPO at the sampling T, SFT targets at 1).
+        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).reshape(-1, 1, 1)
         logprobs = token_logprobs(logits, tokens, temperature)  # [batch, width]
-        entropy = per_token_entropy(logits / max(temperature, 1e-6))  # [batch, width]
+        entropy = per_token_entropy(logits / temperature)  # [batch, width]
 
         response_mask = torch.zeros_like(tokens, dtype=torch.bool)
         thought_mask = torch.zeros_like(response_mask)
@@ -413,14 +426,25 @@ class ActorCritic(nn.Module):
             if f".{name}." in n:
                 p.requires_grad_(False)
 
-    def adapter_state(self, name="policy"):
-        """One adapter's weights, peft's names without the adapter name: the input of merge.py."""
-        from peft import get_peft_model_state_dict
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.model, adapter_name=name).items()}
+    def adapter_parameters(self, name):
+        """{peft state-dict key: live parameter} of one adapter; keys as peft saves them
+        (`...lora_A.weight`, the adapter name left out), so any adapter's state fits any other."""
+        marker = f".{name}."
+        return {n.replace(marker, "."): p for n, p in self.model.named_parameters() if marker in n and "lora_" in n}
 
+    def adapter_state(self, name="policy"):
+        """A copy of one adapter's weights: the input of merge.py."""
+        return {k: p.detach().clone() for k, p in self.adapter_parameters(name).items()}
+
+    @torch.no_grad()
     def load_adapter_state(self, state, name="teacher"):
-        from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(self.model, state, adapter_name=name)
+        """Copy weights (e.g. the merged teacher) into an adapter, in place."""
+        params = self.adapter_parameters(name)
+        if params.keys() != state.keys():
+            raise ValueError(f"adapter state does not fit adapter {name!r}: {len(params.keys() - state.keys())} "
+                             f"missing and {len(state.keys() - params.keys())} unexpected keys; was it saved "
+                             "from a model with the same LoRA targets and rank?")
+        torch._foreach_copy_([params[k] for k in state], [state[k].to(params[k].device) for k in state])
 
     def save(self, folder, adapters=("policy",)):
         """Adapters in peft's format (loadable by `PeftModel.from_pretrained`) + the value head."""

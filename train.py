@@ -154,22 +154,24 @@ class Args:
     """evaluate the run in --out (with --resume) and exit"""
 
 
-def parse_args(argv=None):
-    """Command-line flags from the Args fields; each field's docstring is its --help text."""
+def parse_dataclass(cls, argv=None, description=__doc__):
+    """Command-line flags from a dataclass's fields; each field's docstring is its --help text."""
     import argparse
-    source = inspect.getsource(Args)
-    body = ast.parse(source).body[0].body
+    body = ast.parse(inspect.getsource(cls)).body[0].body
     helps = {node.target.id: body[i + 1].value.value for i, node in enumerate(body[:-1])
              if isinstance(node, ast.AnnAssign) and isinstance(body[i + 1], ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Args):
-        flag = "--" + f.name.replace("_", "-")
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag, text = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default})"
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=f"{helps[f.name]} (default: {f.default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            parser.add_argument(flag, type=f.type, default=f.default, help=f"{helps[f.name]} (default: {f.default})")
-    args = Args(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type=f.type, default=f.default, help=text)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def parse_args(argv=None):
+    args = parse_dataclass(Args, argv)
     check_args(args)
     return args
 
@@ -289,48 +291,17 @@ def main(args):
         time_rollout = time.perf_counter() - start
         state["env_steps"] += args.steps_per_update * world
 
-        # ---- 2. Advantages: GAE, then the per-step terms added after it ------------------------
-        advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
-                                  batch.truncated, args.gamma, args.gae_lambda)  # [T, N]
-        # PAPER.md §3: the format reward is added to that step's return after GAE, so it moves
-        # that step's advantage directly; §4.3: so is the KL penalty, A' = A - beta * KL_hat.
-        bonus = batch.format_rewards
-        if args.guidance == "kl":
-            bonus = kl_penalized_advantages(bonus, batch.teacher_kl, args.kl_coef)
-        advantages, returns = (advantages + bonus).flatten(), (returns + bonus).flatten()  # [T*N]
-        advantages = normalize_advantages(advantages)
-        old_logprobs = batch.old_logprobs.flatten()  # [T*N]
-
-        # ---- 3. PPO epochs over mini-batches, gradients accumulated over micro-batches ---------
+        # ---- 2-3. Advantages and PPO epochs (with the SFT loss when guided by SFT) ---------------
         policy.train()
         start = time.perf_counter()
-        logs = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": [], "sft_loss": []}
-        size = len(old_logprobs)
-        for epoch in range(args.ppo_epochs):
-            order = torch.randperm(size).tolist()
-            for mb_start in range(0, size, args.minibatch_size):
-                minibatch = order[mb_start:mb_start + args.minibatch_size]
-                optimizer.zero_grad(set_to_none=True)
-                for mc_start in range(0, len(minibatch), args.micro_batch_size):
-                    idx = minibatch[mc_start:mc_start + args.micro_batch_size]
-                    loss = micro_batch_loss(model, policy, batch, idx, advantages, returns,
-                                            old_logprobs, args, logs)
-                    (loss * len(idx) / len(minibatch)).backward()
-                torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
+        logs = ppo_update(model, policy, trainable, optimizer, batch, args)
         time_update = time.perf_counter() - start
 
         # ---- 4. Merge the new policy into the teacher (PAPER.md §4.1) ---------------------------
         time_merge = 0.0
         if args.guidance != "none" and not args.teacher and update % args.merge_every == 0:
             start = time.perf_counter()
-            state["merges"] += 1
-            # Deterministic (DARE seeded by the merge count), so every rank gets the same teacher.
-            state["teacher"] = update_teacher(state["teacher"], policy.adapter_state("policy"), state["merges"],
-                                              scheme=args.merge_weights, alpha=args.ema_alpha,
-                                              method=args.merge, density=args.ties_density,
-                                              seed=args.seed + state["merges"], space=args.merge_space)
-            policy.load_adapter_state(state["teacher"], "teacher")
+            merge_teacher(policy, state, args)
             time_merge = time.perf_counter() - start
         state["update"] = update
 
@@ -533,14 +504,58 @@ def barrier(world):
         dist.barrier()
 
 
-def micro_batch_loss(model, policy, batch, idx, advantages, returns, old_logprobs, args, logs):
+def ppo_update(model, policy, trainable, optimizer, batch, args):
+    """GAE, the per-step terms added after it, then PPO epochs over mini-batches."""
+    advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                              batch.truncated, args.gamma, args.gae_lambda)  # [T, N]
+    # PAPER.md §3: the format reward is added to that step's return after GAE, so it moves that
+    # step's advantage directly; §4.3: so is the KL penalty, A' = A - beta * KL_hat.
+    bonus = batch.format_rewards
+    if args.guidance == "kl":
+        bonus = kl_penalized_advantages(bonus, batch.teacher_kl, args.kl_coef)
+    advantages, returns = (advantages + bonus).flatten(), (returns + bonus).flatten()  # [T*N]
+    advantages = normalize_advantages(advantages)
+    old_logprobs = batch.old_logprobs.flatten()  # [T*N]
+
+    logs = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": [], "sft_loss": []}
+    size = len(old_logprobs)
+    for epoch in range(args.ppo_epochs):
+        order = torch.randperm(size).tolist()
+        for mb_start in range(0, size, args.minibatch_size):
+            minibatch = order[mb_start:mb_start + args.minibatch_size]
+            optimizer.zero_grad(set_to_none=True)
+            # Gradients accumulate over micro-batches: one optimizer step per mini-batch.
+            for mc_start in range(0, len(minibatch), args.micro_batch_size):
+                idx = minibatch[mc_start:mc_start + args.micro_batch_size]
+                loss = micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, args, logs)
+                (loss * len(idx) / len(minibatch)).backward()
+            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+    return logs
+
+
+def merge_teacher(policy, state, args):
+    """pi_T^(k) = merge({pi_theta^(k), pi_T^(k-1)}) into the teacher adapter (PAPER.md §4.1)."""
+    state["merges"] += 1
+    # Deterministic (DARE is seeded by the merge count), so every rank gets the same teacher.
+    state["teacher"] = update_teacher(state["teacher"], policy.adapter_state("policy"), state["merges"],
+                                      scheme=args.merge_weights, alpha=args.ema_alpha,
+                                      method=args.merge, density=args.ties_density,
+                                      seed=args.seed + state["merges"], space=args.merge_space)
+    policy.load_adapter_state(state["teacher"], "teacher")
+
+
+def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, args, logs):
     """PPO loss (+ SFT loss on the teacher's thoughts) of one micro-batch, in ONE forward pass."""
     encoded = [batch.encoded[i] for i in idx]
     responses = [batch.responses[i] for i in idx]
     # SFT guidance: the teacher's answers are scored in the same forward pass as the agent's.
     sft = [i for i in idx if args.guidance == "sft" and batch.sft_targets[i] is not None]
+    # The agent's answers are scored at the sampling temperature (PAPER.md §2); the teacher's
+    # answers are imitated at temperature 1, as a standard SFT loss does (the reference's).
+    temperatures = [args.temperature] * len(idx) + [1.0] * len(sft)
     out = model(encoded + [batch.encoded[i] for i in sft], responses + [batch.sft_targets[i] for i in sft],
-                args.temperature)
+                temperatures)
     n = len(idx)
     pg_loss, stats = policy_loss(out["seq_logprob"][:n], old_logprobs[idx].to(out["value"].device),
                                  advantages[idx].to(out["value"].device), args.clip, args.ratio_guard)

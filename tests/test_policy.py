@@ -28,19 +28,20 @@ def policy(make_policy):
 
 
 def test_generate_logprobs_match_evaluate(policy):
-    """The evaluated log-probs are those of the distribution generate sampled from."""
+    """The evaluated log-probs are those of the distribution generate sampled from (same
+    processor and config as policy.generate, with the scores kept)."""
     from transformers import GenerationConfig, LogitsProcessorList
-    from policy import _SuppressTokens
+    from policy import _SampleLogits
     prompts = ["Move to the target.", "A much longer prompt: reach the target number, answer in JSON.", "x"]
     encoded = policy.encode(images(3), prompts)
     batch = policy._collate(encoded)
     torch.manual_seed(1)
-    config = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=16,
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16,
                               eos_token_id=policy.stop_ids(), pad_token_id=policy.tokenizer.pad_token_id,
                               output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         out = policy.model.generate(**batch, generation_config=config,
-                                    logits_processor=LogitsProcessorList([_SuppressTokens(policy.suppressed)]))
+                                    logits_processor=LogitsProcessorList([_SampleLogits(policy.suppressed, torch.full((3, 1), 0.7))]))
     new = out.sequences[:, batch["input_ids"].shape[1]:]
     sampled = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]
     stop = policy.stop_ids()

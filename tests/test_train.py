@@ -103,3 +103,27 @@ def test_teacher_adapter_equals_merged_weights(make_policy):
         c = student(encoded, ids)["logprobs"]
     assert torch.allclose(a, b, atol=1e-6)
     assert (a - c).abs().max() > 1e-4   # and it is not the policy
+
+
+def test_warm_start_lowers_held_out_sft_loss(make_policy):
+    """A short SFT warm start on expert demonstrations lowers the loss on held-out demonstrations."""
+    from train import Args, warm_start
+    torch.manual_seed(0)
+    policy = make_policy()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    args = Args(warmup_sft_steps=15, warmup_batch_size=8, num_envs=4, micro_batch_size=8, warmup_lr=3e-3)
+    row = warm_start(policy, policy, trainable, args, rank=0, world=1)
+    assert row["phase"] == "warm_start" and row["warmup_steps"] == 15
+    assert row["warmup_loss_after"] < 0.7 * row["warmup_loss_before"]
+
+
+def test_bench_smoke(tiny_dir):
+    """bench.py runs end to end with tiny sizes and reports every ratio (no timing asserted)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json", "--num-envs", "2",
+                             "--steps-per-update", "4", "--max-new-tokens", "8", "--warmup-sft-steps", "2",
+                             "--repeats", "1"], cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ratios = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ["rollout_speedup", "kl_over_none", "sft_over_none", "merge_fraction", "teacher_memory_overhead"]:
+        assert ratios[key] > 0

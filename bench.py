@@ -1,0 +1,156 @@
+"""Speed and memory of GTR-Turbo's pieces, as ratios measured in one run on one machine.
+
+    python bench.py                     # tiny model on CPU: a table
+    python bench.py --json              # the same as one JSON object
+    python bench.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --max-new-tokens 128
+
+Ratios (targets on a 2-core CPU with the tiny model in brackets):
+  rollout_speedup          env steps/s of the lockstep rollout (one batched generate per step for
+                           --num-envs environments) over one environment at a time, the
+                           reference's way                                                  [>= 3]
+  kl_over_none             time of a PPO update (rollout + PPO epochs) with KL guidance over
+                           PPO only: one extra teacher forward pass per step               [<= 1.3]
+  sft_over_none            the same with SFT guidance: the teacher generates answers       [<= 1.6]
+  merge_fraction           one teacher merge (TIES + EMA over the adapter) over one update [<= 0.01]
+  teacher_memory_overhead  extra memory of the teacher adapter, as a fraction of the training
+                           process's; `second_copy_overhead` is what the reference's second
+                           full model would add                                            [<= 0.05]
+On CUDA memory is the measured peak of an update; on CPU it is counted: parameters, gradients
+and Adam moments of the training process (activations are not counted on CPU).
+"""
+
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import gymnasium as gym
+import torch
+
+import envs  # noqa: F401  (registers the gtr/ environments)
+from policy import LoraArgs, load_policy
+from rollout import Rollout
+from train import Args as TrainArgs, merge_teacher, parse_dataclass, ppo_update, warm_start
+
+
+@dataclass
+class BenchArgs:
+    model: str = "tiny"
+    """hub id or folder of a Qwen2(.5)-VL checkpoint, or 'tiny'"""
+    env: str = "gtr/NumberLine-v0"
+    """environment to roll out in"""
+    num_envs: int = 8
+    """environments in lockstep for the batched rollout"""
+    steps_per_update: int = 64
+    """environment steps per measured update (train.py's default)"""
+    max_new_tokens: int = 32
+    """answer length cap"""
+    lora_r: int = 8
+    """LoRA rank"""
+    warmup_sft_steps: int = 100
+    """SFT warm start first, so that answers parse (else SFT's teacher retries dominate)"""
+    repeats: int = 3
+    """measurements per quantity; the median is reported"""
+    device: str = "auto"
+    """auto, cpu, cuda"""
+    json: bool = False
+    """print one JSON object instead of a table"""
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(bench):
+    device = torch.device("cuda" if bench.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if bench.device == "auto" else bench.device))
+    torch.manual_seed(0)
+    args = TrainArgs(env=bench.env, model=bench.model, num_envs=bench.num_envs,
+                     steps_per_update=bench.steps_per_update, max_new_tokens=bench.max_new_tokens,
+                     lora_r=bench.lora_r, lora_alpha=2 * bench.lora_r, warmup_sft_steps=bench.warmup_sft_steps,
+                     ppo_epochs=1, minibatch_size=bench.steps_per_update)
+    policy = load_policy(args.model, LoraArgs(r=args.lora_r, alpha=args.lora_alpha), device=device)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=args.lr)
+    if args.warmup_sft_steps:
+        warm_start(policy, policy, trainable, args, rank=0, world=1)
+    make_envs = lambda n: [gym.make(args.env) for _ in range(n)]
+    results = {}
+
+    # ---- Rollout: N environments in lockstep vs one at a time --------------------------------
+    batched, single = Rollout(make_envs(args.num_envs), seed=0), Rollout(make_envs(1), seed=0)
+    steps = args.steps_per_update // args.num_envs
+    t_batched = statistics.median(timed(lambda: batched.collect(policy, steps, max_new_tokens=args.max_new_tokens))
+                                  for _ in range(bench.repeats))
+    t_single = statistics.median(timed(lambda: single.collect(policy, args.steps_per_update,
+                                                              max_new_tokens=args.max_new_tokens))
+                                 for _ in range(bench.repeats))
+    results["rollout_speedup"] = t_single / t_batched  # same number of env steps in both
+
+    # ---- Memory: what the teacher adapter adds --------------------------------------------------
+    def update_with(guidance):
+        run = dataclasses.replace(args, guidance=guidance)
+        batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens, guidance)
+        ppo_update(policy, policy, trainable, optimizer, batch, run)
+
+    base_bytes = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if "lora_" not in n
+                     and not n.startswith("value_head"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        update_with("none")
+        without = torch.cuda.max_memory_allocated()
+    policy.add_teacher()
+    state = {"merges": 0, "teacher": policy.adapter_state("policy")}
+    policy.load_adapter_state(state["teacher"], "teacher")
+    teacher_bytes = sum(t.numel() * t.element_size() for t in state["teacher"].values())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        update_with("kl")
+        results["teacher_memory_overhead"] = torch.cuda.max_memory_allocated() / without - 1
+        results["second_copy_overhead"] = base_bytes / without
+        results["memory_method"] = "measured peak (CUDA)"
+    else:
+        trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+        process = base_bytes + trainable_bytes * 4  # weights, gradients, Adam's two moments
+        results["teacher_memory_overhead"] = teacher_bytes / process
+        results["second_copy_overhead"] = base_bytes / process
+        results["memory_method"] = "counted: parameters, gradients, Adam moments"
+
+    # ---- Time per update for each guidance, interleaved so drift hits all alike ----------------
+    times = {"none": [], "kl": [], "sft": []}
+    for _ in range(bench.repeats):
+        for guidance in times:
+            times[guidance].append(timed(lambda: update_with(guidance)))
+    update_time = {g: statistics.median(t) for g, t in times.items()}
+    results["kl_over_none"] = update_time["kl"] / update_time["none"]
+    results["sft_over_none"] = update_time["sft"] / update_time["none"]
+
+    # ---- Merge: one TIES + EMA teacher update over one PPO update --------------------------------
+    merge_time = statistics.median(timed(lambda: merge_teacher(policy, state, args)) for _ in range(5))
+    results["merge_fraction"] = merge_time / update_time["none"]
+
+    results.update({"seconds_per_update_none": update_time["none"], "seconds_per_update_kl": update_time["kl"],
+                    "seconds_per_update_sft": update_time["sft"], "seconds_per_merge": merge_time,
+                    "device": str(device), "model": args.model, "num_envs": args.num_envs,
+                    "steps_per_update": args.steps_per_update, "max_new_tokens": args.max_new_tokens,
+                    "lora_r": args.lora_r})
+    if bench.json:
+        print(json.dumps(results))
+        return results
+    targets = {"rollout_speedup": ">= 3", "kl_over_none": "<= 1.3", "sft_over_none": "<= 1.6",
+               "merge_fraction": "<= 0.01", "teacher_memory_overhead": "<= 0.05", "second_copy_overhead": ""}
+    print(f"\n{'ratio':<26}{'value':>10}   target (2-core CPU, tiny model)")
+    for name, target in targets.items():
+        print(f"{name:<26}{results[name]:>10.4f}   {target}")
+    print(f"\nseconds per update: none {update_time['none']:.2f}, kl {update_time['kl']:.2f}, "
+          f"sft {update_time['sft']:.2f}; per merge {merge_time:.4f}; memory {results['memory_method']}; "
+          f"{args.steps_per_update} env steps per update on {device}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_dataclass(BenchArgs, sys.argv[1:], __doc__))
