@@ -19,7 +19,7 @@ def run_train(tiny_dir, out, *flags):
     """Run train.py with tiny sizes in the folder that holds the session's tiny model cache."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), "--num-envs", "4",
            "--steps-per-update", "8", "--updates", "2", "--max-new-tokens", "24", "--lora-r", "8",
-           "--lora-alpha", "16", "--ppo-epochs", "1", "--minibatch-size", "8", "--micro-batch-size", "4",
+           "--lora-alpha", "16", "--ppo-epochs", "1", "--minibatch-size", "8", "--micro-batch-size", "4", "--eval-episodes", "2",
            *flags]
     result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
