@@ -71,8 +71,7 @@ def main(bench):
     torch.manual_seed(0)
     args = TrainArgs(env=bench.env, model=bench.model, num_envs=bench.num_envs,
                      steps_per_update=bench.steps_per_update, max_new_tokens=bench.max_new_tokens,
-                     lora_r=bench.lora_r, lora_alpha=2 * bench.lora_r, warmup_sft_steps=bench.warmup_sft_steps,
-                     ppo_epochs=1, minibatch_size=bench.steps_per_update)
+                     lora_r=bench.lora_r, lora_alpha=2 * bench.lora_r, warmup_sft_steps=bench.warmup_sft_steps)
     policy = load_policy(args.model, LoraArgs(r=args.lora_r, alpha=args.lora_alpha), device=device)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=args.lr)

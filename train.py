@@ -254,9 +254,6 @@ def main(args):
     state = {"update": 0, "env_steps": 0, "merges": 0, "teacher": None}
     if checkpoint:
         runner, state = load_checkpoint(checkpoint, policy, optimizer, rank, world, args)
-    elif args.guidance != "none" and not args.teacher:
-        state["teacher"] = policy.adapter_state("policy")  # pi_T^(0): the starting policy
-        policy.load_adapter_state(state["teacher"], "teacher")
 
     if args.eval_only:
         run_evaluation(policy, args, rank, world, state["update"])
@@ -271,11 +268,12 @@ def main(args):
         row = warm_start(model, policy, trainable, args, rank, world)
         if rank == 0:
             metrics_file.write(json.dumps(row) + "\n")
-        if args.guidance != "none" and not args.teacher:
-            state["teacher"] = policy.adapter_state("policy")  # the teacher starts from the SFT policy
-            policy.load_adapter_state(state["teacher"], "teacher")
         if args.eval_episodes:
             run_evaluation(policy, args, rank, world, 0)
+    if not checkpoint and args.guidance != "none" and not args.teacher:
+        # pi_T^(0): the teacher starts as the starting (SFT warm-started) policy.
+        state["teacher"] = policy.adapter_state("policy")
+        policy.load_adapter_state(state["teacher"], "teacher")
     progress = tqdm(range(state["update"] + 1, args.updates + 1), disable=rank != 0, desc="updates",
                     initial=state["update"], total=args.updates)
     for update in progress:
@@ -318,7 +316,7 @@ def main(args):
             "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),
             **{k: all_mean(v, world) for k, v in logs.items()},
             "teacher_kl": all_mean(batch.teacher_kl.flatten().tolist(), world),
-            "teacher_parse_rate": batch.teacher_parse_rate,
+            "teacher_parse_rate": all_mean([batch.teacher_parse_rate], world),
             "lr": lr, "time_rollout": time_rollout, "time_update": time_update,
             "time_teacher": batch.time_teacher, "time_merge": time_merge,
             "env_steps_per_s": args.steps_per_update * world / time_rollout,
