@@ -30,7 +30,8 @@ from distill import kl_estimate, masked_mean, retry_temperatures
 @dataclass
 class Batch:
     """One rollout of `steps` x `num_envs`; tensors are [T, N], lists are flat in (t, n) order."""
-    encoded: list                 # T*N model inputs of the observations (policy.encode)
+    prompts: list                 # T*N prompt texts
+    encoded: list                 # T*N model inputs: prompt ids and the image as pixel patches
     responses: list               # T*N response token ids
     old_logprobs: torch.Tensor    # lambda-weighted sequence log-prob at sampling time
     values: torch.Tensor          # V(s_t)
@@ -110,7 +111,7 @@ class Rollout:
         n = len(self.envs)
         T = steps
         flat = lambda: torch.zeros(T, n)
-        out = Batch(encoded=[], responses=[], old_logprobs=flat(), values=flat(), next_values=flat(),
+        out = Batch(prompts=[], encoded=[], responses=[], old_logprobs=flat(), values=flat(), next_values=flat(),
                     rewards=flat(), format_rewards=flat(), terminated=flat(), truncated=flat(),
                     format_valid=flat(), actions=flat(), entropy=flat(), thought_tokens=flat(),
                     teacher_kl=flat())
@@ -118,7 +119,8 @@ class Rollout:
         teacher_answers = teacher_parsed = 0
         bootstrap = {}  # (t, i) -> encoded final observation of an episode truncated at step t
         for t in range(T):
-            encoded = policy.encode(self.obs, self.prompts())
+            prompts = self.prompts()
+            encoded = policy.encode(self.obs, prompts)
             responses, texts = policy.generate(encoded, temperature, max_new_tokens)
             with torch.no_grad():
                 scored = policy(encoded, responses, temperature)
@@ -137,6 +139,7 @@ class Rollout:
             out.values[t] = scored["value"].float().cpu()
             out.entropy[t] = masked_mean(scored["entropy"], mask).cpu()
             out.thought_tokens[t] = (scored["thought_mask"] & mask).sum(-1).float().cpu()
+            out.prompts += prompts
             out.encoded += encoded
             out.responses += responses
 

@@ -73,7 +73,7 @@ class Args:
     thought_coef: float = 0.5
     """lambda: weight of the thought tokens in the action log-prob (0.5 card games, 0.2 ALFWorld)"""
     format_reward: float = 3.0
-    """reward for an answer that parses, added after GAE (0 turns the format reward off)"""
+    """reward for an answer that parses, added after GAE (0 here and in --format-penalty: off)"""
     format_penalty: float = -2.0
     """reward for an answer that does not parse"""
     unparsed_action: str = "random"
@@ -111,6 +111,8 @@ class Args:
     """LoRA dropout"""
     lora_vision: bool = True
     """also put LoRA on the vision tower"""
+    lora_targets: str = ""
+    """comma-separated module names (or suffixes) to adapt instead of every linear layer"""
     # GTR-Turbo teacher (PAPER.md §4)
     kl_coef: float = 1.0
     """beta: weight of the teacher KL subtracted from the advantages"""
@@ -199,7 +201,7 @@ def check_args(args):
         with open(os.path.join(args.out, "config.json")) as f:
             saved = json.load(f)
         # These fix what the checkpoint holds; continuing with others would silently mix runs.
-        fixed = ("model", "env", "guidance", "num_envs", "steps_per_update", "lora_r", "lora_vision")
+        fixed = ("model", "env", "guidance", "num_envs", "steps_per_update", "lora_r", "lora_vision", "lora_targets")
         changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(args, k)!r}" for k in fixed
                    if saved.get(k) != getattr(args, k)]
         if changed:
@@ -233,7 +235,8 @@ def main(args):
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed + rank)
     checkpoint = checkpoint_dir(args.out) if args.resume else None
-    lora = LoraArgs(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vision=args.lora_vision)
+    lora = LoraArgs(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, vision=args.lora_vision,
+                    target_modules=args.lora_targets)
     policy = load_policy(args.model, lora, device=device, thought_coef=args.thought_coef,
                          image_size=args.image_size or None, seed=args.seed,
                          adapter_path=os.path.join(checkpoint, "adapters", "policy") if checkpoint else None)
