@@ -139,7 +139,7 @@ class Args:
     """optimizer steps of SFT on expert demonstrations before RL (0: none)"""
     warmup_lr: float = 1e-3
     """learning rate of the warm start"""
-    warmup_batch_size: int = 16
+    warmup_batch_size: int = 32
     """demonstrations per warm-start step"""
     # Checkpoints and evaluation
     save_every: int = 5
