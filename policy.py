@@ -259,6 +259,7 @@ class ActorCritic(nn.Module):
         self.value_head = nn.Sequential(nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
                                         nn.ReLU(), nn.Linear(512, 1))
         self.register_buffer("suppressed", self._suppressed_ids(), persistent=False)
+        self._mask_cache = {}  # response token ids -> (thought_mask, action_mask)
 
     def _suppressed_ids(self):
         """[vocab] bool: vision placeholders, padding that is not a stop token, unused embedding rows.
@@ -284,6 +285,14 @@ class ActorCritic(nn.Module):
         ids += eos if isinstance(eos, list) else [eos]
         valid = [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
         return list(dict.fromkeys(valid))
+
+    def _masks(self, ids):
+        """thought_action_masks, remembered: PPO scores every response once per epoch."""
+        if ids not in self._mask_cache:
+            if len(self._mask_cache) > 65536:
+                self._mask_cache.clear()
+            self._mask_cache[ids] = thought_action_masks(self.tokenizer, list(ids))
+        return self._mask_cache[ids]
 
     @property
     def device(self):
@@ -389,7 +398,7 @@ class ActorCritic(nn.Module):
         for i, r in enumerate(responses):
             n = len(r)
             response_mask[i, width - n:] = True
-            thought, action = thought_action_masks(self.tokenizer, r.tolist())
+            thought, action = self._masks(tuple(r.tolist()))
             thought_mask[i, width - n:] = thought
             action_mask[i, width - n:] = action
         logprobs = logprobs.masked_fill(~response_mask, 0.0)
