@@ -90,7 +90,7 @@ def _tiny_corpus():
     return corpus
 
 
-def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024):
+def build_tiny_model(path, seed=0, image_size=56, hidden=64, layers=2, vocab_size=1024):
     """Build a small random Qwen2-VL, its tokenizer and image processor, and save them to `path`.
 
     Facts from ../shared/TINY_VLM.md: the image normalisation maps white to 0 (mean 1, std 0.5),
@@ -485,22 +485,23 @@ def load_policy(model="tiny", lora=LoraArgs(), device="cpu", thought_coef=0.5, i
     from transformers import AutoModelForImageTextToText
 
     if model == "tiny":
-        path = os.path.abspath(os.path.join(cache_dir, f"seed{seed}"))
+        # The image processor is built for one size (min = max pixels), so it is part of the name.
+        image_size = image_size or 56
+        path = os.path.abspath(os.path.join(cache_dir, f"seed{seed}-{image_size}px"))
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         # Under torchrun rank 0 builds (transformers saves weights on rank 0 only), the rest wait.
         if not os.path.exists(os.path.join(path, "config.json")) and (not distributed or torch.distributed.get_rank() == 0):
             # Build aside, then rename: other processes never see a half-written folder; the
             # build is deterministic, so whichever process's rename wins is fine.
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            staging = tempfile.mkdtemp(prefix=f"seed{seed}-", dir=os.path.dirname(path))
-            build_tiny_model(staging, seed=seed)
+            staging = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(path))
+            build_tiny_model(staging, seed=seed, image_size=image_size)
             try:
                 os.rename(staging, path)
             except OSError:
                 shutil.rmtree(staging)
         if distributed:
             torch.distributed.barrier()
-        image_size = image_size or 112
     else:
         path = model
         looks_like_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) and not model.startswith(".")

@@ -170,7 +170,7 @@ def test_save_load_round_trip(policy, tiny_dir, tmp_path):
     assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-6)
     assert torch.allclose(a["value"], b["value"], atol=1e-6)
     # Anyone can load the adapter with plain peft.
-    base = AutoModelForImageTextToText.from_pretrained(os.path.join(tiny_dir, "seed0"))
+    base = AutoModelForImageTextToText.from_pretrained(os.path.join(tiny_dir, "seed0-56px"))
     PeftModel.from_pretrained(base, os.path.join(str(tmp_path), "policy"))
 
 
