@@ -77,6 +77,7 @@ def main(bench):
     optimizer = torch.optim.Adam(trainable, lr=args.lr)
     if args.warmup_sft_steps:
         warm_start(policy, policy, trainable, args, rank=0, world=1)
+    policy.eval()  # rollouts and PPO passes run without dropout, as in train.py
     make_envs = lambda n: [gym.make(args.env) for _ in range(n)]
     results = {}
 

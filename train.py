@@ -293,7 +293,8 @@ def main(args):
         state["env_steps"] += args.steps_per_update * world
 
         # ---- 2-3. Advantages and PPO epochs (with the SFT loss when guided by SFT) ---------------
-        policy.train()
+        # Still in eval mode: LoRA dropout in the PPO passes would make the ratio to the rollout's
+        # log-probs differ from 1 before any update (at T = 0.2 every logit is multiplied by 5).
         start = time.perf_counter()
         logs = ppo_update(model, policy, trainable, optimizer, batch, args)
         time_update = time.perf_counter() - start
