@@ -208,19 +208,13 @@ def action_span(text):
     return match.start(), (following.start() + 1 if following else len(text))
 
 
-def token_char_ends(tokenizer, ids):
-    """End offset in the decoded text of each token: decode every prefix (works for any tokenizer)."""
-    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))],
-                                      skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    return [len(p) for p in prefixes]
-
-
 def thought_action_masks(tokenizer, ids):
     """(thought_mask, action_mask) over one response's tokens: a token is action if it overlaps the span."""
     ids = list(ids)
-    text = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    span = action_span(text)
-    ends = token_char_ends(tokenizer, ids)
+    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))],
+                                      skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    span = action_span(prefixes[-1]) if prefixes else None  # the last prefix is the whole answer
+    ends = [len(prefix) for prefix in prefixes]  # decoding prefixes works for any tokenizer
     starts = [0] + ends[:-1]
     action = [span is not None and s < span[1] and e > span[0] for s, e in zip(starts, ends)]
     action_mask = torch.tensor(action, dtype=torch.bool)

@@ -104,21 +104,20 @@ class Rollout:
         return results
 
     def prompts(self, active=None):
+        """The current prompt of every (active) environment."""
         return [self.envs[i].unwrapped.prompt() for i in (active if active is not None else range(len(self.envs)))]
 
     def collect(self, policy, steps, temperature=0.2, max_new_tokens=256, guidance="none",
                 format_reward=(3.0, -2.0), kl_estimator="clip"):
-        n = len(self.envs)
-        T = steps
-        flat = lambda: torch.zeros(T, n)
-        out = Batch(prompts=[], encoded=[], responses=[], old_logprobs=flat(), values=flat(), next_values=flat(),
-                    rewards=flat(), format_rewards=flat(), terminated=flat(), truncated=flat(),
-                    format_valid=flat(), actions=flat(), entropy=flat(), thought_tokens=flat(),
-                    teacher_kl=flat())
+        zeros = lambda: torch.zeros(steps, len(self.envs))  # [T, N]
+        out = Batch(prompts=[], encoded=[], responses=[], old_logprobs=zeros(), values=zeros(),
+                    next_values=zeros(), rewards=zeros(), format_rewards=zeros(), terminated=zeros(),
+                    truncated=zeros(), format_valid=zeros(), actions=zeros(), entropy=zeros(),
+                    thought_tokens=zeros(), teacher_kl=zeros())
         self.episodes = []
         teacher_answers = teacher_parsed = 0
         bootstrap = {}  # (t, i) -> encoded final observation of an episode truncated at step t
-        for t in range(T):
+        for t in range(steps):
             prompts = self.prompts()
             encoded = policy.encode(self.obs, prompts)
             responses, texts = policy.generate(encoded, temperature, max_new_tokens)
@@ -149,7 +148,8 @@ class Rollout:
                 out.format_valid[t, i] = result["parsed"]
                 out.format_rewards[t, i] = format_reward[0] if result["parsed"] else format_reward[1]
                 if "final_obs" in result:
-                    bootstrap[(t, i)] = policy.encode(*[[x] for x in result["final_obs"]])[0]
+                    final_obs, final_prompt = result["final_obs"]
+                    bootstrap[(t, i)] = policy.encode([final_obs], [final_prompt])[0]
 
             if guidance == "sft":
                 start = time.perf_counter()
