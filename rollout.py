@@ -225,23 +225,23 @@ def evaluate(policy, envs, episodes, seed, temperature=0.0, max_new_tokens=256, 
     return runner.episodes
 
 
-def expert_demonstrations(envs, count, rng, explore=0.2):
-    """`count` (observation, prompt, expert answer) triples from the environments' `expert()`.
+def expert_demonstrations(envs, rng, explore=0.2):
+    """An endless stream of (observation, prompt, expert answer) from the environments' `expert()`.
 
-    The environments follow the expert, with a random action `explore` of the time so that
-    the demonstrations also cover states an imperfect agent reaches (the expert then shows how
-    to recover). Used for the SFT warm start: the paper starts RL from an SFT checkpoint.
+    The environments follow the expert, with a random action `explore` of the time so that the
+    demonstrations also cover states an imperfect agent reaches (the expert then shows how to
+    recover). Episodes continue from one batch to the next, so late states (a long Points24
+    formula) are shown as often as early ones. Used for the SFT warm start: the paper starts RL
+    from an SFT checkpoint. Take a batch with `itertools.islice(stream, n)`.
     """
     observations = [env.reset(seed=int(rng.integers(2**31)))[0] for env in envs]
-    demos = []
-    while len(demos) < count:
+    while True:
         for i, env in enumerate(envs):
             game = env.unwrapped
             thoughts, action = game.expert()
-            demos.append((observations[i], game.prompt(), gtr_envs.format_answer(thoughts, game.actions[action])))
+            yield observations[i], game.prompt(), gtr_envs.format_answer(thoughts, game.actions[action])
             if rng.random() < explore:
                 action = int(rng.integers(len(game.actions)))
             observations[i], _, terminated, truncated, _ = env.step(action)
             if terminated or truncated:
                 observations[i], _ = env.reset(seed=int(rng.integers(2**31)))
-    return demos[:count]

@@ -21,6 +21,7 @@ import ast
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import pickle
@@ -357,12 +358,14 @@ def warm_start(model, policy, trainable, args, rank, world):
     optimizer = torch.optim.Adam(trainable, lr=args.warmup_lr)
     rng = np.random.default_rng(args.seed + 7919 * (rank + 1))
     env_list = [gym.make(args.env) for _ in range(args.num_envs)]
-    held_out = expert_demonstrations([gym.make(args.env) for _ in range(4)], 32, np.random.default_rng(10**6))
+    held_out = list(itertools.islice(
+        expert_demonstrations([gym.make(args.env) for _ in range(4)], np.random.default_rng(10**6)), 32))
+    demonstrations = expert_demonstrations(env_list, rng)
     loss_before = demonstration_loss(policy, held_out, args.micro_batch_size)
     start = time.perf_counter()
     policy.train()
     for _ in tqdm(range(args.warmup_sft_steps), disable=rank != 0, desc="warm start"):
-        demos = expert_demonstrations(env_list, args.warmup_batch_size, rng)
+        demos = list(itertools.islice(demonstrations, args.warmup_batch_size))
         optimizer.zero_grad(set_to_none=True)
         for mc_start in range(0, len(demos), args.micro_batch_size):
             micro = demos[mc_start:mc_start + args.micro_batch_size]
