@@ -203,7 +203,7 @@ def check_args(args):
             saved = json.load(f)
         # These fix what the checkpoint holds; continuing with others would silently mix runs.
         fixed = ("model", "env", "guidance", "num_envs", "steps_per_update", "lora_r", "lora_vision", "lora_targets")
-        changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {getattr(args, k)!r}" for k in fixed
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in fixed
                    if saved.get(k) != getattr(args, k)]
         if changed:
             sys.exit(f"--resume: the run in {args.out} was trained with other settings ({'; '.join(changed)}). "
