@@ -365,12 +365,14 @@ class ActorCritic(nn.Module):
         return torch.tensor(ids + [self.stop_ids()[0]])
 
     # -- evaluating ---------------------------------------------------------------------------
-    def forward(self, encoded, responses, temperature=0.2):
+    def forward(self, encoded, responses, temperature=0.2, rows_at_1=()):
         """Score responses: per-token log-probs and entropy, masks, sequence log-prob and value.
 
         All per-token outputs are [batch, max_response_len], right-aligned like the batch (left
         padding puts every sequence's last token at the same position); `response_mask` marks
-        real tokens.
+        real tokens. `rows_at_1` (sample indices) also returns `logprobs_at_1` [len(rows_at_1),
+        max_response_len], those rows scored at temperature 1 from the same logits: an SFT target
+        identical to the agent's answer then costs no extra sequence in the batch.
         """
         batch = self._collate(encoded, responses)
         backbone = self.model.get_base_model()
@@ -396,6 +398,10 @@ class ActorCritic(nn.Module):
             thought_mask[i, width - n:] = thought
             action_mask[i, width - n:] = action
         logprobs = logprobs.masked_fill(~response_mask, 0.0)
+        extra = {}
+        if len(rows_at_1):
+            rows = list(rows_at_1)
+            extra["logprobs_at_1"] = token_logprobs(logits[rows], tokens[rows]).masked_fill(~response_mask[rows], 0.0)
 
         # The critic reads the last prompt token, the state before any answer token.
         last_prompt = hidden.shape[1] - 1 - torch.tensor([len(r) for r in responses], device=hidden.device)
@@ -403,7 +409,7 @@ class ActorCritic(nn.Module):
         return {"logprobs": logprobs, "entropy": entropy, "response_mask": response_mask,
                 "thought_mask": thought_mask, "action_mask": action_mask,
                 "seq_logprob": sequence_logprob(logprobs, thought_mask, action_mask, self.thought_coef),
-                "value": value}
+                "value": value, **extra}
 
     def value(self, encoded):
         """V(s) of observations alone (for bootstrapping truncated episodes)."""

@@ -135,6 +135,8 @@ class Args:
     """merge the policy into the teacher every this many updates"""
     teacher: str = ""
     """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
+    init: str = ""
+    """start from this saved policy adapter folder, e.g. a warm start's OUT/checkpoint/adapters/policy"""
     # SFT warm start on the environments' expert demonstrations (the paper starts RL from SFT)
     warmup_sft_steps: int = 0
     """optimizer steps of SFT on expert demonstrations before RL (0: none)"""
@@ -191,8 +193,15 @@ def check_args(args):
         sys.exit(f"--env {args.env!r} is not a registered gymnasium id; bundled: {', '.join(envs.ENV_IDS)}")
     if args.steps_per_update % args.num_envs:
         sys.exit(f"--steps-per-update {args.steps_per_update} must be a multiple of --num-envs {args.num_envs}")
-    if args.teacher and not os.path.exists(os.path.join(args.teacher, "adapter_config.json")):
-        sys.exit(f"--teacher {args.teacher!r}: no adapter_config.json there; pass a peft adapter folder")
+    for flag in ("teacher", "init"):
+        folder = getattr(args, flag)
+        if folder and not os.path.exists(os.path.join(folder, "adapter_config.json")):
+            sys.exit(f"--{flag} {folder!r}: no adapter_config.json there; pass a peft adapter folder")
+    if args.init:
+        with open(os.path.join(args.init, "adapter_config.json")) as f:
+            rank = json.load(f).get("r")
+        if rank != args.lora_r:
+            sys.exit(f"--init {args.init!r} holds a rank-{rank} adapter: pass --lora-r {rank} (and its --lora-alpha)")
     if args.eval_only and not args.resume:
         sys.exit("--eval-only evaluates a saved run: add --resume (and --out RUN)")
     if args.resume:
@@ -240,7 +249,7 @@ def main(args):
                     target_modules=args.lora_targets)
     policy = load_policy(args.model, lora, device=device, thought_coef=args.thought_coef,
                          image_size=args.image_size or None, seed=args.seed,
-                         adapter_path=os.path.join(checkpoint, "adapters", "policy") if checkpoint else None)
+                         adapter_path=os.path.join(checkpoint, "adapters", "policy") if checkpoint else args.init or None)
     if args.guidance != "none":
         if args.teacher:
             policy.model.load_adapter(args.teacher, adapter_name="teacher", is_trainable=False)
@@ -267,8 +276,11 @@ def main(args):
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args) | {"world_size": world}, f, indent=2)
-        metrics_file = open_metrics(args.out, state["update"])
+        metrics_file = open_metrics(args.out, state["update"] if checkpoint else None)
     if args.warmup_sft_steps and not checkpoint:
+        # Reseeded so that the warm start (its dropout) is the same whatever the guidance: the
+        # methods of one seed then start RL from the same policy.
+        torch.manual_seed(args.seed + rank)
         row = warm_start(model, policy, trainable, args, rank, world)
         if rank == 0:
             metrics_file.write(json.dumps(row) + "\n")
@@ -278,6 +290,10 @@ def main(args):
         # pi_T^(0): the teacher starts as the starting (SFT warm-started) policy.
         state["teacher"] = policy.adapter_state("policy")
         policy.load_adapter_state(state["teacher"], "teacher")
+    if args.warmup_sft_steps and not checkpoint:
+        # A checkpoint at update 0: the warm-started policy can seed other runs (--init), and a
+        # run killed early resumes after its warm start.
+        save_checkpoint(args.out, policy, optimizer, runner, state, rank, world)
     progress = tqdm(range(state["update"] + 1, args.updates + 1), disable=rank != 0, desc="updates",
                     initial=state["update"], total=args.updates)
     for update in progress:
@@ -474,7 +490,7 @@ def open_metrics(out, last_update):
     logging an update but before saving it repeats that update: no gap, no duplicate)."""
     path = os.path.join(out, "metrics.jsonl")
     rows = []
-    if last_update and os.path.exists(path):
+    if last_update is not None and os.path.exists(path):
         rows = [line for line in open(path) if line.strip() and json.loads(line)["update"] <= last_update]
     with open(path, "w") as f:
         f.writelines(rows)
@@ -555,12 +571,17 @@ def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, args,
     encoded = [batch.encoded[i] for i in idx]
     responses = [batch.responses[i] for i in idx]
     # SFT guidance: the teacher's answers are scored in the same forward pass as the agent's.
-    sft = [i for i in idx if args.guidance == "sft" and batch.sft_targets[i] is not None]
+    # A teacher answer identical to the agent's needs no extra sequence: the agent's own logits
+    # give it (rescored at temperature 1), which is exact and, with a teacher merged from recent
+    # policies, the common case.
+    sft = [j for j, i in enumerate(idx) if args.guidance == "sft" and batch.sft_targets[i] is not None]
+    same = [j for j in sft if torch.equal(batch.sft_targets[idx[j]], responses[j])]
+    other = [idx[j] for j in sft if j not in same]
     # The agent's answers are scored at the sampling temperature (PAPER.md §2); the teacher's
     # answers are imitated at temperature 1, as a standard SFT loss does (the reference's).
-    temperatures = [args.temperature] * len(idx) + [1.0] * len(sft)
-    out = model(encoded + [batch.encoded[i] for i in sft], responses + [batch.sft_targets[i] for i in sft],
-                temperatures)
+    temperatures = [args.temperature] * len(idx) + [1.0] * len(other)
+    out = model(encoded + [batch.encoded[i] for i in other], responses + [batch.sft_targets[i] for i in other],
+                temperatures, rows_at_1=same)
     n = len(idx)
     pg_loss, stats = policy_loss(out["seq_logprob"][:n], old_logprobs[idx].to(out["value"].device),
                                  advantages[idx].to(out["value"].device), args.clip, args.ratio_guard)
@@ -571,8 +592,12 @@ def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, args,
     logs["approx_kl"].append(stats["approx_kl"].item())
     logs["clip_fraction"].append(stats["clip_fraction"].item())
     if sft:
-        thought_mask = out["thought_mask"][n:] & out["response_mask"][n:]
-        guidance_loss = sft_loss(out["logprobs"][n:], thought_mask)
+        rows = same + list(range(n, n + len(other)))  # where each SFT target's tokens sit in `out`
+        teacher_logprobs = out["logprobs"][n:]  # [len(other), width]
+        if same:
+            teacher_logprobs = torch.cat([out["logprobs_at_1"], teacher_logprobs])  # [len(sft), width]
+        thought_mask = out["thought_mask"][rows] & out["response_mask"][rows]
+        guidance_loss = sft_loss(teacher_logprobs, thought_mask)
         loss = loss + args.sft_coef * guidance_loss
         logs["sft_loss"].append(guidance_loss.item())
     return loss

@@ -202,3 +202,15 @@ def test_loading_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(OSError, match="could not be loaded"):
         load_policy("nobody-here/no-such-model-xyz")
+
+
+def test_rows_at_1_equal_scoring_at_temperature_1(policy):
+    """`rows_at_1` rescores chosen rows at T = 1 from the same logits as a pass at T = 1."""
+    encoded = policy.encode(images(3), ["a", "bb", "ccc"])
+    responses = [policy.answer_ids(ANSWER), policy.answer_ids('{"thoughts": "x", "action": "-"}'),
+                 policy.answer_ids(ANSWER)]
+    with torch.no_grad():
+        mixed = policy(encoded, responses, temperature=0.2, rows_at_1=[2, 0])
+        at_1 = policy(encoded, responses, temperature=1.0)
+    assert torch.allclose(mixed["logprobs_at_1"], at_1["logprobs"][[2, 0]], atol=1e-6)
+    assert not torch.allclose(mixed["logprobs"][0], at_1["logprobs"][0])

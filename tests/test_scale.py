@@ -81,3 +81,20 @@ def test_eval_only_reports_success_with_stderr(tiny_dir, tmp_path):
     row = json.loads(open(out / "eval.jsonl").readlines()[-1])
     assert row["eval_episodes"] == 6 and 0.0 <= row["eval_success_rate"] <= 1.0
     assert "+-" in result.stderr + result.stdout
+
+
+def test_warm_start_checkpoint_seeds_other_runs(tiny_dir, tmp_path):
+    """A warm start alone (--updates 0) leaves a checkpoint at update 0; --init starts RL from
+    its policy, and an adapter of another rank is refused with the flag to fix."""
+    warm = tmp_path / "warm"
+    flags = ["--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4", "--warmup-batch-size", "4"]
+    train(tiny_dir, "--out", str(warm), *flags, "--warmup-sft-steps", "2", "--updates", "0")
+    assert updates(warm) == [0]
+    policy = warm / "checkpoint" / "adapters" / "policy"
+    assert (policy / "adapter_config.json").exists() and (policy / "value_head.pt").exists()
+    out = tmp_path / "rl"
+    train(tiny_dir, "--out", str(out), *flags, "--updates", "1", "--guidance", "kl", "--init", str(policy))
+    assert updates(out) == [1]
+    result = train(tiny_dir, "--out", str(tmp_path / "bad"), *flags, "--updates", "1", "--init", str(policy),
+                   "--lora-r", "16", check=False)
+    assert result.returncode != 0 and "--lora-r 8" in result.stderr

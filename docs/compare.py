@@ -1,0 +1,187 @@
+"""The paper's comparison (PAPER.md §4.4) at toy scale: PPO only vs GTR-Turbo SFT vs GTR-Turbo KL.
+
+Every run is `train.py` with the same budget of environment steps, the same SFT warm start and
+the same flags except `--guidance`; the runs of one seed start from the same warm-started
+policy. The script then reads every run's metrics.jsonl and eval.jsonl and writes
+  docs/comparison.md         final success (mean +- standard error over seeds), return, time per
+                             update, entropy at the start / middle / end of RL
+  docs/learning_curves.png   training success rate and token entropy against env steps
+                             (needs matplotlib: pip install matplotlib; training does not)
+
+    python docs/compare.py                     # every run (about 45 min on 2 CPU cores), table, figure
+    python docs/compare.py --report-only       # table and figure from the runs already in --out
+    python docs/compare.py --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
+
+Finished runs (their final eval line written) are kept, so an interrupted comparison continues
+where it stopped.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train import parse_dataclass  # noqa: E402  (the repository root is not a package)
+
+METHODS = {"none": "PPO only (RL4VLM)", "sft": "GTR-Turbo SFT", "kl": "GTR-Turbo KL"}
+
+
+@dataclass
+class CompareArgs:
+    envs: str = "gtr/NumberLine-v0,gtr/EZPoints-v0"
+    """comma-separated environments"""
+    methods: str = "none,sft,kl"
+    """comma-separated --guidance values"""
+    seeds: int = 3
+    """seeds per method and environment (0, 1, ...)"""
+    updates: int = 40
+    """PPO updates per run (the budget: updates x steps-per-update environment steps)"""
+    train_flags: str = "--warmup-sft-steps 300 --eval-episodes 128"
+    """further train.py flags shared by every run"""
+    jobs: int = 2
+    """runs at a time (each gets cores / jobs threads)"""
+    out: str = "runs/compare"
+    """folder of the runs (OUT/<env>/<method>/seed<N>)"""
+    docs: str = os.path.join(ROOT, "docs")
+    """where comparison.md and learning_curves.png go"""
+    report_only: bool = False
+    """do not train; report the runs already in --out"""
+
+
+def run_dir(args, env, method, seed):
+    return os.path.join(args.out, env.split("/")[-1], method, f"seed{seed}")
+
+
+def finished(path, updates):
+    """A run is done when its evaluation after the last update is written."""
+    evals = os.path.join(path, "eval.jsonl")
+    return os.path.exists(evals) and any(json.loads(line)["update"] == updates for line in open(evals))
+
+
+def train(args, env, method, seed, threads):
+    path = run_dir(args, env, method, seed)
+    if finished(path, args.updates):
+        return path
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--env", env, "--guidance", method, "--seed", str(seed),
+           "--updates", str(args.updates), "--lr-updates", str(args.updates), "--out", path, *args.train_flags.split()]
+    os.makedirs(path, exist_ok=True)
+    environ = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    with open(os.path.join(path, "log.txt"), "w") as log:
+        # From scratch: a run killed half-way is restarted, not resumed with other timings.
+        result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environ)
+    if result.returncode:
+        sys.exit(f"{' '.join(cmd)} failed (exit {result.returncode}); see {path}/log.txt")
+    print(f"{env} {method} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
+    return path
+
+
+def read_run(path):
+    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+    evals = [json.loads(line) for line in open(os.path.join(path, "eval.jsonl"))]
+    return [r for r in rows if r.get("phase") != "warm_start"], evals
+
+
+def mean_se(values):
+    """Mean and standard error over seeds."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def smooth(values, window=5):
+    """Trailing moving average; None (no episode ended in that update) is skipped."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1): i + 1] if v is not None]
+        out.append(sum(recent) / len(recent) if recent else float("nan"))
+    return out
+
+
+def report(args, envs, methods):
+    lines = ["| environment | method | success after warm start | final success | final return | "
+             "train success, last 10 updates | entropy: first / middle / last update | s per update |",
+             "|---|---|---|---|---|---|---|---|"]
+    curves = {}
+    for env in envs:
+        for method in methods:
+            runs = [read_run(run_dir(args, env, method, s)) for s in range(args.seeds)]
+            start = mean_se([evals[0]["eval_success_rate"] for _, evals in runs])
+            final = mean_se([evals[-1]["eval_success_rate"] for _, evals in runs])
+            ret = mean_se([evals[-1]["eval_return"] for _, evals in runs])
+            late = mean_se([mean_se([r["success_rate"] for r in rows[-10:]])[0] for rows, _ in runs])
+            entropy = [mean_se([rows[i]["entropy"] for rows, _ in runs])[0]
+                       for i in (0, len(runs[0][0]) // 2, len(runs[0][0]) - 1)]
+            seconds = mean_se([sum(r["time_rollout"] + r["time_update"] + r["time_merge"] for r in rows) / len(rows)
+                               for rows, _ in runs])
+            lines.append(f"| {env.split('/')[-1]} | {METHODS[method]} | {start[0]:.3f} +- {start[1]:.3f} | "
+                         f"**{final[0]:.3f} +- {final[1]:.3f}** | {ret[0]:.2f} +- {ret[1]:.2f} | "
+                         f"{late[0]:.3f} +- {late[1]:.3f} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
+                         f"{seconds[0]:.1f} |")
+            curves[env, method] = runs
+    evals = runs[0][1]
+    header = (f"{args.seeds} seeds per row, {args.updates} updates per run, each after the same SFT warm start; "
+              f"success is greedy over {evals[-1]['eval_episodes']} fresh episodes per seed "
+              f"(mean +- standard error over seeds). Flags shared by every run: `{args.train_flags}`.\n\n")
+    with open(os.path.join(args.docs, "comparison.md"), "w") as f:
+        f.write(header + "\n".join(lines) + "\n")
+    print(header + "\n".join(lines))
+    plot(args, envs, methods, curves)
+
+
+def plot(args, envs, methods, curves):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no learning_curves.png")
+        return
+    fig, axes = plt.subplots(2, len(envs), figsize=(5 * len(envs), 7), squeeze=False)
+    for col, env in enumerate(envs):
+        for method in methods:
+            runs = curves[env, method]
+            steps = [r["env_steps"] for r in runs[0][0]]
+            for row, key in enumerate(("success_rate", "entropy")):
+                per_seed = [smooth([r[key] for r in rows]) for rows, _ in runs]
+                mean = [mean_se(v)[0] for v in zip(*per_seed)]
+                se = [0.0 if math.isnan(s) else s for s in (mean_se(v)[1] for v in zip(*per_seed))]
+                line, = axes[row][col].plot(steps, mean, label=METHODS[method])
+                axes[row][col].fill_between(steps, [m - s for m, s in zip(mean, se)],
+                                            [m + s for m, s in zip(mean, se)], color=line.get_color(), alpha=0.2)
+        axes[0][col].set_title(env.split("/")[-1])
+        axes[0][col].set_ylabel("training success rate (5-update mean)")
+        axes[1][col].set_ylabel("token entropy at the sampling T")
+        axes[1][col].set_xlabel("environment steps")
+        axes[0][col].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.docs, "learning_curves.png"), dpi=100)
+    print(f"wrote {os.path.join(args.docs, 'learning_curves.png')}")
+
+
+def main(args):
+    envs, methods = args.envs.split(","), args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+    if not args.report_only:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        jobs = [(env, method, seed) for seed in range(args.seeds) for env in envs for method in methods]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: train(args, *job, threads), jobs))
+    report(args, envs, methods)
+
+
+if __name__ == "__main__":
+    main(parse_dataclass(CompareArgs, sys.argv[1:], __doc__))
