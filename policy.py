@@ -25,6 +25,7 @@ saves it and loads it back through the same `from_pretrained` path as a real che
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -90,7 +91,7 @@ def _tiny_corpus():
     return corpus
 
 
-def build_tiny_model(path, seed=0, image_size=56, hidden=64, layers=2, vocab_size=1024):
+def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024):
     """Build a small random Qwen2-VL, its tokenizer and image processor, and save them to `path`.
 
     Facts from ../shared/TINY_VLM.md: the image normalisation maps white to 0 (mean 1, std 0.5),
@@ -486,7 +487,7 @@ def load_policy(model="tiny", lora=LoraArgs(), device="cpu", thought_coef=0.5, i
 
     if model == "tiny":
         # The image processor is built for one size (min = max pixels), so it is part of the name.
-        image_size = image_size or 56
+        image_size = image_size or 112
         path = os.path.abspath(os.path.join(cache_dir, f"seed{seed}-{image_size}px"))
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         # Under torchrun rank 0 builds (transformers saves weights on rank 0 only), the rest wait.
@@ -528,6 +529,12 @@ def load_policy(model="tiny", lora=LoraArgs(), device="cpu", thought_coef=0.5, i
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                             target_modules=targets)
         peft_model = get_peft_model(base, config, adapter_name="policy")
+    size = getattr(processor.image_processor, "size", None)  # transformers 5: pixel counts as edges
+    pixels = getattr(size, "shortest_edge", None)
+    if image_size is None and pixels and pixels == getattr(size, "longest_edge", None):
+        # A processor built for one size (the tiny model's) resizes 300 px to 28 px by its own
+        # rounding, not to its size; resize to that size ourselves (see TINY_VLM.md).
+        image_size = math.isqrt(pixels)
     policy = ActorCritic(peft_model, processor, thought_coef=thought_coef, image_size=image_size)
     if adapter_path and os.path.exists(os.path.join(adapter_path, "value_head.pt")):
         policy.value_head.load_state_dict(torch.load(os.path.join(adapter_path, "value_head.pt")))

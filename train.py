@@ -285,7 +285,7 @@ def main(args):
         if rank == 0:
             metrics_file.write(json.dumps(row) + "\n")
         if args.eval_episodes:
-            run_evaluation(policy, args, rank, world, 0)
+            run_evaluation(policy, args, rank, world, 0)  # the level RL has to rise above
     if not checkpoint and args.guidance != "none" and not args.teacher:
         # pi_T^(0): the teacher starts as the starting (SFT warm-started) policy.
         state["teacher"] = policy.adapter_state("policy")
@@ -358,7 +358,8 @@ def main(args):
             run_evaluation(policy, args, rank, world, update)
     if rank == 0:
         metrics_file.close()
-    if args.eval_episodes:
+    warm_start_only = args.warmup_sft_steps and not checkpoint and state["update"] == 0  # evaluated above
+    if args.eval_episodes and not warm_start_only:
         run_evaluation(policy, args, rank, world, state["update"])
     if world > 1:
         dist.destroy_process_group()

@@ -1,8 +1,9 @@
 """The paper's comparison (PAPER.md §4.4) at toy scale: PPO only vs GTR-Turbo SFT vs GTR-Turbo KL.
 
-Every run is `train.py` with the same budget of environment steps, the same SFT warm start and
-the same flags except `--guidance`; the runs of one seed start from the same warm-started
-policy. The script then reads every run's metrics.jsonl and eval.jsonl and writes
+For each environment and seed, one SFT warm start (`train.py --updates 0`) is trained and
+evaluated; then each method is a `train.py` run that starts from it (`--init`), with the same
+budget of environment steps and the same flags except `--guidance`. The script then reads
+every run's metrics.jsonl and eval.jsonl and writes
   docs/comparison.md         final success (mean +- standard error over seeds), return, time per
                              update, entropy at the start / middle / end of RL
   docs/learning_curves.png   training success rate and token entropy against env steps
@@ -42,8 +43,12 @@ class CompareArgs:
     """seeds per method and environment (0, 1, ...)"""
     updates: int = 40
     """PPO updates per run (the budget: updates x steps-per-update environment steps)"""
-    train_flags: str = "--warmup-sft-steps 300 --eval-episodes 128"
-    """further train.py flags shared by every run"""
+    warmup_flags: str = "--warmup-sft-steps 600 --micro-batch-size 32"
+    """train.py flags of the warm start shared by the methods of one seed"""
+    train_flags: str = ""
+    """further train.py flags shared by every RL run"""
+    eval_episodes: int = 128
+    """greedy evaluation episodes after the warm start and after RL"""
     jobs: int = 2
     """runs at a time (each gets cores / jobs threads)"""
     out: str = "runs/compare"
@@ -55,6 +60,7 @@ class CompareArgs:
 
 
 def run_dir(args, env, method, seed):
+    """OUT/<env>/<method>/seed<N>; method "warm" is the seed's shared warm start."""
     return os.path.join(args.out, env.split("/")[-1], method, f"seed{seed}")
 
 
@@ -65,11 +71,18 @@ def finished(path, updates):
 
 
 def train(args, env, method, seed, threads):
+    """One train.py run in a subprocess with `threads` CPU threads; skipped when already done."""
     path = run_dir(args, env, method, seed)
-    if finished(path, args.updates):
+    common = [sys.executable, os.path.join(ROOT, "train.py"), "--env", env, "--seed", str(seed), "--out", path,
+              "--eval-episodes", str(args.eval_episodes)]
+    if method == "warm":
+        updates, cmd = 0, common + ["--updates", "0", *args.warmup_flags.split()]
+    else:
+        init = os.path.join(run_dir(args, env, "warm", seed), "checkpoint", "adapters", "policy")
+        updates, cmd = args.updates, common + ["--guidance", method, "--init", init, "--updates", str(args.updates),
+                                               "--lr-updates", str(args.updates), *args.train_flags.split()]
+    if finished(path, updates):
         return path
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--env", env, "--guidance", method, "--seed", str(seed),
-           "--updates", str(args.updates), "--lr-updates", str(args.updates), "--out", path, *args.train_flags.split()]
     os.makedirs(path, exist_ok=True)
     environ = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start = time.perf_counter()
@@ -83,6 +96,8 @@ def train(args, env, method, seed, threads):
 
 
 def read_run(path):
+    if not os.path.exists(os.path.join(path, "eval.jsonl")):
+        sys.exit(f"{path}: no finished run there; run docs/compare.py without --report-only (same flags)")
     rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
     evals = [json.loads(line) for line in open(os.path.join(path, "eval.jsonl"))]
     return [r for r in rows if r.get("phase") != "warm_start"], evals
@@ -117,7 +132,8 @@ def report(args, envs, methods):
     for env in envs:
         for method in methods:
             runs = [read_run(run_dir(args, env, method, s)) for s in range(args.seeds)]
-            start = mean_se([evals[0]["eval_success_rate"] for _, evals in runs])
+            start = mean_se([read_run(run_dir(args, env, "warm", s))[1][-1]["eval_success_rate"]
+                             for s in range(args.seeds)])
             final = mean_se([evals[-1]["eval_success_rate"] for _, evals in runs])
             ret = mean_se([evals[-1]["eval_return"] for _, evals in runs])
             late = mean_se([mean_se([r["success_rate"] for r in rows[-10:]])[0] for rows, _ in runs])
@@ -131,9 +147,10 @@ def report(args, envs, methods):
                          f"{seconds[0]:.1f} |")
             curves[env, method] = runs
     evals = runs[0][1]
-    header = (f"{args.seeds} seeds per row, {args.updates} updates per run, each after the same SFT warm start; "
-              f"success is greedy over {evals[-1]['eval_episodes']} fresh episodes per seed "
-              f"(mean +- standard error over seeds). Flags shared by every run: `{args.train_flags}`.\n\n")
+    header = (f"{args.seeds} seeds per row; per seed one warm start (`{args.warmup_flags}`) that every method "
+              f"starts from, then {args.updates} updates of {runs[0][0][0]['env_steps']} environment steps. "
+              f"Success is greedy over {evals[-1]['eval_episodes']} fresh episodes per seed (mean +- standard "
+              f"error over seeds). Further flags of every RL run: `{args.train_flags or 'none'}`.\n\n")
     with open(os.path.join(args.docs, "comparison.md"), "w") as f:
         f.write(header + "\n".join(lines) + "\n")
     print(header + "\n".join(lines))
@@ -177,9 +194,11 @@ def main(args):
         sys.exit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
     if not args.report_only:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        jobs = [(env, method, seed) for seed in range(args.seeds) for env in envs for method in methods]
+        pairs = [(env, seed) for seed in range(args.seeds) for env in envs]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: train(args, *job, threads), jobs))
+            list(pool.map(lambda pair: train(args, pair[0], "warm", pair[1], threads), pairs))
+            list(pool.map(lambda job: train(args, *job, threads),
+                          [(env, method, seed) for env, seed in pairs for method in methods]))
     report(args, envs, methods)
 
 

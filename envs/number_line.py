@@ -16,8 +16,8 @@ Rules (as in gym_cards):
 Deviations from gym_cards, on purpose: randomness comes from ``self.np_random`` (the reference
 used Python's global ``random``, so ``reset(seed=...)`` did not reproduce a state) and the start
 always differs from the target (the reference only enforced it in ``__init__``). The text is
-drawn at a fixed place in Pillow's default font, about 1/6 of the image high, so that a tiny
-model that sees the picture at 56-112 px can still read the digits.
+drawn in Pillow's default font, about 1/6 of the image high, with each digit centred in a cell
+of a 4 x 4 grid, so that the tiny model, which sees the picture at 112 px, can read the digits.
 
 Use::
 
@@ -108,5 +108,10 @@ class NumberLineEnv(VisualTextEnv):
     def _draw(self, image) -> None:
         s = self.image_size
         size = s // 6  # the two lines fill the picture: digits stay legible at 56-112 px
-        draw_text(image, (s * 0.08, s * 0.17), f"Target: {self.target}", size)
-        draw_text(image, (s * 0.08, s * 0.58), f"Current: {self.position}", size)
+        # Each digit is centred in one cell of a 4 x 4 grid (rows 1 and 3, last column): the tiny
+        # VLM at 112 px makes one image token of each cell (2 x 2 patches of 14 px), so each
+        # digit lies whole in one token.
+        for row, label, value in ((0, "Target:", self.target), (2, "Current:", self.position)):
+            middle = s * (row + 0.5) / 4
+            draw_text(image, (s * 3 / 8, middle), label, size, center=True)
+            draw_text(image, (s * 7 / 8, middle), str(value), size, center=True)

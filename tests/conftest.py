@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """Folder holding the tiny model cache (seed0-56px/), shared by every test of the session."""
+    """Folder holding the tiny model cache (seed0-112px/), shared by every test of the session."""
     return str(tmp_path_factory.mktemp("session") / "tiny-vlm")
 
 

@@ -170,7 +170,7 @@ def test_save_load_round_trip(policy, tiny_dir, tmp_path):
     assert torch.allclose(a["logprobs"], b["logprobs"], atol=1e-6)
     assert torch.allclose(a["value"], b["value"], atol=1e-6)
     # Anyone can load the adapter with plain peft.
-    base = AutoModelForImageTextToText.from_pretrained(os.path.join(tiny_dir, "seed0-56px"))
+    base = AutoModelForImageTextToText.from_pretrained(os.path.join(tiny_dir, "seed0-112px"))
     PeftModel.from_pretrained(base, os.path.join(str(tmp_path), "policy"))
 
 
@@ -214,3 +214,14 @@ def test_rows_at_1_equal_scoring_at_temperature_1(policy):
         at_1 = policy(encoded, responses, temperature=1.0)
     assert torch.allclose(mixed["logprobs_at_1"], at_1["logprobs"][[2, 0]], atol=1e-6)
     assert not torch.allclose(mixed["logprobs"][0], at_1["logprobs"][0])
+
+
+def test_tiny_model_loaded_by_folder_sees_its_size(make_policy, tiny_dir):
+    """Loaded by path (--model tiny-vlm/seed0-112px), the tiny model still sees 112 px images (16
+    image tokens), not the 84 px its processor's own rounding would make of a 300 px frame."""
+    make_policy()  # builds the cache
+    by_folder = load_policy(os.path.join(tiny_dir, "seed0-112px"), LoraArgs(r=8, alpha=16))
+    assert by_folder.image_size == 112
+    encoded = by_folder.encode(images(1), ["p"])[0]
+    image_token = by_folder.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert (torch.as_tensor(encoded["input_ids"]) == image_token).sum() == 16
