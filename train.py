@@ -18,6 +18,7 @@ Outputs in --out: config.json, metrics.jsonl (one JSON object per update), adapt
 """
 
 import ast
+import collections
 import dataclasses
 import hashlib
 import inspect
@@ -56,7 +57,7 @@ class Args:
     """environments stepped in lockstep per process (one batched generate per step)"""
     steps_per_update: int = 64
     """environment steps per update per process (paper: 1024)"""
-    updates: int = 10
+    updates: int = 50
     """number of PPO updates"""
     seed: int = 0
     """random seed (process r uses seed + 1000 r for its environments)"""
@@ -67,8 +68,8 @@ class Args:
     image_size: int = 0
     """resize observations to this many pixels before the processor (0: the model's default)"""
     # Sampling and the action log-prob (PAPER.md §2)
-    temperature: float = 0.2
-    """sampling temperature; logits are divided by it when evaluating too"""
+    temperature: float = 1.0
+    """sampling temperature; logits are divided by it when evaluating too (paper: 0.2)"""
     max_new_tokens: int = 64
     """longest answer in tokens (paper: 256)"""
     thought_coef: float = 0.5
@@ -96,14 +97,14 @@ class Args:
     """PPO epochs per update"""
     minibatch_size: int = 32
     """samples per optimizer step (paper: 128 by gradient accumulation)"""
-    micro_batch_size: int = 8
-    """samples per forward pass; gradients are accumulated over a mini-batch"""
-    lr: float = 1e-5
+    micro_batch_size: int = 32
+    """samples per forward pass; gradients are accumulated over a mini-batch (GPU, 3B model: 4)"""
+    lr: float = 1e-4
     """Adam learning rate, cosine-annealed to lr_min"""
     lr_min: float = 1e-9
     """final learning rate"""
-    lr_updates: int = 25
-    """updates over which the learning rate anneals (paper: 25)"""
+    lr_updates: int = 0
+    """updates over which the learning rate anneals (0: all of --updates; paper: 25)"""
     lora_r: int = 128
     """LoRA rank"""
     lora_alpha: int = 256
@@ -136,9 +137,10 @@ class Args:
     teacher: str = ""
     """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
     init: str = ""
-    """start from this saved policy adapter folder, e.g. a warm start's OUT/checkpoint/adapters/policy"""
+    """start from this saved policy adapter folder, e.g. a warm start's OUT/checkpoint/adapters/policy
+    (add --warmup-sft-steps 0 to start RL from it directly)"""
     # SFT warm start on the environments' expert demonstrations (the paper starts RL from SFT)
-    warmup_sft_steps: int = 0
+    warmup_sft_steps: int = 200
     """optimizer steps of SFT on expert demonstrations before RL (0: none)"""
     warmup_lr: float = 1e-3
     """learning rate of the warm start"""
@@ -149,12 +151,12 @@ class Args:
     """write OUT/checkpoint every this many updates (and after the last)"""
     resume: bool = False
     """continue from OUT/checkpoint"""
-    eval_episodes: int = 32
+    eval_episodes: int = 128
     """episodes of the final evaluation on fresh seeds (0: none)"""
     eval_every: int = 0
     """also evaluate every this many updates (0: only at the end)"""
-    eval_temperature: float = 0.0
-    """sampling temperature of evaluation (0: greedy)"""
+    eval_temperature: float = -1.0
+    """sampling temperature of evaluation (-1: the sampling --temperature; 0: greedy)"""
     eval_only: bool = False
     """evaluate the run in --out (with --resume) and exit"""
 
@@ -250,12 +252,6 @@ def main(args):
     policy = load_policy(args.model, lora, device=device, thought_coef=args.thought_coef,
                          image_size=args.image_size or None, seed=args.seed,
                          adapter_path=os.path.join(checkpoint, "adapters", "policy") if checkpoint else args.init or None)
-    if args.guidance != "none":
-        if args.teacher:
-            policy.model.load_adapter(args.teacher, adapter_name="teacher", is_trainable=False)
-            policy.model.set_adapter("policy")
-        else:
-            policy.add_teacher()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     # DDP broadcasts rank 0's weights (LoRA init, value head) to every rank at construction and
     # all-reduces gradients in backward; everything else below runs on the bare module.
@@ -266,6 +262,7 @@ def main(args):
     runner = Rollout(env_list, seed=args.seed + 1000 * rank, unparsed_action=args.unparsed_action)
     state = {"update": 0, "env_steps": 0, "merges": 0, "teacher": None}
     if checkpoint:
+        attach_teacher(policy, args)
         runner, state = load_checkpoint(checkpoint, policy, optimizer, rank, world, args)
 
     if args.eval_only:
@@ -278,26 +275,28 @@ def main(args):
             json.dump(dataclasses.asdict(args) | {"world_size": world}, f, indent=2)
         metrics_file = open_metrics(args.out, state["update"] if checkpoint else None)
     if args.warmup_sft_steps and not checkpoint:
-        # Reseeded so that the warm start (its dropout) is the same whatever the guidance: the
-        # methods of one seed then start RL from the same policy.
-        torch.manual_seed(args.seed + rank)
+        # Before the teacher exists, so the warm start (its dropout) is the same whatever the
+        # guidance: the methods of one seed start RL from the same policy.
         row = warm_start(model, policy, trainable, args, rank, world)
         if rank == 0:
             metrics_file.write(json.dumps(row) + "\n")
         if args.eval_episodes:
             run_evaluation(policy, args, rank, world, 0)  # the level RL has to rise above
-    if not checkpoint and args.guidance != "none" and not args.teacher:
-        # pi_T^(0): the teacher starts as the starting (SFT warm-started) policy.
-        state["teacher"] = policy.adapter_state("policy")
-        policy.load_adapter_state(state["teacher"], "teacher")
+    if not checkpoint:
+        attach_teacher(policy, args)
+        if args.guidance != "none" and not args.teacher:
+            # pi_T^(0): the teacher starts as the starting (SFT warm-started) policy.
+            state["teacher"] = policy.adapter_state("policy")
+            policy.load_adapter_state(state["teacher"], "teacher")
     if args.warmup_sft_steps and not checkpoint:
         # A checkpoint at update 0: the warm-started policy can seed other runs (--init), and a
         # run killed early resumes after its warm start.
         save_checkpoint(args.out, policy, optimizer, runner, state, rank, world)
     progress = tqdm(range(state["update"] + 1, args.updates + 1), disable=rank != 0, desc="updates",
                     initial=state["update"], total=args.updates)
+    recent = collections.deque(maxlen=10)  # (successes, episodes) of the last 10 updates
     for update in progress:
-        lr = cosine_lr(update - 1, args.lr_updates, args.lr, args.lr_min)
+        lr = cosine_lr(update - 1, args.lr_updates or args.updates, args.lr, args.lr_min)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -342,12 +341,17 @@ def main(args):
             "time_teacher": batch.time_teacher, "time_merge": time_merge,
             "env_steps_per_s": args.steps_per_update * world / time_rollout,
         }
+        if row["episodes"]:
+            recent.append((row["success_rate"] * row["episodes"], row["episodes"]))
+        # One update ends only ~10-25 episodes: the mean over the last 10 updates shows the trend.
+        success_recent = sum(s for s, _ in recent) / max(sum(n for _, n in recent), 1)
         if rank == 0:
             # NaN (no episode finished, no SFT target) is written as null: strict JSON.
             metrics_file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")
             metrics_file.flush()
-            progress.set_postfix(success=f"{row['success_rate']:.2f}", ret=f"{row['episode_return']:.2f}")
-            tqdm.write(f"update {update:3d} | steps {state['env_steps']:6d} | success {row['success_rate']:.2f} | "
+            progress.set_postfix(success_last10=f"{success_recent:.2f}", ret=f"{row['episode_return']:.2f}")
+            tqdm.write(f"update {update:3d} | steps {state['env_steps']:6d} | success {row['success_rate']:.2f} "
+                       f"(last 10 updates {success_recent:.2f}) | "
                        f"return {row['episode_return']:6.2f} | format {row['format_valid']:.2f} | "
                        f"entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | "
                        f"pg {row['policy_loss']:+.4f} | vf {row['value_loss']:.3f} | "
@@ -363,6 +367,19 @@ def main(args):
         run_evaluation(policy, args, rank, world, state["update"])
     if world > 1:
         dist.destroy_process_group()
+
+
+def attach_teacher(policy, args):
+    """The frozen "teacher" adapter of a guided run: a fixed one (--teacher) or an empty one that
+    the merge fills (PAPER.md §4.1). Its parameters are frozen, so `trainable` and DDP, built
+    before it, are unchanged."""
+    if args.guidance == "none":
+        return
+    if args.teacher:
+        policy.model.load_adapter(args.teacher, adapter_name="teacher", is_trainable=False)
+        policy.model.set_adapter("policy")
+    else:
+        policy.add_teacher()
 
 
 def warm_start(model, policy, trainable, args, rank, world):
@@ -501,18 +518,22 @@ def open_metrics(out, last_update):
 def run_evaluation(policy, args, rank, world, update):
     """Success rate (with its standard error) and mean return on fresh seeds, over all ranks."""
     policy.eval()
+    temperature = args.temperature if args.eval_temperature < 0 else args.eval_temperature
     share = len(range(rank, args.eval_episodes, world))
     env_list = [gym.make(args.env) for _ in range(min(args.num_envs, max(share, 1)))]
-    # Seeds far from training's (seed + 1000 * rank + i), so evaluation deals are fresh.
-    episodes = evaluate(policy, env_list, share, seed=10**6 + args.seed + 1000 * rank,
-                        temperature=args.eval_temperature, max_new_tokens=args.max_new_tokens,
-                        unparsed_action=args.unparsed_action) if share else []
+    # Seeds far from training's (seed + 1000 * rank + i), so evaluation deals are fresh; sampling
+    # draws from its own generator state, so evaluating does not change the training run.
+    seed = 10**6 + args.seed + 1000 * rank
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        episodes = evaluate(policy, env_list, share, seed=seed, temperature=temperature,
+                            max_new_tokens=args.max_new_tokens, unparsed_action=args.unparsed_action) if share else []
     n = int(round(all_mean([len(episodes)], world) * world))
     success = all_mean([e["success"] for e in episodes], world)
     result = {"update": update, "eval_episodes": n, "eval_success_rate": success,
               "eval_success_stderr": (success * (1 - success) / max(n, 1)) ** 0.5,
               "eval_return": all_mean([e["return"] for e in episodes], world),
-              "eval_temperature": args.eval_temperature}
+              "eval_temperature": temperature}
     if rank == 0:
         tqdm.write(f"eval update {update}: success {success:.3f} +- {result['eval_success_stderr']:.3f} "
                    f"over {n} episodes | return {result['eval_return']:.2f}")

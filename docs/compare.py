@@ -41,14 +41,14 @@ class CompareArgs:
     """comma-separated --guidance values"""
     seeds: int = 3
     """seeds per method and environment (0, 1, ...)"""
-    updates: int = 40
+    updates: int = 25
     """PPO updates per run (the budget: updates x steps-per-update environment steps)"""
-    warmup_flags: str = "--warmup-sft-steps 600 --micro-batch-size 32"
+    warmup_flags: str = "--warmup-sft-steps 200"
     """train.py flags of the warm start shared by the methods of one seed"""
     train_flags: str = ""
     """further train.py flags shared by every RL run"""
-    eval_episodes: int = 128
-    """greedy evaluation episodes after the warm start and after RL"""
+    eval_episodes: int = 64
+    """evaluation episodes (sampled at the training temperature) after the warm start and after RL"""
     jobs: int = 2
     """runs at a time (each gets cores / jobs threads)"""
     out: str = "runs/compare"
@@ -79,8 +79,8 @@ def train(args, env, method, seed, threads):
         updates, cmd = 0, common + ["--updates", "0", *args.warmup_flags.split()]
     else:
         init = os.path.join(run_dir(args, env, "warm", seed), "checkpoint", "adapters", "policy")
-        updates, cmd = args.updates, common + ["--guidance", method, "--init", init, "--updates", str(args.updates),
-                                               "--lr-updates", str(args.updates), *args.train_flags.split()]
+        updates, cmd = args.updates, common + ["--guidance", method, "--init", init, "--warmup-sft-steps", "0",
+                                               "--updates", str(args.updates), *args.train_flags.split()]
     if finished(path, updates):
         return path
     os.makedirs(path, exist_ok=True)
@@ -88,7 +88,7 @@ def train(args, env, method, seed, threads):
     start = time.perf_counter()
     with open(os.path.join(path, "log.txt"), "w") as log:
         # From scratch: a run killed half-way is restarted, not resumed with other timings.
-        result = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environ)
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=environ)
     if result.returncode:
         sys.exit(f"{' '.join(cmd)} failed (exit {result.returncode}); see {path}/log.txt")
     print(f"{env} {method} seed {seed}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -149,7 +149,8 @@ def report(args, envs, methods):
     evals = runs[0][1]
     header = (f"{args.seeds} seeds per row; per seed one warm start (`{args.warmup_flags}`) that every method "
               f"starts from, then {args.updates} updates of {runs[0][0][0]['env_steps']} environment steps. "
-              f"Success is greedy over {evals[-1]['eval_episodes']} fresh episodes per seed (mean +- standard "
+              f"Success is sampled at T = {evals[-1]['eval_temperature']} over {evals[-1]['eval_episodes']} fresh "
+              f"episodes per seed (mean +- standard "
               f"error over seeds). Further flags of every RL run: `{args.train_flags or 'none'}`.\n\n")
     with open(os.path.join(args.docs, "comparison.md"), "w") as f:
         f.write(header + "\n".join(lines) + "\n")

@@ -9,7 +9,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--ppo-epochs", "1",
-        "--micro-batch-size", "4", "--eval-episodes", "0"]
+        "--micro-batch-size", "4", "--eval-episodes", "0", "--warmup-sft-steps", "0"]
 
 
 def train(tiny_dir, *flags, launcher=(sys.executable,), check=True):

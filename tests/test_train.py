@@ -19,7 +19,7 @@ def run_train(tiny_dir, out, *flags):
     """Run train.py with tiny sizes in the folder that holds the session's tiny model cache."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), "--num-envs", "4",
            "--steps-per-update", "8", "--updates", "2", "--max-new-tokens", "24", "--lora-r", "8",
-           "--lora-alpha", "16", "--ppo-epochs", "1", "--minibatch-size", "8", "--micro-batch-size", "4", "--eval-episodes", "2",
+           "--lora-alpha", "16", "--ppo-epochs", "1", "--minibatch-size", "8", "--micro-batch-size", "4", "--eval-episodes", "2", "--warmup-sft-steps", "0",
            *flags]
     result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,3 +156,35 @@ def test_sft_target_equal_to_answer_reuses_the_agent_row(make_policy):
             expected = policy(batch.encoded, targets, 1.0)
         mask = expected["thought_mask"] & expected["response_mask"]
         assert logs["sft_loss"][0] == pytest.approx(sft_loss(expected["logprobs"], mask).item(), abs=1e-5)
+
+
+def test_readme_states_the_default_configuration():
+    """The README's quick start runs `torchrun train.py` with no flags, and its table of the
+    default run's flags holds train.py's actual defaults."""
+    import re
+    from train import Args
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quick_start = readme.split("## Quick start")[1].split("```")[1]
+    assert re.search(r"&& torchrun train\.py +#", quick_start)
+    assert "python -m pytest -q tests" in quick_start
+    section = readme.split("## The default run")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| `--([\w-]+)` \| `([^`]*)` \|", section, flags=re.M)
+    assert len(rows) >= 8
+    defaults = Args()
+    for flag, value in rows:
+        assert str(getattr(defaults, flag.replace("-", "_"))) == value, f"README says --{flag} {value}"
+
+
+def test_compare_smoke(tiny_dir, tmp_path):
+    """docs/compare.py runs a warm start and the three methods from it, and writes the table."""
+    small = "--num-envs 2 --lora-r 8 --lora-alpha 16 --max-new-tokens 16"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "compare.py"), "--seeds", "1",
+                             "--envs", "gtr/NumberLine-v0", "--updates", "1", "--jobs", "1", "--eval-episodes", "2",
+                             f"--warmup-flags=--warmup-sft-steps 2 --warmup-batch-size 4 {small}",
+                             f"--train-flags=--steps-per-update 4 --minibatch-size 4 --ppo-epochs 1 {small}",
+                             "--out", str(tmp_path / "runs"), "--docs", str(tmp_path)],
+                            cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = open(tmp_path / "comparison.md").read()
+    for method in ("PPO only (RL4VLM)", "GTR-Turbo SFT", "GTR-Turbo KL"):
+        assert f"| NumberLine-v0 | {method} |" in table
