@@ -95,12 +95,11 @@ def train(args, env, method, seed, threads):
     return path
 
 
-def read_run(path):
-    if not os.path.exists(os.path.join(path, "eval.jsonl")):
-        sys.exit(f"{path}: no finished run there; run docs/compare.py without --report-only (same flags)")
+def read_run(path, with_warm_start=False):
+    """(metrics rows, eval rows) of a run; the warm start's row only when asked for."""
     rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
     evals = [json.loads(line) for line in open(os.path.join(path, "eval.jsonl"))]
-    return [r for r in rows if r.get("phase") != "warm_start"], evals
+    return [r for r in rows if with_warm_start or r.get("phase") != "warm_start"], evals
 
 
 def mean_se(values):
@@ -125,36 +124,55 @@ def smooth(values, window=5):
 
 
 def report(args, envs, methods):
-    lines = ["| environment | method | success after warm start | final success | final return | "
+    """Both tables from the finished runs. A seed counts once all its methods have finished, so
+    every row compares the methods on the same seeds (an interrupted comparison reports the rest)."""
+    lines = ["| environment | method | seeds | success after warm start | final success | final return | "
              "train success, last 10 updates | entropy: first / middle / last update | s per update |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
+    per_seed = ["| environment | seed | warm start: held-out SFT loss | success after warm start | "
+                + " | ".join(f"final success, {METHODS[m]}" for m in methods) + " |",
+                "|---|---|---|---|" + "---|" * len(methods)]
     curves = {}
     for env in envs:
+        seeds = [s for s in range(args.seeds) if finished(run_dir(args, env, "warm", s), 0)
+                 and all(finished(run_dir(args, env, m, s), args.updates) for m in methods)]
+        if not seeds:
+            print(f"{env}: no seed with every method finished yet")
+            continue
+        warm = {s: read_run(run_dir(args, env, "warm", s), with_warm_start=True) for s in seeds}
+        start = mean_se([warm[s][1][-1]["eval_success_rate"] for s in seeds])
+        finals = {}
         for method in methods:
-            runs = [read_run(run_dir(args, env, method, s)) for s in range(args.seeds)]
-            start = mean_se([read_run(run_dir(args, env, "warm", s))[1][-1]["eval_success_rate"]
-                             for s in range(args.seeds)])
-            final = mean_se([evals[-1]["eval_success_rate"] for _, evals in runs])
+            runs = [read_run(run_dir(args, env, method, s)) for s in seeds]
+            finals[method] = [evals[-1]["eval_success_rate"] for _, evals in runs]
+            final = mean_se(finals[method])
             ret = mean_se([evals[-1]["eval_return"] for _, evals in runs])
             late = mean_se([mean_se([r["success_rate"] for r in rows[-10:]])[0] for rows, _ in runs])
             entropy = [mean_se([rows[i]["entropy"] for rows, _ in runs])[0]
                        for i in (0, len(runs[0][0]) // 2, len(runs[0][0]) - 1)]
             seconds = mean_se([sum(r["time_rollout"] + r["time_update"] + r["time_merge"] for r in rows) / len(rows)
                                for rows, _ in runs])
-            lines.append(f"| {env.split('/')[-1]} | {METHODS[method]} | {start[0]:.3f} +- {start[1]:.3f} | "
+            lines.append(f"| {env.split('/')[-1]} | {METHODS[method]} | {len(seeds)} | {start[0]:.3f} +- {start[1]:.3f} | "
                          f"**{final[0]:.3f} +- {final[1]:.3f}** | {ret[0]:.2f} +- {ret[1]:.2f} | "
                          f"{late[0]:.3f} +- {late[1]:.3f} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
                          f"{seconds[0]:.1f} |")
             curves[env, method] = runs
-    evals = runs[0][1]
-    header = (f"{args.seeds} seeds per row; per seed one warm start (`{args.warmup_flags}`) that every method "
-              f"starts from, then {args.updates} updates of {runs[0][0][0]['env_steps']} environment steps. "
-              f"Success is sampled at T = {evals[-1]['eval_temperature']} over {evals[-1]['eval_episodes']} fresh "
-              f"episodes per seed (mean +- standard "
-              f"error over seeds). Further flags of every RL run: `{args.train_flags or 'none'}`.\n\n")
+        for i, s in enumerate(seeds):
+            loss = warm[s][0][0]["warmup_loss_after"]
+            per_seed.append(f"| {env.split('/')[-1]} | {s} | {loss:.3f} | {warm[s][1][-1]['eval_success_rate']:.3f} | "
+                            + " | ".join(f"{finals[m][i]:.3f}" for m in methods) + " |")
+    if not curves:
+        sys.exit("no finished comparison runs to report")
+    rows, evals = next(iter(curves.values()))[0]
+    header = (f"Per seed one warm start (`{args.warmup_flags}`) that every method starts from, then "
+              f"{args.updates} updates of {rows[0]['env_steps']} environment steps. Success is sampled at "
+              f"T = {evals[-1]['eval_temperature']} over {evals[-1]['eval_episodes']} fresh episodes per seed "
+              f"(mean +- standard error over seeds). Further flags of every RL run: "
+              f"`{args.train_flags or 'none'}`.\n\n")
+    text = header + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n"
     with open(os.path.join(args.docs, "comparison.md"), "w") as f:
-        f.write(header + "\n".join(lines) + "\n")
-    print(header + "\n".join(lines))
+        f.write(text)
+    print(text)
     plot(args, envs, methods, curves)
 
 
@@ -166,6 +184,7 @@ def plot(args, envs, methods, curves):
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no learning_curves.png")
         return
+    envs = [env for env in envs if (env, methods[0]) in curves]
     fig, axes = plt.subplots(2, len(envs), figsize=(5 * len(envs), 7), squeeze=False)
     for col, env in enumerate(envs):
         for method in methods:
