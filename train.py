@@ -9,11 +9,12 @@ Implements GTR-Turbo (PAPER.md §4) on top of the RL4VLM PPO baseline (PAPER.md 
                adapter with TIES and EMA/SMA weights (merge.py, §4.1)
 
 Run (a tiny offline VLM is built on first use; nothing is downloaded):
-    python train.py                                   # GTR-Turbo (KL) on NumberLine, on CPU
+    python train.py                                   # warm start + GTR-Turbo (KL) on NumberLine, ~6 min on CPU
     python train.py --guidance none                   # the RL4VLM baseline (PPO only)
     python train.py --guidance sft --env gtr/Points24-v0
     torchrun --nproc_per_node=2 train.py              # one process per CPU core or GPU
-    python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --steps-per-update 1024 --max-new-tokens 256
+    python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --steps-per-update 1024 --max-new-tokens 256 \
+        --temperature 0.2 --lr 1e-5 --micro-batch-size 4     # the paper's sizes
 Outputs in --out: config.json, metrics.jsonl (one JSON object per update), adapters/.
 """
 
