@@ -399,18 +399,18 @@ class ActorCritic(nn.Module):
             thought_mask[i, width - n:] = thought
             action_mask[i, width - n:] = action
         logprobs = logprobs.masked_fill(~response_mask, 0.0)
-        extra = {}
-        if len(rows_at_1):
-            rows = list(rows_at_1)
-            extra["logprobs_at_1"] = token_logprobs(logits[rows], tokens[rows]).masked_fill(~response_mask[rows], 0.0)
 
         # The critic reads the last prompt token, the state before any answer token.
         last_prompt = hidden.shape[1] - 1 - torch.tensor([len(r) for r in responses], device=hidden.device)
         value = self.value_head(hidden[torch.arange(len(responses)), last_prompt].float()).squeeze(-1)
-        return {"logprobs": logprobs, "entropy": entropy, "response_mask": response_mask,
-                "thought_mask": thought_mask, "action_mask": action_mask,
-                "seq_logprob": sequence_logprob(logprobs, thought_mask, action_mask, self.thought_coef),
-                "value": value, **extra}
+        out = {"logprobs": logprobs, "entropy": entropy, "response_mask": response_mask,
+               "thought_mask": thought_mask, "action_mask": action_mask,
+               "seq_logprob": sequence_logprob(logprobs, thought_mask, action_mask, self.thought_coef),
+               "value": value}
+        if rows_at_1:
+            rows = list(rows_at_1)
+            out["logprobs_at_1"] = token_logprobs(logits[rows], tokens[rows]).masked_fill(~response_mask[rows], 0.0)
+        return out
 
     def value(self, encoded):
         """V(s) of observations alone (for bootstrapping truncated episodes)."""
@@ -532,8 +532,8 @@ def load_policy(model="tiny", lora=LoraArgs(), device="cpu", thought_coef=0.5, i
     size = getattr(processor.image_processor, "size", None)  # transformers 5: pixel counts as edges
     pixels = getattr(size, "shortest_edge", None)
     if image_size is None and pixels and pixels == getattr(size, "longest_edge", None):
-        # A processor built for one size (the tiny model's) resizes 300 px to 28 px by its own
-        # rounding, not to its size; resize to that size ourselves (see TINY_VLM.md).
+        # A processor built for one size (the tiny model's) shrinks a 300 px frame below that size
+        # by its own rounding (112 -> 84, 56 -> 28 px); resize to it ourselves (see TINY_VLM.md).
         image_size = math.isqrt(pixels)
     policy = ActorCritic(peft_model, processor, thought_coef=thought_coef, image_size=image_size)
     if adapter_path and os.path.exists(os.path.join(adapter_path, "value_head.pt")):

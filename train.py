@@ -275,7 +275,8 @@ def main(args):
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(args) | {"world_size": world}, f, indent=2)
         metrics_file = open_metrics(args.out, state["update"] if checkpoint else None)
-    if args.warmup_sft_steps and not checkpoint:
+    fresh_warm_start = bool(args.warmup_sft_steps) and not checkpoint
+    if fresh_warm_start:
         # Before the teacher exists, so the warm start (its dropout) is the same whatever the
         # guidance: the methods of one seed start RL from the same policy.
         row = warm_start(model, policy, trainable, args, rank, world)
@@ -289,7 +290,7 @@ def main(args):
             # pi_T^(0): the teacher starts as the starting (SFT warm-started) policy.
             state["teacher"] = policy.adapter_state("policy")
             policy.load_adapter_state(state["teacher"], "teacher")
-    if args.warmup_sft_steps and not checkpoint:
+    if fresh_warm_start:
         # A checkpoint at update 0: the warm-started policy can seed other runs (--init), and a
         # run killed early resumes after its warm start.
         save_checkpoint(args.out, policy, optimizer, runner, state, rank, world)
@@ -363,8 +364,7 @@ def main(args):
             run_evaluation(policy, args, rank, world, update)
     if rank == 0:
         metrics_file.close()
-    warm_start_only = args.warmup_sft_steps and not checkpoint and state["update"] == 0  # evaluated above
-    if args.eval_episodes and not warm_start_only:
+    if args.eval_episodes and not (fresh_warm_start and state["update"] == 0):  # else evaluated above
         run_evaluation(policy, args, rank, world, state["update"])
     if world > 1:
         dist.destroy_process_group()
