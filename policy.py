@@ -18,6 +18,7 @@ Use:
     batch = policy.encode(images, prompts)            # list of per-sample model inputs
     ids, texts = policy.generate(batch, temperature=0.2, max_new_tokens=64)
     out = policy(batch, ids)                          # logprobs, masks, seq_logprob, value
+    out = policy(batch, ids, targets=teacher_ids)     # + target_logprobs of other answers, same prompts
 
 `--model tiny` builds a small random Qwen2-VL (trained-in-process tokenizer, seeded weights),
 saves it and loads it back through the same `from_pretrained` path as a real checkpoint.
@@ -366,51 +367,94 @@ class ActorCritic(nn.Module):
         return torch.tensor(ids + [self.stop_ids()[0]])
 
     # -- evaluating ---------------------------------------------------------------------------
-    def forward(self, encoded, responses, temperature=0.2, rows_at_1=()):
+    def forward(self, encoded, responses, temperature=0.2, targets=None):
         """Score responses: per-token log-probs and entropy, masks, sequence log-prob and value.
 
         All per-token outputs are [batch, max_response_len], right-aligned like the batch (left
         padding puts every sequence's last token at the same position); `response_mask` marks
-        real tokens. `rows_at_1` (sample indices) also returns `logprobs_at_1` [len(rows_at_1),
-        max_response_len], those rows scored at temperature 1 from the same logits: an SFT target
-        identical to the agent's answer then costs no extra sequence in the batch.
+        real tokens. `temperature`: one for all or one per sample.
+
+        `targets` (SFT guidance, PAPER.md §4.2): one more answer per sample (a 1-D tensor, or
+        None), scored at temperature 1 as a second continuation of the SAME prompt. The prompt
+        is run once: its keys and values (kept with their gradient) are reused, and the agent's
+        answer is masked out, so a target costs its own tokens, not a second copy of the ~100
+        prompt tokens. Adds `target_logprobs`, `target_mask`, `target_thought_mask`, each
+        [batch, max_target_len] and LEFT-aligned (the targets all start where the prompt ends).
         """
         batch = self._collate(encoded, responses)
         backbone = self.model.get_base_model()
-        hidden = backbone.model(**batch).last_hidden_state  # [batch, seq, hidden]
-        width = max(len(r) for r in responses)
+        lengths = torch.tensor([len(r) for r in responses], device=self.device)  # [batch]
+        # The critic reads the last prompt token, the state before any answer token.
+        last_prompt = batch["input_ids"].shape[1] - 1 - lengths  # [batch]
+        rows = torch.arange(len(responses), device=self.device)
+        if targets is None:
+            hidden = backbone.model(**batch).last_hidden_state  # [batch, seq, hidden]
+        else:
+            # Explicit M-RoPE positions ([3, batch, seq], the model's own computation), because the
+            # targets continue from the last prompt token's position.
+            positions, _ = backbone.model.get_rope_index(
+                batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+            prompt = backbone.model(**batch, position_ids=positions, use_cache=True)
+            hidden = prompt.last_hidden_state  # [batch, seq, hidden]
+        width = int(lengths.max())
         # Position p predicts token p+1: the last `width` tokens are predicted from the `width`
         # positions before them.
         logits = backbone.lm_head(hidden[:, -width - 1:-1]).float()  # [batch, width, vocab]
         logits = logits.masked_fill(self.suppressed[: logits.shape[-1]], float("-inf"))
         tokens = batch["input_ids"][:, -width:]  # [batch, width]
-        # One temperature for all, or one per sample (PPO at the sampling T, SFT targets at 1).
+        # One temperature for all, or one per sample.
         temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).reshape(-1, 1, 1)
         logprobs = token_logprobs(logits, tokens, temperature)  # [batch, width]
         entropy = per_token_entropy(logits / temperature)  # [batch, width]
-
-        response_mask = torch.zeros_like(tokens, dtype=torch.bool)
-        thought_mask = torch.zeros_like(response_mask)
-        action_mask = torch.zeros_like(response_mask)
-        for i, r in enumerate(responses):
-            n = len(r)
-            response_mask[i, width - n:] = True
-            thought, action = self._masks(tuple(r.tolist()))
-            thought_mask[i, width - n:] = thought
-            action_mask[i, width - n:] = action
+        response_mask, thought_mask, action_mask = self._aligned_masks(responses, width, right=True)
         logprobs = logprobs.masked_fill(~response_mask, 0.0)
-
-        # The critic reads the last prompt token, the state before any answer token.
-        last_prompt = hidden.shape[1] - 1 - torch.tensor([len(r) for r in responses], device=hidden.device)
-        value = self.value_head(hidden[torch.arange(len(responses)), last_prompt].float()).squeeze(-1)
+        value = self.value_head(hidden[rows, last_prompt].float()).squeeze(-1)  # [batch]
         out = {"logprobs": logprobs, "entropy": entropy, "response_mask": response_mask,
                "thought_mask": thought_mask, "action_mask": action_mask,
                "seq_logprob": sequence_logprob(logprobs, thought_mask, action_mask, self.thought_coef),
                "value": value}
-        if rows_at_1:
-            rows = list(rows_at_1)
-            out["logprobs_at_1"] = token_logprobs(logits[rows], tokens[rows]).masked_fill(~response_mask[rows], 0.0)
+        if targets is None:
+            return out
+
+        # ---- Targets: a second continuation of each prompt, reusing its keys and values --------
+        targets = [t.to(self.device) if t is not None else torch.zeros(0, dtype=torch.long, device=self.device)
+                   for t in targets]
+        target_width = max(1, max(len(t) for t in targets))
+        target_ids = torch.full((len(targets), target_width), self.tokenizer.pad_token_id,
+                                dtype=torch.long, device=self.device)  # [batch, target_width]
+        for i, t in enumerate(targets):
+            target_ids[i, :len(t)] = t
+        target_mask, target_thought_mask, _ = self._aligned_masks(targets, target_width, right=False)
+        # Keys visible to the targets: the prompt (not its padding), NOT the agent's answer, and the
+        # target's own earlier tokens (the causal mask adds the order).
+        seen = batch["attention_mask"].clone()  # [batch, seq]
+        seen[torch.arange(seen.shape[1], device=self.device) > last_prompt[:, None]] = 0
+        seen = torch.cat([seen, target_mask.long()], dim=1)  # [batch, seq + target_width]
+        # Text positions: the three M-RoPE components are equal after the image, so the k-th
+        # target token sits at (last prompt token's position) + 1 + k, as the agent's answer does.
+        start = positions[:, rows, last_prompt]  # [3, batch]
+        target_positions = start[..., None] + 1 + torch.arange(target_width, device=self.device)  # [3, batch, tw]
+        continuation = backbone.model(input_ids=target_ids, attention_mask=seen, position_ids=target_positions,
+                                      past_key_values=prompt.past_key_values, use_cache=True).last_hidden_state
+        # Target token k is predicted from the last prompt token (k = 0) or from target token k-1.
+        predictors = torch.cat([hidden[rows, last_prompt][:, None], continuation[:, :-1]], dim=1)  # [batch, tw, hidden]
+        target_logits = backbone.lm_head(predictors).float()  # [batch, target_width, vocab]
+        target_logits = target_logits.masked_fill(self.suppressed[: target_logits.shape[-1]], float("-inf"))
+        out["target_logprobs"] = token_logprobs(target_logits, target_ids).masked_fill(~target_mask, 0.0)
+        out["target_mask"], out["target_thought_mask"] = target_mask, target_thought_mask
         return out
+
+    def _aligned_masks(self, sequences, width, right):
+        """(real-token, thought, action) masks [len(sequences), width] of token sequences padded
+        to `width`, right-aligned (the agent's answers) or left-aligned (SFT targets)."""
+        masks = torch.zeros((3, len(sequences), width), dtype=torch.bool)
+        for i, s in enumerate(sequences):
+            n = len(s)
+            span = slice(width - n, width) if right else slice(0, n)
+            thought, action = self._masks(tuple(s.tolist()))
+            masks[0, i, span], masks[1, i, span], masks[2, i, span] = True, thought, action
+        return tuple(m.to(self.device) for m in masks)
 
     def value(self, encoded):
         """V(s) of observations alone (for bootstrapping truncated episodes)."""

@@ -590,37 +590,25 @@ def merge_teacher(policy, state, args):
 
 
 def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, args, logs):
-    """PPO loss (+ SFT loss on the teacher's thoughts) of one micro-batch, in ONE forward pass."""
+    """PPO loss (+ SFT loss on the teacher's thoughts) of one micro-batch, in ONE call to the model."""
     encoded = [batch.encoded[i] for i in idx]
     responses = [batch.responses[i] for i in idx]
-    # SFT guidance: the teacher's answers are scored in the same forward pass as the agent's.
-    # A teacher answer identical to the agent's needs no extra sequence: the agent's own logits
-    # give it (rescored at temperature 1), which is exact and, with a teacher merged from recent
-    # policies, the common case.
-    sft = [j for j, i in enumerate(idx) if args.guidance == "sft" and batch.sft_targets[i] is not None]
-    same = [j for j in sft if torch.equal(batch.sft_targets[idx[j]], responses[j])]
-    other = [idx[j] for j in sft if j not in same]
-    # The agent's answers are scored at the sampling temperature (PAPER.md §2); the teacher's
-    # answers are imitated at temperature 1, as a standard SFT loss does (the reference's).
-    temperatures = [args.temperature] * len(idx) + [1.0] * len(other)
-    out = model(encoded + [batch.encoded[i] for i in other], responses + [batch.sft_targets[i] for i in other],
-                temperatures, rows_at_1=same)
-    n = len(idx)
-    pg_loss, stats = policy_loss(out["seq_logprob"][:n], old_logprobs[idx].to(out["value"].device),
+    # The agent's answers are scored at the sampling temperature (PAPER.md §2). SFT guidance: the
+    # teacher's answers are scored in the same call, as a second continuation of each prompt
+    # (the prompt runs once), at temperature 1 as a standard SFT loss does (the reference's).
+    targets = [batch.sft_targets[i] for i in idx] if args.guidance == "sft" else []
+    targets = targets if any(t is not None for t in targets) else None  # None: no teacher answer parsed
+    out = model(encoded, responses, args.temperature, targets=targets)
+    pg_loss, stats = policy_loss(out["seq_logprob"], old_logprobs[idx].to(out["value"].device),
                                  advantages[idx].to(out["value"].device), args.clip, args.ratio_guard)
-    vf_loss = value_loss(out["value"][:n], returns[idx].to(out["value"].device))
+    vf_loss = value_loss(out["value"], returns[idx].to(out["value"].device))
     loss = pg_loss + args.vf_coef * vf_loss
     logs["policy_loss"].append(pg_loss.item())
     logs["value_loss"].append(vf_loss.item())
     logs["approx_kl"].append(stats["approx_kl"].item())
     logs["clip_fraction"].append(stats["clip_fraction"].item())
-    if sft:
-        rows = same + list(range(n, n + len(other)))  # where each SFT target's tokens sit in `out`
-        teacher_logprobs = out["logprobs"][n:]  # [len(other), width]
-        if same:
-            teacher_logprobs = torch.cat([out["logprobs_at_1"], teacher_logprobs])  # [len(sft), width]
-        thought_mask = out["thought_mask"][rows] & out["response_mask"][rows]
-        guidance_loss = sft_loss(teacher_logprobs, thought_mask)
+    if targets is not None:
+        guidance_loss = sft_loss(out["target_logprobs"], out["target_thought_mask"])
         loss = loss + args.sft_coef * guidance_loss
         logs["sft_loss"].append(guidance_loss.item())
     return loss

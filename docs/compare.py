@@ -9,7 +9,7 @@ every run's metrics.jsonl and eval.jsonl and writes
   docs/learning_curves.png   training success rate and token entropy against env steps
                              (needs matplotlib: pip install matplotlib; training does not)
 
-    python docs/compare.py                     # every run (about 45 min on 2 CPU cores), table, figure
+    python docs/compare.py                     # every run (about 75 min on 2 CPU cores), table, figure
     python docs/compare.py --report-only       # table and figure from the runs already in --out
     python docs/compare.py --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
 

@@ -204,16 +204,38 @@ def test_loading_errors(tmp_path, monkeypatch):
         load_policy("nobody-here/no-such-model-xyz")
 
 
-def test_rows_at_1_equal_scoring_at_temperature_1(policy):
-    """`rows_at_1` rescores chosen rows at T = 1 from the same logits as a pass at T = 1."""
-    encoded = policy.encode(images(3), ["a", "bb", "ccc"])
+def test_targets_share_the_prompt_exactly(policy):
+    """A target scored as a second continuation of the prompt (its keys and values reused, the
+    agent's answer masked out) gets the log-probs AND gradients of scoring it alone at T = 1,
+    whatever the lengths of prompts, answers and targets; a None target adds nothing."""
+    encoded = policy.encode(images(3), ["a", "a much longer prompt here", "ccc"])
     responses = [policy.answer_ids(ANSWER), policy.answer_ids('{"thoughts": "x", "action": "-"}'),
                  policy.answer_ids(ANSWER)]
-    with torch.no_grad():
-        mixed = policy(encoded, responses, temperature=0.2, rows_at_1=[2, 0])
-        at_1 = policy(encoded, responses, temperature=1.0)
-    assert torch.allclose(mixed["logprobs_at_1"], at_1["logprobs"][[2, 0]], atol=1e-6)
-    assert not torch.allclose(mixed["logprobs"][0], at_1["logprobs"][0])
+    targets = [policy.answer_ids('{"thoughts": "current 0, target 4, so I move up", "action": "+"}'),
+               None, policy.answer_ids('{"thoughts": "y", "action": "-"}')]
+    lora = [p for n, p in policy.named_parameters() if "lora_" in n and p.requires_grad]
+
+    def grads(loss):
+        policy.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() for p in lora]
+
+    shared = policy(encoded, responses, temperature=0.2, targets=targets)
+    alone = policy([encoded[0], encoded[2]], [targets[0], targets[2]], temperature=1.0)
+    plain = policy(encoded, responses, temperature=0.2)
+    for row, i in ((0, 0), (1, 2)):  # left-aligned targets vs right-aligned responses
+        n = len(targets[i])
+        assert torch.allclose(shared["target_logprobs"][i, :n], alone["logprobs"][row, -n:], atol=1e-5)
+        assert torch.equal(shared["target_thought_mask"][i, :n], alone["thought_mask"][row, -n:])
+    assert not shared["target_mask"][1].any() and shared["target_logprobs"][1].eq(0).all()
+    for key in ("logprobs", "value", "seq_logprob"):  # the agent's part is untouched by the targets
+        assert torch.allclose(shared[key], plain[key], atol=1e-5)
+
+    target_grads = grads(shared["target_logprobs"].sum())
+    expected = grads(alone["logprobs"].sum())
+    for a, b in zip(target_grads, expected):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in target_grads)
 
 
 def test_tiny_model_loaded_by_folder_sees_its_size(make_policy, tiny_dir):

@@ -129,33 +129,34 @@ def test_bench_smoke(tiny_dir):
         assert ratios[key] > 0
 
 
-def test_sft_target_equal_to_answer_reuses_the_agent_row(make_policy):
-    """An SFT target identical to the agent's answer is scored from the agent's own row; the SFT
-    loss is the one an extra sequence in the batch gives."""
+def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy):
+    """micro_batch_loss's SFT term (the teacher's answers scored on the shared prompts) equals
+    the SFT loss of those answers scored as ordinary responses at T = 1; a None target (the
+    teacher never parsed) is left out."""
     from rollout import Batch
     from distill import sft_loss
     from train import Args, micro_batch_loss
     torch.manual_seed(0)
     policy = make_policy()
     policy.eval()
-    images = [np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8) for i in range(2)]
+    images = [np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8) for i in range(3)]
     answers = [policy.answer_ids('{"thoughts": "current 1, target 3", "action": "+"}'),
-               policy.answer_ids('{"thoughts": "current 4, target 0", "action": "-"}')]
-    batch = Batch(prompts=[], encoded=policy.encode(images, ["p", "q"]), responses=answers,
-                  old_logprobs=torch.zeros(1, 2), values=torch.zeros(1, 2), next_values=torch.zeros(1, 2),
-                  rewards=torch.zeros(1, 2), format_rewards=torch.zeros(1, 2), terminated=torch.zeros(1, 2),
-                  truncated=torch.zeros(1, 2), format_valid=torch.ones(1, 2), actions=torch.zeros(1, 2),
-                  entropy=torch.zeros(1, 2), thought_tokens=torch.zeros(1, 2), teacher_kl=torch.zeros(1, 2))
+               policy.answer_ids('{"thoughts": "current 4, target 0", "action": "-"}'),
+               policy.answer_ids('{"thoughts": "4", "action": "-"}')]
+    zeros = torch.zeros(1, 3)
+    batch = Batch(prompts=[], encoded=policy.encode(images, ["p", "q", "r"]), responses=answers,
+                  old_logprobs=zeros, values=zeros, next_values=zeros, rewards=zeros, format_rewards=zeros,
+                  terminated=zeros, truncated=zeros, format_valid=torch.ones(1, 3), actions=zeros,
+                  entropy=zeros, thought_tokens=zeros, teacher_kl=zeros)
     other = policy.answer_ids('{"thoughts": "current 0, target 4, so I move up", "action": "-"}')
+    batch.sft_targets = [answers[0], other, None]
     args = Args(guidance="sft")
-    for targets in (answers, [answers[0], other]):  # all reused; one reused and one extra row
-        batch.sft_targets = targets
-        logs = {k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "sft_loss")}
-        with torch.no_grad():
-            micro_batch_loss(policy, batch, [0, 1], torch.zeros(2), torch.zeros(2), torch.zeros(2), args, logs)
-            expected = policy(batch.encoded, targets, 1.0)
-        mask = expected["thought_mask"] & expected["response_mask"]
-        assert logs["sft_loss"][0] == pytest.approx(sft_loss(expected["logprobs"], mask).item(), abs=1e-5)
+    logs = {k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "sft_loss")}
+    with torch.no_grad():
+        micro_batch_loss(policy, batch, [0, 1, 2], torch.zeros(3), torch.zeros(3), torch.zeros(3), args, logs)
+        expected = policy(batch.encoded[:2], [answers[0], other], 1.0)
+    mask = expected["thought_mask"] & expected["response_mask"]
+    assert logs["sft_loss"][0] == pytest.approx(sft_loss(expected["logprobs"], mask).item(), abs=1e-5)
 
 
 def test_readme_states_the_default_configuration():
