@@ -472,13 +472,20 @@ class ActorCritic(nn.Module):
         finally:
             self.model.set_adapter("policy")  # re-enables gradients of the policy adapter only
 
-    def add_teacher(self, name="teacher"):
-        """A second adapter with the policy's LoRA config, frozen; merge.py fills its weights."""
-        self.model.add_adapter(name, self.model.peft_config["policy"])
+    def add_teacher(self, path=None, name="teacher"):
+        """A second, frozen adapter: a saved one (`path`, peft format) or, by default, one with the
+        policy's LoRA config whose weights merge.py fills."""
+        if path:
+            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+        else:
+            self.model.add_adapter(name, self.model.peft_config["policy"])
         self.model.set_adapter("policy")
         for n, p in self.model.named_parameters():
             if f".{name}." in n:
                 p.requires_grad_(False)
+        # New modules start in training mode: without this, a teacher added to a policy in eval
+        # mode would score and answer with LoRA dropout on (noisy log-probs, and slower).
+        self.train(self.training)
 
     def adapter_parameters(self, name):
         """{peft state-dict key: live parameter} of one adapter; keys as peft saves them

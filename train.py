@@ -376,11 +376,7 @@ def attach_teacher(policy, args):
     before it, are unchanged."""
     if args.guidance == "none":
         return
-    if args.teacher:
-        policy.model.load_adapter(args.teacher, adapter_name="teacher", is_trainable=False)
-        policy.model.set_adapter("policy")
-    else:
-        policy.add_teacher()
+    policy.add_teacher(args.teacher or None)
 
 
 def warm_start(model, policy, trainable, args, rank, world):

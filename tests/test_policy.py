@@ -189,6 +189,22 @@ def test_teacher_adapter_switches(policy):
     assert not any(p.requires_grad for n, p in policy.named_parameters() if ".teacher." in n)
 
 
+def test_teacher_added_in_eval_mode_has_no_dropout(make_policy):
+    """A teacher added to a policy in eval mode scores deterministically (its LoRA dropout off),
+    and follows the policy's mode afterwards."""
+    policy = make_policy(lora=LoraArgs(r=8, alpha=16, dropout=0.1))
+    policy.eval()
+    policy.add_teacher()
+    torch.manual_seed(0)
+    policy.load_adapter_state({k: torch.randn_like(v) * 0.1 for k, v in policy.adapter_state().items()})
+    encoded, ids = policy.encode(images(2), ["p", "q"]), [policy.answer_ids(ANSWER)] * 2
+    with torch.no_grad(), policy.use_adapter("teacher"):
+        first, second = policy(encoded, ids)["logprobs"], policy(encoded, ids)["logprobs"]
+    assert torch.equal(first, second)
+    policy.train()
+    assert all(m.training for n, m in policy.named_modules() if n.endswith("lora_dropout.teacher"))
+
+
 def test_loading_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_policy(str(tmp_path / "missing"))
