@@ -138,14 +138,17 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    # The output head is frozen under LoRA. With the default init (std 0.02) and a normalised
-    # hidden state of norm ~sqrt(hidden), every logit stays within about +-1.3, so no adapter
-    # could ever make the model confident (the SFT loss stalls near 5.3 nats a token). Trained
-    # checkpoints have large output norms; std 0.2 gives the tiny model room for that.
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.2)
+    # The weights come from their own seeded RNG, so that building the model (on first use) leaves
+    # the caller's RNG as loading it from the cache does: a run is the same either way.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config)
+        # The output head is frozen under LoRA. With the default init (std 0.02) and a normalised
+        # hidden state of norm ~sqrt(hidden), every logit stays within about +-1.3, so no adapter
+        # could ever make the model confident (the SFT loss stalls near 5.3 nats a token). Trained
+        # checkpoints have large output norms; std 0.2 gives the tiny model room for that.
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, 0.2)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)

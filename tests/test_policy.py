@@ -263,3 +263,17 @@ def test_tiny_model_loaded_by_folder_sees_its_size(make_policy, tiny_dir):
     encoded = by_folder.encode(images(1), ["p"])[0]
     image_token = by_folder.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert (torch.as_tensor(encoded["input_ids"]) == image_token).sum() == 16
+
+
+def test_building_the_tiny_model_is_deterministic_and_leaves_the_rng_alone(make_policy, tiny_dir, tmp_path):
+    """A run that builds the tiny model (first use) and one that loads it from the cache start
+    from the same RNG state and the same weights, so they are the same run."""
+    from policy import build_tiny_model
+    make_policy()  # the session's cached build
+    torch.manual_seed(123)
+    build_tiny_model(str(tmp_path / "again"), seed=0, image_size=112)
+    after_build = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(after_build, torch.rand(4))
+    cached = open(os.path.join(tiny_dir, "seed0-112px", "model.safetensors"), "rb").read()
+    assert open(tmp_path / "again" / "model.safetensors", "rb").read() == cached
