@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--ppo-epochs", "1",
         "--micro-batch-size", "4", "--eval-episodes", "0", "--warmup-sft-steps", "0"]
@@ -24,18 +26,26 @@ def updates(out):
     return [json.loads(line)["update"] for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_two_processes_agree(tiny_dir, tmp_path):
-    """torchrun with 2 gloo ranks: one update, then both ranks hold identical policy and teacher."""
+@pytest.mark.parametrize("guidance", ["kl", "sft"])
+def test_two_processes_agree(tiny_dir, tmp_path, guidance):
+    """torchrun with 2 gloo ranks: one update, then both ranks hold identical policy and teacher.
+    With SFT, a short warm start makes the teacher's answers parse, so that the SFT term (the
+    teacher's answers on the shared prompts) is part of the all-reduced gradient."""
     out = tmp_path / "ddp"
+    warm = ["--warmup-sft-steps", "20", "--max-new-tokens", "32", "--lora-r", "128", "--lora-alpha", "256"] \
+        if guidance == "sft" else []
     train(tiny_dir, "--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--updates", "1",
-          "--minibatch-size", "4", "--guidance", "kl",
+          "--minibatch-size", "4", "--guidance", guidance, *warm,
           launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port=29517"))
+    if guidance == "sft":
+        last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
+        assert last["teacher_parse_rate"] > 0 and last["sft_loss"] > 0
     ranks = [pickle.load(open(out / "checkpoint" / f"rank{r}.pkl", "rb")) for r in range(2)]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     # Distinct seeds: the two ranks played different deals.
     assert [e.unwrapped.prompt() for e in ranks[0]["runner"].envs] is not None
     assert json.load(open(out / "config.json"))["world_size"] == 2
-    assert updates(out) == [1]
+    assert updates(out)[-1] == 1
 
 
 def test_kill_and_resume_continues_without_gap(tiny_dir, tmp_path):
