@@ -398,8 +398,8 @@ class ActorCritic(nn.Module):
             positions, _ = backbone.model.get_rope_index(
                 batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
                 image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
-            prompt = backbone.model(**batch, position_ids=positions, use_cache=True)
-            hidden = prompt.last_hidden_state  # [batch, seq, hidden]
+            agent_pass = backbone.model(**batch, position_ids=positions, use_cache=True)
+            hidden = agent_pass.last_hidden_state  # [batch, seq, hidden]
         width = int(lengths.max())
         # Position p predicts token p+1: the last `width` tokens are predicted from the `width`
         # positions before them.
@@ -439,7 +439,7 @@ class ActorCritic(nn.Module):
         start = positions[:, rows, last_prompt]  # [3, batch]
         target_positions = start[..., None] + 1 + torch.arange(target_width, device=self.device)  # [3, batch, tw]
         continuation = backbone.model(input_ids=target_ids, attention_mask=seen, position_ids=target_positions,
-                                      past_key_values=prompt.past_key_values, use_cache=True).last_hidden_state
+                                      past_key_values=agent_pass.past_key_values, use_cache=True).last_hidden_state
         # Target token k is predicted from the last prompt token (k = 0) or from target token k-1.
         predictors = torch.cat([hidden[rows, last_prompt][:, None], continuation[:, :-1]], dim=1)  # [batch, tw, hidden]
         target_logits = backbone.lm_head(predictors).float()  # [batch, target_width, vocab]
