@@ -471,6 +471,9 @@ def save_checkpoint(out, policy, optimizer, runner, state, rank, world):
     if rank == 0:
         old = final + ".old"
         if os.path.exists(final):
+            # With `final` complete, an `old` still there is what a kill during the last clean-up
+            # left (possibly half deleted); rename() cannot replace a non-empty folder.
+            shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
         os.rename(staging, final)
         shutil.rmtree(old, ignore_errors=True)
