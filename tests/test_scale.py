@@ -42,8 +42,9 @@ def test_two_processes_agree(tiny_dir, tmp_path, guidance):
         assert last["teacher_parse_rate"] > 0 and last["sft_loss"] > 0
     ranks = [pickle.load(open(out / "checkpoint" / f"rank{r}.pkl", "rb")) for r in range(2)]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
-    # Distinct seeds: the two ranks played different deals.
-    assert [e.unwrapped.prompt() for e in ranks[0]["runner"].envs] is not None
+    # Distinct seeds: every environment of both ranks has its own random stream.
+    streams = [str(e.unwrapped.np_random.bit_generator.state) for r in ranks for e in r["runner"].envs]
+    assert len(set(streams)) == len(streams) == 4
     assert json.load(open(out / "config.json"))["world_size"] == 2
     assert updates(out)[-1] == 1
 
