@@ -161,10 +161,10 @@ def merge(state_dicts: list[StateDict], weights: list[float], method: str = "tie
 def teacher_weights(k: int, scheme: str = "sma", alpha: float = 0.5) -> tuple[float, float]:
     """(weight of the new policy checkpoint, weight of the previous teacher) for merge k >= 1.
 
-    SMA: (1/k, (k-1)/k), so pi_T^(k) is the plain mean of the first k checkpoints.
-    EMA: (alpha, 1-alpha), so older checkpoints decay geometrically.
-    For k == 1 both give (1.0, 0.0): there is no previous teacher, the teacher starts as a
-    copy of the first checkpoint.
+    SMA: (1/k, (k-1)/k), so pi_T^(k) is the plain mean of the first k checkpoints (at k = 1
+         the starting teacher pi_T^(0), if any, gets weight 0).
+    EMA: (alpha, 1-alpha) for every k, so older checkpoints decay geometrically and a starting
+         teacher pi_T^(0) (the warm-started policy) keeps weight (1-alpha)^k.
     """
     if k < 1:
         raise ValueError(f"merge index k starts at 1, got {k}")
@@ -172,8 +172,6 @@ def teacher_weights(k: int, scheme: str = "sma", alpha: float = 0.5) -> tuple[fl
         raise ValueError(f"unknown teacher scheme {scheme!r}; expected 'sma' or 'ema'")
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    if k == 1:
-        return 1.0, 0.0
     if scheme == "sma":
         return 1.0 / k, (k - 1) / k
     return alpha, 1.0 - alpha
@@ -208,9 +206,11 @@ def update_teacher(teacher: StateDict | None, policy: StateDict, k: int, scheme:
     alpha/r, which is the same for both inputs and every operator here commutes with a positive
     scale, so it cancels. Tensors outside LoRA pairs (modules_to_save, value head) merge as they are.
     """
-    if k == 1 or teacher is None:
-        return {n: t.detach().clone() for n, t in policy.items()}
     w_new, w_old = teacher_weights(k, scheme, alpha)
+    if teacher is None or w_old == 0.0:
+        # No previous teacher (or SMA's first merge): the teacher is a copy of the checkpoint,
+        # not a TIES merge of one input, which would trim it.
+        return {n: t.detach().clone() for n, t in policy.items()}
     inputs, weights = [policy, teacher], [w_new, w_old]
     if space == "factors":
         return merge(inputs, weights, method, density, seed)

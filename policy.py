@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from envs.common import action_span
 from ppo import per_token_entropy, sequence_logprob, token_logprobs
 
 # Qwen's special tokens; the vision ones must never be sampled (see `suppressed_ids`).
@@ -54,10 +55,6 @@ TINY_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# The action part of an answer starts at its "action" key (PAPER.md §2). Found in the decoded
-# text, not by token ids: the reference's hard-coded id triple broke with a new tokenizer.
-ACTION_KEY = re.compile(r"""["']action["']\s*:""")
-NEXT_KEY = re.compile(r"""[,{]\s*["'][A-Za-z_]+["']\s*:""")
 
 
 @dataclass
@@ -199,20 +196,6 @@ def load_processor(path):
 # ---------------------------------------------------------------------------------------------
 # Masks: which response tokens are thought, which are action
 # ---------------------------------------------------------------------------------------------
-def action_span(text):
-    """Character span [start, end) of the action part of an answer, or None if it names none.
-
-    The action part starts at the "action" key. It runs to the end of the text when the action
-    is the last field (the usual thoughts-first answer: PAPER.md §2's "tokens from "action": on"),
-    or to the start of the next key when the model put the action first.
-    """
-    match = ACTION_KEY.search(text)
-    if match is None:
-        return None
-    following = NEXT_KEY.search(text, match.end())
-    return match.start(), (following.start() + 1 if following else len(text))
-
-
 def thought_action_masks(tokenizer, ids):
     """(thought_mask, action_mask) over one response's tokens: a token is action if it overlaps the span."""
     ids = list(ids)

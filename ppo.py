@@ -56,31 +56,36 @@ def normalize_advantages(advantages, eps=1e-8):
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
 
-def policy_loss(logprobs, old_logprobs, advantages, clip=0.1, ratio_guard=10.0):
+def policy_loss(logprobs, old_logprobs, advantages, clip=0.1, ratio_guard=10.0, max_log_ratio=20.0):
     """Clipped PPO surrogate on [B] sequence log-probs. Returns (loss, stats).
 
-    Ratio guard (PAPER.md §3): a sequence log-prob sums hundreds of token log-probs, so a
-    small change per token can make r = pi/pi_old explode. For A < 0 the min() of the plain
-    surrogate then picks the unclipped r*A, a huge loss and gradient. If any ratio in the
-    mini-batch exceeds `ratio_guard`, only the clipped term is used: bounded, and its
-    gradient is zero wherever r lies outside the clip range.
+    Ratio guard (the reference's blow-up guard, docs/ALGORITHM.md §3): a sequence log-prob sums
+    dozens to hundreds of token log-probs, so a small change per token can make
+    r = pi/pi_old explode. For A < 0 the min() of the plain surrogate then picks the unclipped
+    r*A, a huge loss and gradient. A SAMPLE whose ratio exceeds `ratio_guard` uses only the
+    clipped term, whose gradient is zero there: the sample drops out of the step. It acts per
+    sample, as the reference's mini-batches of one did, so how a mini-batch is split into
+    micro-batches (a memory setting) never changes the loss.
+
+    The log-ratio is clamped to +-max_log_ratio before exp: exp overflows to inf above ~88,
+    and clamp(inf) * A would give a NaN gradient (0 * inf) that no later step could undo.
     """
-    ratio = torch.exp(logprobs - old_logprobs)  # [B]
+    log_ratio = (logprobs - old_logprobs).clamp(-max_log_ratio, max_log_ratio)  # [B]
+    ratio = torch.exp(log_ratio)  # [B]
     clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * advantages  # [B]
-    guard_triggered = bool((ratio.detach() > ratio_guard).any())
-    if guard_triggered:
-        loss = -clipped.mean()
-    else:
-        loss = -torch.min(ratio * advantages, clipped).mean()
+    guarded = ratio.detach() > ratio_guard  # [B]
+    per_sample = torch.where(guarded, clipped, torch.min(ratio * advantages, clipped))  # [B]
+    loss = -per_sample.mean()
     with torch.no_grad():
-        log_ratio = logprobs - old_logprobs  # [B]
+        raw_log_ratio = logprobs - old_logprobs  # [B], unclamped, for the diagnostics
         stats = {
             # k3 estimator of KL(pi_old || pi) from samples of pi_old (Schulman, "Approximating
             # KL divergence"): unbiased, non-negative per sample, low variance.
             "approx_kl": ((ratio - 1.0) - log_ratio).mean(),
             "clip_fraction": ((ratio - 1.0).abs() > clip).float().mean(),
             "ratio_max": ratio.max(),
-            "guard_triggered": torch.tensor(float(guard_triggered)),
+            "guard_fraction": guarded.float().mean(),
+            "log_ratio_max": raw_log_ratio.abs().max(),
         }
     return loss, stats
 

@@ -314,7 +314,7 @@ def main(args):
         # Still in eval mode: LoRA dropout in the PPO passes would make the ratio to the rollout's
         # log-probs differ from 1 before any update (at T = 0.2 every logit is multiplied by 5).
         start = time.perf_counter()
-        logs = ppo_update(model, policy, trainable, optimizer, batch, args)
+        logs, diagnostics = ppo_update(model, policy, trainable, optimizer, batch, args)
         time_update = time.perf_counter() - start
 
         # ---- 4. Merge the new policy into the teacher (PAPER.md §4.1) ---------------------------
@@ -337,6 +337,7 @@ def main(args):
             "entropy": all_mean(batch.entropy.flatten().tolist(), world),
             "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),
             **{k: all_mean(v, world) for k, v in logs.items()},
+            **{k: all_mean([v], world) for k, v in diagnostics.items()},
             "teacher_kl": all_mean(batch.teacher_kl.flatten().tolist(), world),
             "teacher_parse_rate": all_mean([batch.teacher_parse_rate], world),
             "lr": lr, "time_rollout": time_rollout, "time_update": time_update,
@@ -357,6 +358,9 @@ def main(args):
                        f"return {row['episode_return']:6.2f} | format {row['format_valid']:.2f} | "
                        f"entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | "
                        f"pg {row['policy_loss']:+.4f} | vf {row['value_loss']:.3f} | "
+                       f"kl_old {row['approx_kl']:.3f} clip {row['clip_fraction']:.2f} | "
+                       f"ev {row['explained_variance']:+.2f} | |g| pg/vf {row['grad_norm_policy_loss']:.2g}/"
+                       f"{row['grad_norm_value_loss']:.2g} | "
                        f"{row['env_steps_per_s']:.1f} steps/s")
         if update % args.save_every == 0 or update == args.updates:
             save_checkpoint(args.out, policy, optimizer, runner, state, rank, world)
@@ -549,19 +553,25 @@ def barrier(world):
 
 def ppo_update(model, policy, trainable, optimizer, batch, args):
     """GAE, the per-step terms added after it, then PPO epochs over mini-batches."""
-    advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
-                              batch.truncated, args.gamma, args.gae_lambda)  # [T, N]
-    # PAPER.md §3: the format reward is added to that step's return after GAE, so it moves that
-    # step's advantage directly; §4.3: so is the KL penalty, A' = A - beta * KL_hat.
-    bonus = batch.format_rewards
-    if args.guidance == "kl":
-        bonus = kl_penalized_advantages(bonus, batch.teacher_kl, args.kl_coef)
-    advantages, returns = (advantages + bonus).flatten(), (returns + bonus).flatten()  # [T*N]
+    env_advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                                  batch.truncated, args.gamma, args.gae_lambda)  # [T, N]
+    # The format reward is added to that step's return after GAE, so it moves that step's
+    # advantage directly; so is the KL penalty, A' = A - beta * KL_hat (docs/ALGORITHM.md).
+    bonus = batch.format_rewards  # [T, N]
+    kl_term = (kl_penalized_advantages(torch.zeros_like(bonus), batch.teacher_kl, args.kl_coef)
+               if args.guidance == "kl" else torch.zeros_like(bonus))  # [T, N]
+    advantages = (env_advantages + bonus + kl_term).flatten()  # [T*N]
+    returns = (returns + bonus + kl_term).flatten()  # [T*N]
+    diagnostics = advantage_diagnostics(env_advantages, bonus, kl_term, batch.values, returns)
     advantages = normalize_advantages(advantages)
     old_logprobs = batch.old_logprobs.flatten()  # [T*N]
 
-    logs = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": [], "sft_loss": []}
+    logs = {"policy_loss": [], "value_loss": [], "approx_kl": [], "clip_fraction": [], "sft_loss": [],
+            "guard_fraction": [], "log_ratio_max": [], "grad_norm": []}
+    skipped = 0
     size = len(old_logprobs)
+    diagnostics |= loss_gradient_norms(policy, batch, list(range(min(size, args.micro_batch_size))),
+                                       advantages, returns, old_logprobs, args)
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(size).tolist()
         for mb_start in range(0, size, args.minibatch_size):
@@ -572,9 +582,50 @@ def ppo_update(model, policy, trainable, optimizer, batch, args):
                 idx = minibatch[mc_start:mc_start + args.micro_batch_size]
                 loss = micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, args, logs)
                 (loss * len(idx) / len(minibatch)).backward()
-            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            logs["grad_norm"].append(grad_norm.item())
+            if not torch.isfinite(grad_norm):
+                # A NaN or inf gradient would poison the adapter, and through the merge the
+                # teacher, for good: skip the step and count it.
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
             optimizer.step()
-    return logs
+    logs["log_ratio_max"] = [max(logs["log_ratio_max"], default=float("nan"))]
+    return logs, diagnostics | {"skipped_steps": skipped}
+
+
+def advantage_diagnostics(env_advantages, format_bonus, kl_term, values, returns):
+    """What an RL engineer reads before believing an update: the value function's explained
+    variance, and which share of the (unnormalised) advantages' variance comes from the
+    environment's reward (GAE), from the format bonus and from the teacher's KL penalty."""
+    total = (env_advantages + format_bonus + kl_term).flatten().var()
+    returns_var = returns.var()
+    return {
+        "explained_variance": (1.0 - (returns - values.flatten()).var() / returns_var).item()
+        if returns_var > 0 else float("nan"),
+        "adv_var_env": (env_advantages.var() / total).item() if total > 0 else float("nan"),
+        "adv_var_format": (format_bonus.var() / total).item() if total > 0 else float("nan"),
+        "adv_var_kl": (kl_term.var() / total).item() if total > 0 else float("nan"),
+    }
+
+
+def loss_gradient_norms(policy, batch, idx, advantages, returns, old_logprobs, args):
+    """Gradient norms of the policy loss and of the (vf_coef-weighted) value loss on the LoRA
+    weights they share, before any step of this update: if the value's is much larger, the
+    critic's regression, not the policy gradient, is what moves the backbone. One extra
+    forward and two backward passes on one micro-batch, on this process's bare module."""
+    lora = [p for n, p in policy.named_parameters() if p.requires_grad and "lora_" in n]
+    out = policy([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx], args.temperature)
+    device = out["value"].device
+    pg_loss, _ = policy_loss(out["seq_logprob"], old_logprobs[idx].to(device), advantages[idx].to(device),
+                             args.clip, args.ratio_guard)
+    vf_loss = args.vf_coef * value_loss(out["value"], returns[idx].to(device))
+    norms = {}
+    for name, loss in (("grad_norm_policy_loss", pg_loss), ("grad_norm_value_loss", vf_loss)):
+        grads = torch.autograd.grad(loss, lora, retain_graph=True, allow_unused=True)
+        norms[name] = torch.norm(torch.stack([g.norm() for g in grads if g is not None])).item()
+    return norms
 
 
 def merge_teacher(policy, state, args):
@@ -606,6 +657,8 @@ def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, args,
     logs["value_loss"].append(vf_loss.item())
     logs["approx_kl"].append(stats["approx_kl"].item())
     logs["clip_fraction"].append(stats["clip_fraction"].item())
+    logs["guard_fraction"].append(stats["guard_fraction"].item())
+    logs["log_ratio_max"].append(stats["log_ratio_max"].item())
     if targets is not None:
         guidance_loss = sft_loss(out["target_logprobs"], out["target_thought_mask"])
         loss = loss + args.sft_coef * guidance_loss

@@ -258,8 +258,9 @@ def _closing_quote(text: str, start: int, quote: str) -> int:
 
 
 def _field_values(text: str, key: str):
-    """Yield (value, quoted) for every ``"key": value`` of ``text`` that is not inside another
-    JSON string.
+    """Yield (value, quoted, start, end) for every ``"key": value`` of ``text`` that is not
+    inside another JSON string; [start, end) is the field's characters, from the key's opening
+    quote to the value's closing quote.
 
     Why a hand-written scanner and not ``json.loads``: a model's answer is often not JSON at
     all (prose around it, code fences, single quotes, a cut-off end). The scanner reads double
@@ -284,13 +285,13 @@ def _field_values(text: str, key: str):
         if start < n and text[start] in "\"'":
             end = _closing_quote(text, start + 1, text[start])
             stop = n if end == -1 else end
-            yield text[start + 1:stop], True
+            yield text[start + 1:stop], True, m.start(), min(stop + 1, n)
             pos = stop + 1
         elif start < n and text[start] in "{[":
             pos = start  # a nested object or list: read the keys inside it
         else:
             bare = _BARE_VALUE.match(text, start)
-            yield bare.group(), False
+            yield bare.group(), False, m.start(), bare.end()
             pos = max(bare.end(), m.end())
 
 
@@ -315,7 +316,7 @@ def parse_action(text: str, actions: list[str]) -> int | None:
         return None
     longest = max((len(a) for a in actions), default=0)
     chosen = None
-    for raw, _quoted in _field_values(text, "action"):
+    for raw, _quoted, _start, _end in _field_values(text, "action"):
         if len(raw) > longest + 64:  # far too long to be an action name: skip the decoding work
             return None
         value = _unescape(raw).strip()
@@ -329,8 +330,32 @@ def extract_thoughts(text: str) -> str | None:
     """The (unescaped) string value of the first ``"thoughts"`` field, or None. Never raises."""
     if not isinstance(text, str):
         return None
-    raw, quoted = next(_field_values(text, "thoughts"), ("", False))
+    raw, quoted, _start, _end = next(_field_values(text, "thoughts"), ("", False, 0, 0))
     return _unescape(raw) if quoted else None
+
+
+_NEXT_KEY = re.compile(r"""(\s*[,{])\s*["'][A-Za-z_]+["']\s*:""")  # a separator, then a key
+
+
+def action_span(text: str) -> tuple[int, int] | None:
+    """Character span [start, end) of the action part of an answer, or None if it has no
+    ``action`` field. Never raises.
+
+    The policy weights these characters' tokens by 1 and the rest by lambda (docs/ALGORITHM.md
+    §2), so the span is found by the same scanner as ``parse_action``: an ``"action":`` quoted
+    inside the thoughts is not the action. The span starts at the first real ``action`` key and
+    runs to the end of the text when nothing but closing characters follows its value (the
+    usual thoughts-first answer: the action part is "the tokens from \"action\": on"), or to
+    the separator before the next key when the model put the action first.
+    """
+    if not isinstance(text, str):
+        return None
+    field = next(_field_values(text, "action"), None)
+    if field is None:
+        return None
+    _, _, start, end = field
+    following = _NEXT_KEY.match(text, end)
+    return start, (following.end(1) if following else len(text))
 
 
 # ----------------------------------------------------------------------------- base env

@@ -8,7 +8,8 @@ swapped half the time.
 
 Rules: those of Points24 (see points24.py, which holds the shared ``PointsEnv``) with target
 12, both cards, and a formula length limit of 5: a step that starts with a formula longer than
-5 tokens is truncated with -1. An unavailable number costs -1 and appends a blank without
+5 tokens ends the episode with -1 (``terminated``, where gym_cards says ``truncated``: see
+points24.py). An unavailable number costs -1 and appends a blank without
 ending the episode; '=' gives +10 for a right formula with both cards, else -1, and ends it.
 ``invalid_step()`` is an unavailable number. Same deviations as Points24 (exact evaluation,
 ``self.np_random`` for every draw).

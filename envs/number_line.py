@@ -9,7 +9,10 @@ Rules (as in gym_cards):
   leaves it where it is).
 - Reward +1 when the current number reaches the target (the episode terminates), -1 when a move
   did not bring it closer (away, or stuck at an end), otherwise 0.
-- Truncated after 2 * max_position steps without reaching the target.
+- Truncated after 2 * max_position steps without reaching the target. This one is a time
+  limit (the step count is not in the picture), so PPO bootstraps it from V of the final
+  state, which the last move changed; unlike Points' length limit (points24.py), it never
+  bootstraps a state only from itself.
 - ``invalid_step()`` (the model's answer named no admissible action): reward -1, the number
   does not move, and the step counts toward truncation, i.e. exactly a wasted move.
 

@@ -10,7 +10,7 @@ Rules (as in gym_cards, quirks included):
   (the formula can then never be right) and the episode goes on.
 - '=' evaluates: +10 if the formula equals 24 and used every card, else -1; the episode ends.
 - Any other token: reward 0, appended.
-- When a step starts with the formula longer than 20 tokens, the step is truncated with -1
+- When a step starts with the formula longer than 20 tokens, the episode ends with -1
   (gym_cards checks the length before it looks at the action).
 - ``invalid_step()`` (the model's answer named no admissible action) is exactly an
   unavailable number: -1, a blank appended, and the length limit still applies.
@@ -19,7 +19,11 @@ Deviations from gym_cards, on purpose: the formula is evaluated by a small exact
 fractions instead of Python's ``eval`` of the joined tokens. ``eval`` rounds (8/(3-8/3) gave
 23.999... and was refused), read two number tokens in a row as one number ("2","4" made 24)
 and accepted unary minus and '**'. Here only the grammar of binary + - * / with parentheses
-counts. Randomness comes from ``self.np_random``, so ``reset(seed=...)`` reproduces a deal.
+counts. The length limit ends the episode with ``terminated=True`` where gym_cards says
+``truncated=True``: it is a rule of the game, not a time limit, and it leaves the state
+unchanged, so an agent that bootstraps truncated episodes from V(final state) would bootstrap
+a state from itself (with the +3 format bonus, a fixed point of (-1 + 3) / (1 - 0.9) = +20,
+more than a success earns) and learn to run formulas out to the limit. Randomness comes from ``self.np_random``, so ``reset(seed=...)`` reproduces a deal.
 A blank is drawn as "_" so the agent can see it.
 
 Expert: a solver that completes the current formula (see ``complete``; exact fractions). For
@@ -306,7 +310,7 @@ class PointsEnv(VisualTextEnv):
     title = "Points24"
     target = 24
     n_cards = 4
-    max_len = 20  # a step that starts with a longer formula is truncated
+    max_len = 20  # a step that starts with a longer formula ends the episode
     operators = ["+", "-", "*", "/", "(", ")"]
     operators_text = "+, -, *, / and parentheses"
     cards_height = 0.36  # share of the image height given to the row of cards
@@ -360,7 +364,8 @@ class PointsEnv(VisualTextEnv):
 
     def _play(self, token: str | None):
         if len(self.formula) > self.max_len:  # checked first, as in gym_cards
-            return self._result(-1.0, truncated=True)
+            # A rule of the game: terminated, not truncated (see the module docstring).
+            return self._result(-1.0, terminated=True)
         if token == "=":
             success = evaluate(self.formula) == self.target and not self._unused()
             return self._result(10.0 if success else -1.0, terminated=True, success=success)

@@ -223,14 +223,16 @@ def test_ez_points_unavailable_number_and_truncation():
     for _ in range(6):  # lengths 1..6: the limit is checked before each action
         out = act(env, "+")
         assert out[1] == 0.0 and not out[2] and not out[3]
+    # The length limit is a rule of the game, so it TERMINATES (no bootstrap from the unchanged
+    # state, see points24.py); gym_cards flags it as truncated.
     _, reward, terminated, truncated, info = act(env, "3")
-    assert (reward, terminated, truncated, info["success"]) == (-1.0, False, True, False)
+    assert (reward, terminated, truncated, info["success"]) == (-1.0, True, False, False)
     assert len(info["formula"]) == 6
 
     env.reset(options={"cards": [3, 4]})
     for i in range(7):  # invalid answers: blanks, and the same truncation
         _, reward, terminated, truncated, info = env.invalid_step()
-        assert reward == -1.0 and not terminated and truncated == (i == 6)
+        assert reward == -1.0 and not truncated and terminated == (i == 6)
 
 
 def test_ez_points_deals_are_solvable():
@@ -294,8 +296,8 @@ def test_points24_truncation():
     for _ in range(21):
         out = act(env, "(")
         assert out[1] == 0.0 and not out[2] and not out[3]
-    _, reward, terminated, truncated, info = act(env, "=")  # 21 > 20: truncated before '='
-    assert (reward, terminated, truncated, info["success"]) == (-1.0, False, True, False)
+    _, reward, terminated, truncated, info = act(env, "=")  # 21 > 20: ended before '='
+    assert (reward, terminated, truncated, info["success"]) == (-1.0, True, False, False)
 
     env.reset(options={"cards": [4, 6, 1, 1]})  # a formula of 20 tokens is still judged
     for _ in range(20):

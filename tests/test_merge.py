@@ -84,7 +84,7 @@ def test_merge_with_base_adds_base_back():
 
 def test_teacher_weights_values():
     assert merge.teacher_weights(1, "sma") == (1.0, 0.0)
-    assert merge.teacher_weights(1, "ema", 0.3) == (1.0, 0.0)
+    assert merge.teacher_weights(1, "ema", 0.3) == (0.3, 0.7)
     assert merge.teacher_weights(4, "sma") == (0.25, 0.75)
     assert merge.teacher_weights(4, "ema", 0.3) == (0.3, 0.7)
     with pytest.raises(ValueError, match="k starts at 1"):
@@ -128,6 +128,16 @@ def test_ema_matches_closed_form():
         for j in range(n - 1):
             expected = expected + alpha * (1 - alpha) ** j * snaps[n - 1 - j][name]
         assert torch.allclose(teacher[name], expected, atol=1e-6)
+
+
+def test_first_ema_merge_keeps_the_starting_teacher():
+    """pi_T^(1) = alpha pi^(1) + (1 - alpha) pi_T^(0): the warm-started teacher is not thrown away."""
+    start, first = _snapshot(0), _snapshot(1)
+    teacher = merge.update_teacher(start, first, 1, scheme="ema", alpha=0.5, method="linear")
+    for name in start:
+        assert torch.allclose(teacher[name], 0.5 * first[name] + 0.5 * start[name], atol=1e-6)
+    sma = merge.update_teacher(start, first, 1, scheme="sma", method="ties")
+    assert all(torch.equal(sma[name], first[name]) for name in first)  # weight 0 on pi_T^(0): a copy
 
 
 def test_first_update_is_detached_clone():

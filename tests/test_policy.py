@@ -107,6 +107,9 @@ def test_sequence_logprob_weights_thoughts(policy):
     ('{"action": "10", "thoughts": "ten is on a card"}', '"action": "10",'),     # action first
     ('{"thoughts": "I am not sure what to do"}', None),                          # no action
     ("I think\n'action' :  \"stand\"", "'action' :  \"stand\""),                 # loose format
+    # a key quoted inside the thoughts is not the action (the parser skips it too)
+    ('{"thoughts": "an \'action\': + would overshoot", "action": "-"}', '"action": "-"}'),
+    ('{"thoughts": "say \\"action\\": \\"+\\" later", "action": "-"}', '"action": "-"}'),
 ])
 def test_action_span(answer, action_text):
     span = action_span(answer)
@@ -114,6 +117,18 @@ def test_action_span(answer, action_text):
         assert span is None
     else:
         assert answer[span[0]:span[1]] == action_text
+
+
+def test_mask_and_parser_agree_on_a_quoted_action_key(policy):
+    """The tokens weighted as action are those of the field the parser reads, not an
+    'action': written inside the thoughts."""
+    from envs import parse_action
+    answer = '{"thoughts": "the \'action\': + would overshoot", "action": "-"}'
+    assert parse_action(answer, ["-", "+"]) == 0
+    ids = policy.answer_ids(answer).tolist()
+    _, action = thought_action_masks(policy.tokenizer, ids)
+    action_text = policy.tokenizer.decode([i for i, a in zip(ids, action) if a], skip_special_tokens=True)
+    assert action_text.strip() == '"action": "-"}'
 
 
 def test_masks_follow_text_offsets(policy):

@@ -66,7 +66,7 @@ def test_ratio_one_before_update():
     loss, stats = policy_loss(lp, lp.clone(), adv)
     assert loss.item() == pytest.approx(-adv.mean().item())
     assert stats["approx_kl"].item() == 0.0 and stats["clip_fraction"].item() == 0.0
-    assert stats["ratio_max"].item() == 1.0 and stats["guard_triggered"].item() == 0.0
+    assert stats["ratio_max"].item() == 1.0 and stats["guard_fraction"].item() == 0.0
 
 
 def test_clipping_stops_gradient_past_clip_range():
@@ -82,18 +82,42 @@ def test_clipping_stops_gradient_past_clip_range():
     assert stats["approx_kl"].item() > 0.0
 
 
-def test_ratio_guard_uses_clipped_term_only():
+def test_ratio_guard_acts_per_sample():
+    """A sample whose ratio exceeds the guard uses only the clipped term (and drops out of the
+    gradient); the other samples keep the plain min(), whatever else is in the batch."""
     old = torch.zeros(2)
     adv = torch.tensor([-1.0, 2.0])
-    lp = torch.tensor([math.log(20.0), 0.0])
+    lp = torch.tensor([math.log(20.0), math.log(0.5)], requires_grad=True)
     loss, stats = policy_loss(lp, old, adv)
-    # plain surrogate would be -mean(min(20*-1, 1.1*-1), 2) = -(-20 + 2)/2 = 9
-    assert loss.item() == pytest.approx(-(1.1 * -1.0 + 1.0 * 2.0) / 2)
-    assert stats["guard_triggered"].item() == 1.0
+    # guarded sample: clipped 1.1 * -1; the other: min(0.5 * 2, 0.9 * 2) = 1.0 (a per-batch guard gave 1.8)
+    assert loss.item() == pytest.approx(-(1.1 * -1.0 + 1.0) / 2)
+    loss.backward()
+    assert lp.grad[0].item() == 0.0 and lp.grad[1].item() < 0.0
+    assert stats["guard_fraction"].item() == 0.5
     assert stats["ratio_max"].item() == pytest.approx(20.0)
+    assert stats["log_ratio_max"].item() == pytest.approx(math.log(20.0))
     loss, stats = policy_loss(torch.tensor([math.log(5.0), 0.0]), old, adv)
-    assert stats["guard_triggered"].item() == 0.0
+    assert stats["guard_fraction"].item() == 0.0
     assert loss.item() == pytest.approx(-(5.0 * -1.0 + 2.0) / 2)
+
+
+def test_ratio_guard_does_not_depend_on_micro_batching():
+    """The mean of two halves' losses is the whole batch's loss (a per-micro-batch guard broke this)."""
+    old = torch.zeros(4)
+    adv = torch.tensor([-1.0, 2.0, 0.5, -0.3])
+    lp = torch.tensor([math.log(20.0), math.log(0.5), 0.3, -0.2])
+    whole, _ = policy_loss(lp, old, adv)
+    halves = [policy_loss(lp[i:i + 2], old[i:i + 2], adv[i:i + 2])[0] for i in (0, 2)]
+    assert whole.item() == pytest.approx(sum(h.item() for h in halves) / 2)
+
+
+def test_huge_log_ratio_gives_finite_gradient():
+    """exp(100) overflows float32; the clamped log-ratio keeps loss and gradient finite."""
+    lp = torch.tensor([100.0, -100.0, 0.0], requires_grad=True)
+    loss, stats = policy_loss(lp, torch.zeros(3), torch.tensor([-1.0, 1.0, 1.0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+    assert stats["log_ratio_max"].item() == pytest.approx(100.0)
 
 
 def test_value_loss_plain_and_clipped():
