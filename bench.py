@@ -1,15 +1,16 @@
 """Speed and memory of GTR-Turbo's pieces, as ratios measured in one run on one machine.
 
-    python bench.py                     # tiny model on CPU: a table
+    python bench.py                     # train.py's default update (tiny model, CPU): a table
     python bench.py --json              # the same as one JSON object
     python bench.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --max-new-tokens 128
+Every flag of train.py applies (the update measured is train.py's), plus --repeats and --json.
 
 Ratios (targets on a 2-core CPU with the tiny model in brackets):
   rollout_speedup          env steps/s of the lockstep rollout (one batched generate per step for
                            --num-envs environments) over one environment at a time, the
                            reference's way                                                  [>= 3]
-  kl_over_none             time of a PPO update (rollout + PPO epochs) with KL guidance over
-                           PPO only: one extra teacher forward pass per step               [<= 1.3]
+  kl_over_none             time of an update (rollout, guidance, PPO epochs) with KL guidance
+                           over PPO only: one teacher forward pass over the rollout        [<= 1.3]
   sft_over_none            the same with SFT guidance: the teacher generates answers       [<= 1.6]
   merge_fraction           one teacher merge (TIES + EMA over the adapter) over one update [<= 0.01]
   teacher_memory_overhead  extra memory of the teacher adapter, as a fraction of the training
@@ -29,32 +30,21 @@ from dataclasses import dataclass
 import gymnasium as gym
 import torch
 
-import envs  # noqa: F401  (registers the gtr/ environments)
-from policy import LoraArgs, load_policy
+import envs
+from demonstrations import warm_start
+from flags import parse_dataclass
+from policy import load_policy
 from rollout import Rollout
-from train import Args as TrainArgs, merge_teacher, parse_dataclass, ppo_update, warm_start
+from teacher import Teacher
+from tinyvlm import tiny_model
+from train import Args, ppo_update
 
 
 @dataclass
-class BenchArgs:
-    model: str = "tiny"
-    """hub id or folder of a Qwen2(.5)-VL checkpoint, or 'tiny'"""
-    env: str = "gtr/NumberLine-v0"
-    """environment to roll out in"""
-    num_envs: int = 8
-    """environments in lockstep for the batched rollout"""
-    steps_per_update: int = 64
-    """environment steps per measured update (train.py's default)"""
-    max_new_tokens: int = 32
-    """answer length cap"""
-    lora_r: int = 8
-    """LoRA rank"""
-    warmup_sft_steps: int = 100
-    """SFT warm start first, so that answers parse (else SFT's teacher retries dominate)"""
+class BenchArgs(Args):
+    """train.py's flags (the update measured is train.py's), plus the benchmark's own."""
     repeats: int = 3
     """measurements per quantity; the median is reported"""
-    device: str = "auto"
-    """auto, cpu, cuda"""
     json: bool = False
     """print one JSON object instead of a table"""
 
@@ -65,17 +55,17 @@ def timed(fn):
     return time.perf_counter() - start
 
 
-def main(bench):
-    device = torch.device("cuda" if bench.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if bench.device == "auto" else bench.device))
+def main(args):
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
     torch.manual_seed(0)
-    args = TrainArgs(env=bench.env, model=bench.model, num_envs=bench.num_envs,
-                     steps_per_update=bench.steps_per_update, max_new_tokens=bench.max_new_tokens,
-                     lora_r=bench.lora_r, lora_alpha=2 * bench.lora_r, warmup_sft_steps=bench.warmup_sft_steps)
-    policy = load_policy(args.model, LoraArgs(r=args.lora_r, alpha=args.lora_alpha), device=device)
+    model_path = tiny_model(seed=args.seed, image_size=args.image_size or 112) if args.model == "tiny" else args.model
+    policy = load_policy(model_path, envs.action_span, device=device, thought_coef=args.thought_coef,
+                         image_size=args.image_size or None, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                         lora_dropout=args.lora_dropout, lora_vision=args.lora_vision, lora_targets=args.lora_targets)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=args.lr)
-    if args.warmup_sft_steps:
+    if args.warmup_sft_steps:  # so that answers parse (else SFT's teacher retries dominate)
         warm_start(policy, policy, trainable, args, rank=0, world=1)
     policy.eval()  # rollouts and PPO passes run without dropout, as in train.py
     make_envs = lambda n: [gym.make(args.env) for _ in range(n)]
@@ -84,18 +74,23 @@ def main(bench):
     # ---- Rollout: N environments in lockstep vs one at a time --------------------------------
     batched, single = Rollout(make_envs(args.num_envs), seed=0), Rollout(make_envs(1), seed=0)
     steps = args.steps_per_update // args.num_envs
-    t_batched = statistics.median(timed(lambda: batched.collect(policy, steps, max_new_tokens=args.max_new_tokens))
-                                  for _ in range(bench.repeats))
-    t_single = statistics.median(timed(lambda: single.collect(policy, args.steps_per_update,
-                                                              max_new_tokens=args.max_new_tokens))
-                                 for _ in range(bench.repeats))
+    t_batched = statistics.median(timed(lambda: batched.collect(policy, steps, args.temperature, args.max_new_tokens))
+                                  for _ in range(args.repeats))
+    t_single = statistics.median(timed(lambda: single.collect(policy, args.steps_per_update, args.temperature,
+                                                              args.max_new_tokens))
+                                 for _ in range(args.repeats))
     results["rollout_speedup"] = t_single / t_batched  # same number of env steps in both
 
     # ---- Memory: what the teacher adapter adds --------------------------------------------------
     def update_with(guidance):
-        run = dataclasses.replace(args, guidance=guidance)
-        batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens, guidance)
-        ppo_update(policy, policy, trainable, optimizer, batch, run)
+        """One update of train.py's loop: rollout, the teacher's guidance, PPO epochs."""
+        run = dataclasses.replace(args, guidance=guidance, teacher="")
+        batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens)
+        advice = None
+        if guidance != "none":
+            teacher.args = run
+            advice = teacher.guide(policy, batch, batched.envs[0].unwrapped)
+        ppo_update(policy, trainable, optimizer, batch, advice, run)
 
     base_bytes = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if "lora_" not in n
                      and not n.startswith("value_head"))
@@ -103,10 +98,9 @@ def main(bench):
         torch.cuda.reset_peak_memory_stats()
         update_with("none")
         without = torch.cuda.max_memory_allocated()
-    policy.add_teacher()
-    state = {"merges": 0, "teacher": policy.adapter_state("policy")}
-    policy.load_adapter_state(state["teacher"], "teacher")
-    teacher_bytes = sum(t.numel() * t.element_size() for t in state["teacher"].values())
+    teacher = Teacher(policy, dataclasses.replace(args, guidance="kl", teacher=""))
+    teacher.start(policy)
+    teacher_bytes = sum(t.numel() * t.element_size() for t in teacher.weights.values())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         update_with("kl")
@@ -122,7 +116,7 @@ def main(bench):
 
     # ---- Time per update for each guidance, interleaved so drift hits all alike ----------------
     times = {"none": [], "kl": [], "sft": []}
-    for _ in range(bench.repeats):
+    for _ in range(args.repeats):
         for guidance in times:
             times[guidance].append(timed(lambda: update_with(guidance)))
     update_time = {g: statistics.median(t) for g, t in times.items()}
@@ -130,7 +124,7 @@ def main(bench):
     results["sft_over_none"] = update_time["sft"] / update_time["none"]
 
     # ---- Merge: one TIES + EMA teacher update over one PPO update --------------------------------
-    merge_time = statistics.median(timed(lambda: merge_teacher(policy, state, args)) for _ in range(5))
+    merge_time = statistics.median(timed(lambda: teacher.merge(policy, 1)) for _ in range(5))
     results["merge_fraction"] = merge_time / update_time["none"]
 
     results.update({"seconds_per_update_none": update_time["none"], "seconds_per_update_kl": update_time["kl"],
@@ -138,7 +132,7 @@ def main(bench):
                     "device": str(device), "model": args.model, "num_envs": args.num_envs,
                     "steps_per_update": args.steps_per_update, "max_new_tokens": args.max_new_tokens,
                     "lora_r": args.lora_r})
-    if bench.json:
+    if args.json:
         print(json.dumps(results))
         return results
     targets = {"rollout_speedup": ">= 3", "kl_over_none": "<= 1.3", "sft_over_none": "<= 1.6",

@@ -1,12 +1,12 @@
 """Teacher guidance for GTR-Turbo: how a merged-checkpoint teacher steers the agent's thoughts.
 
-The teacher (a merge of the agent's own past checkpoints, PAPER.md §4.1) guides only the
+The teacher (a merge of the agent's own past checkpoints, docs/ALGORITHM.md §4.1) guides only the
 THOUGHT tokens of each response, in one of two ways:
 
-  KL (variant B, PAPER.md §4.3, the better one): the teacher scores the agent's own sampled
+  KL (variant B, docs/ALGORITHM.md §4.3, the better one): the teacher scores the agent's own sampled
   thought tokens; the per-step reverse-KL estimate is subtracted from the advantage:
       KL_hat = mean_l clip(log pi(th_l) - log pi_T(th_l), 0, 10),   A' = A - beta * KL_hat
-  SFT (variant A, PAPER.md §4.2): the teacher writes its own answer (sampled at rising
+  SFT (variant A, docs/ALGORITHM.md §4.2): the teacher writes its own answer (sampled at rising
   temperatures until it parses); the agent imitates its thought tokens:
       L = L_PPO + c_sft * L_SFT,   L_SFT = -log pi(teacher thought tokens)
 
@@ -43,7 +43,7 @@ def kl_estimate(policy_logprobs, teacher_logprobs, thought_mask, estimator="clip
                = KL(T||pi). The importance weight r is unbounded where pi is small, hence
                the clamp (which biases the estimate down for rare tokens).
 
-    Why reverse KL, clipped, on thought tokens only (PAPER.md §4.3 ablations): reverse KL
+    Why reverse KL, clipped, on thought tokens only (docs/ALGORITHM.md §4.3 ablations): reverse KL
     is mode-seeking, so the agent may stay sharp on one of the teacher's modes, while forward
     KL forces it to cover all of them; clipping at 0 penalises only tokens the agent likes
     MORE than the teacher (where it drifts), never tokens it likes less, and the upper clip
@@ -67,14 +67,14 @@ def kl_estimate(policy_logprobs, teacher_logprobs, thought_mask, estimator="clip
 
 
 def kl_penalized_advantages(advantages, kl, beta=1.0):
-    """A' = A - beta * KL_hat (PAPER.md §4.3), after GAE. The reference subtracts it from the
+    """A' = A - beta * KL_hat (docs/ALGORITHM.md §4.3), after GAE. The reference subtracts it from the
     return instead, which moves that step's advantage by the same amount. The KL is a
     penalty on the step, not a loss: it is detached so no gradient flows through it."""
     return advantages - beta * kl.detach()
 
 
 def sft_loss(logprobs, thought_mask):
-    """Negative log-likelihood of the teacher's thought tokens (PAPER.md §4.2 L_SFT), scalar.
+    """Negative log-likelihood of the teacher's thought tokens (docs/ALGORITHM.md §4.2 L_SFT), scalar.
 
     `logprobs` [B, L] are the POLICY's log-probs of the teacher's answer tokens; the action
     tokens (the agent's own action, substituted into the teacher's answer) are masked out.
@@ -89,5 +89,5 @@ def sft_loss(logprobs, thought_mask):
 
 def retry_temperatures(start=0.2, factor=1.1, cap=0.9, max_tries=20):
     """Sampling temperatures of the teacher's successive tries until its answer parses
-    (PAPER.md §4.2): start, start*factor, start*factor^2, ... capped at `cap`."""
+    (docs/ALGORITHM.md §4.2): start, start*factor, start*factor^2, ... capped at `cap`."""
     return [min(start * factor**i, cap) for i in range(max_tries)]

@@ -1,4 +1,4 @@
-"""Checkpoint merging for the GTR-Turbo teacher (GTR-Turbo §4.1, PAPER.md §4.1).
+"""Checkpoint merging for the GTR-Turbo teacher (GTR-Turbo §4.1; docs/ALGORITHM.md §4.1).
 
 GTR-Turbo needs no external teacher: after every PPO update k the new policy weights are
 merged into a running teacher,
@@ -59,7 +59,7 @@ def _trim(task_vector: Tensor, density: float) -> Tensor:
 
 
 def ties(task_vectors: list[StateDict], weights: list[float], density: float = 0.8) -> StateDict:
-    """TIES-merging with weights (PAPER.md §4.1 steps 1-3), per tensor, computed in float32.
+    """TIES-merging with weights (docs/ALGORITHM.md §4.1 steps 1-3), per tensor, computed in float32.
 
     Note: trimming makes TIES lossy even on identical inputs: merging n copies of tau returns
     trim(tau) (its smallest 1-density entries zeroed), not tau. Linear merging of identical
@@ -194,7 +194,7 @@ def lora_pairs(state_dict: StateDict) -> dict[str, tuple[str, str]]:
 def update_teacher(teacher: StateDict | None, policy: StateDict, k: int, scheme: str = "ema",
                    alpha: float = 0.5, method: str = "ties", density: float = 0.8, seed: int = 0,
                    space: str = "factors") -> StateDict:
-    """One incremental teacher update (PAPER.md §4.1): merge({policy, teacher}, {w_new, w_old}).
+    """One incremental teacher update (docs/ALGORITHM.md §4.1): merge({policy, teacher}, {w_new, w_old}).
 
     space="factors" merges every tensor as it is; for LoRA that merges the A and B factors
     separately, like the reference (peft's add_weighted_adapter). That is an approximation:

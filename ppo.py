@@ -1,8 +1,8 @@
 """PPO for a text-generating VLM agent: the policy objective of RL4VLM / GTR-Turbo.
 
 The agent answers each observation with a response y = (thought tokens, action tokens). Its
-"action log-probability" is a weighted sum of per-token log-probs (PAPER.md §2), and PPO
-(PAPER.md §3) treats that sum like the log-prob of an ordinary discrete action:
+"action log-probability" is a weighted sum of per-token log-probs (docs/ALGORITHM.md §2), and PPO
+(§3) treats that sum like the log-prob of an ordinary discrete action:
 
     log pi(a|o) = lambda * sum_thought log p(y_t) + sum_action log p(y_t)         (§2)
     A_t = GAE(gamma=0.9, lambda=0.95), truncated episodes bootstrap from V         (§3)
@@ -18,6 +18,7 @@ Usage (one update):
     lp = sequence_logprob(token_logprobs(logits, tokens, 0.2), th_mask, act_mask, 0.5)
     pg, stats = policy_loss(lp, old_lp, adv[idx])
     loss = pg + 0.5 * value_loss(v, ret.flatten()[idx])
+    grad_norm, stepped = accumulated_step(loss_of_indices, minibatch, 8, optimizer, params, 0.01)
 """
 import math
 
@@ -32,7 +33,7 @@ def gae(rewards, values, next_values, terminated, truncated, gamma=0.9, lam=0.95
     reset observation stored at t+1), for t = T-1 the value of the observation after the
     rollout. Returns (advantages, returns), float32 [T, N], returns = advantages + values.
 
-    The format reward (PAPER.md §3) and the KL penalty -beta * KL_hat (§4.3) are NOT rewards
+    The format reward (§3) and the KL penalty -beta * KL_hat (§4.3) are NOT rewards
     here: the caller adds them to that step's advantage after GAE, so they never propagate
     to earlier steps.
     """
@@ -51,7 +52,7 @@ def gae(rewards, values, next_values, terminated, truncated, gamma=0.9, lam=0.95
 
 
 def normalize_advantages(advantages, eps=1e-8):
-    """Zero mean, unit std over the whole batch (PAPER.md §3), so the step size of the policy
+    """Zero mean, unit std over the whole batch (§3), so the step size of the policy
     loss does not depend on the scale of the rewards."""
     return (advantages - advantages.mean()) / (advantages.std() + eps)
 
@@ -91,7 +92,7 @@ def policy_loss(logprobs, old_logprobs, advantages, clip=0.1, ratio_guard=10.0, 
 
 
 def value_loss(values, returns, old_values=None, clip=None):
-    """0.5 * mean((V - R)^2) on [B]; the value coefficient (0.5, PAPER.md §3) is applied by
+    """0.5 * mean((V - R)^2) on [B]; the value coefficient (0.5, §3) is applied by
     the caller. With `old_values` and `clip`, the PPO2 form: the pessimistic max of the plain
     error and the error of V kept within `clip` of the value at rollout time."""
     unclipped = (values - returns) ** 2  # [B]
@@ -101,9 +102,56 @@ def value_loss(values, returns, old_values=None, clip=None):
     return 0.5 * torch.max(unclipped, (values_clipped - returns) ** 2).mean()
 
 
+def explained_variance(values, returns):
+    """1 - Var(R - V) / Var(R) over the batch: 1 is a perfect critic, 0 one no better than the
+    mean return, below 0 a critic that adds noise. NaN when the returns do not vary."""
+    returns_var = returns.float().var()
+    return (1.0 - (returns.float() - values.float()).var() / returns_var).item() if returns_var > 0 else float("nan")
+
+
+def variance_shares(total, **parts):
+    """{name: Var(part) / Var(total)} over the batch, e.g. which share of the advantages'
+    variance comes from the environment's reward and which from a per-step bonus."""
+    total_var = total.float().var().item()
+    return {name: part.float().var().item() / total_var if total_var > 0 else float("nan")
+            for name, part in parts.items()}
+
+
+def gradient_norms(losses, params):
+    """{name: L2 norm of d loss / d params} for each loss of a dict, e.g. the policy and the
+    value loss on the backbone they share. Uses autograd.grad: the graph is kept for the
+    real backward pass, and no .grad is touched."""
+    norms = {}
+    for name, loss in losses.items():
+        grads = [g for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if g is not None]
+        norms[name] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() if grads else 0.0
+    return norms
+
+
+def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, params, max_grad_norm):
+    """One optimizer step over a mini-batch of sample indices, its gradient accumulated over
+    micro-batches (the reference's gradient accumulation; the micro-batch size is a memory
+    setting only). `micro_batch_loss(indices)` returns that micro-batch's mean loss.
+
+    The gradient norm is clipped to `max_grad_norm` (0.01 in the reference). A step whose
+    gradient norm is not finite is skipped: one NaN would poison the weights for good (and, in
+    GTR-Turbo, the teacher merged from them). Returns (norm before clipping, stepped?).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    for start in range(0, len(minibatch), micro_batch_size):
+        idx = minibatch[start:start + micro_batch_size]
+        (micro_batch_loss(idx) * len(idx) / len(minibatch)).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm.item(), False
+    optimizer.step()
+    return grad_norm.item(), True
+
+
 def cosine_lr(update, total_updates, lr, lr_min=1e-9):
     """Learning rate for `update` (0-based): cosine from lr at 0 to lr_min at total_updates,
-    held at lr_min beyond (PAPER.md §3: 1e-5 -> 1e-9 over 25 updates)."""
+    held at lr_min beyond (§3: 1e-5 -> 1e-9 over 25 updates)."""
     progress = min(max(update, 0), total_updates) / total_updates
     return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * progress))
 
@@ -111,7 +159,7 @@ def cosine_lr(update, total_updates, lr, lr_min=1e-9):
 def token_logprobs(logits, tokens, temperature=1.0):
     """Log-prob of each sampled token, [B, L, V] logits and [B, L] tokens -> [B, L] float32.
 
-    Logits are divided by the sampling temperature (PAPER.md §2), so the log-probs are those
+    Logits are divided by the sampling temperature (§2), so the log-probs are those
     of the distribution the tokens were actually sampled from. The log-softmax runs in
     float32, unlike the reference's bfloat16: bfloat16 keeps 8 significant bits, so each
     token log-prob is off by ~0.4 % and a sequence sum near -100 is only resolved to steps of
@@ -123,14 +171,14 @@ def token_logprobs(logits, tokens, temperature=1.0):
 
 def per_token_entropy(logits):
     """Entropy of softmax(logits) over the last dim, in float32: [..., V] -> [...].
-    Logged, not optimised (PAPER.md §3): its fall is the sign of entropy/thought collapse."""
+    Logged, not optimised (§3): its fall is the sign of entropy/thought collapse."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # [..., V]
     # xlogy gives 0 * log 0 = 0 for tokens masked to -inf (0 * -inf would be NaN).
     return -torch.xlogy(logp.exp(), logp.exp()).sum(-1)  # [...]
 
 
 def sequence_logprob(token_logprobs, thought_mask, action_mask, thought_coef):
-    """Action log-prob of each response (PAPER.md §2): [B, L] -> [B].
+    """Action log-prob of each response (§2): [B, L] -> [B].
 
         lambda * sum_{thought} log p + sum_{action} log p,   lambda = thought_coef
 

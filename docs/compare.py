@@ -1,4 +1,4 @@
-"""The paper's comparison (PAPER.md §4.4) at toy scale: PPO only vs GTR-Turbo SFT vs GTR-Turbo KL.
+"""The paper's comparison (docs/ALGORITHM.md §4.4) at toy scale: PPO only vs GTR-Turbo SFT vs GTR-Turbo KL.
 
 For each environment and seed, one SFT warm start (`train.py --updates 0`) is trained and
 evaluated; then each method is a `train.py` run that starts from it (`--init`), with the same
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train import parse_dataclass  # noqa: E402  (the repository root is not a package)
+from flags import parse_dataclass  # noqa: E402  (the repository root is not a package)
 
 METHODS = {"none": "PPO only (RL4VLM)", "sft": "GTR-Turbo SFT", "kl": "GTR-Turbo KL"}
 

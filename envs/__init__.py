@@ -1,4 +1,4 @@
-"""The four visual card games of RL4VLM's gym_cards (PAPER.md §5), rebuilt for this project.
+"""The four visual card games of RL4VLM's gym_cards (docs/ALGORITHM.md §5), rebuilt for this project.
 
 Importing the package registers them with gymnasium:
 
@@ -18,7 +18,7 @@ NumberLine also ``max_position`` (default 5). The answer format helpers are re-e
 import gymnasium
 
 from .blackjack import BlackjackEnv
-from .common import extract_thoughts, format_answer, parse_action
+from .common import action_span, extract_thoughts, format_answer, parse_action
 from .ez_points import EZPointsEnv
 from .number_line import NumberLineEnv
 from .points24 import Points24Env
@@ -36,4 +36,4 @@ for _env_id, _cls in ENV_CLASSES.items():
         gymnasium.register(id=_env_id, entry_point=_cls)
 
 __all__ = ["ENV_IDS", "ENV_CLASSES", "NumberLineEnv", "EZPointsEnv", "Points24Env", "BlackjackEnv",
-           "format_answer", "parse_action", "extract_thoughts"]
+           "format_answer", "parse_action", "extract_thoughts", "action_span"]

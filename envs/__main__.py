@@ -1,6 +1,6 @@
 """Render one sample frame of every environment as a PNG: ``python -m envs [folder]`` (default docs/).
 
-Useful to look at what the agent sees after changing the drawing code (PAPER.md §5).
+Useful to look at what the agent sees after changing the drawing code (docs/ALGORITHM.md §5).
 """
 import sys
 from pathlib import Path

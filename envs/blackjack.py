@@ -1,6 +1,6 @@
 """Blackjack, drawn as cards: "hit" for another card or "stand" and let the dealer play.
 
-Concept: RL4VLM's gym_cards Blackjack (PAPER.md §5), which is gymnasium's Blackjack-v1 with
+Concept: RL4VLM's gym_cards Blackjack (docs/ALGORITHM.md §5), which is gymnasium's Blackjack-v1 with
 ``natural=False`` and ``sab=False`` rendered as a picture. The image shows the dealer's hand
 (the first card face up, the rest face down) and the player's hand; the agent must read the
 cards, add them up (J, Q, K count 10; an ace counts 11 unless that busts, then 1) and decide.

@@ -1,13 +1,13 @@
 """Shared pieces of the card environments: drawing, the answer format and its parser.
 
-Concept: every environment here is an image-in, text-out game (PAPER.md §1, §5: RL4VLM's
+Concept: every environment here is an image-in, text-out game (docs/ALGORITHM.md §1, §5: RL4VLM's
 gym_cards). The observation is an RGB picture, and the agent is a language model that answers
 with a JSON object ``{"thoughts": "...", "action": "..."}``. This module holds what all four
 games share:
 
 - drawing with Pillow alone: the built-in scalable font, playing cards as rounded rectangles
   with a big rank and a suit symbol made of simple shapes (no font or image files, so nothing
-  depends on the working directory, a weak point of the reference, PAPER.md §6);
+  depends on the working directory, a weak point of the reference, docs/ALGORITHM.md §6);
 - the answer format (``format_answer``) and its tolerant, linear-time readers
   (``parse_action``, ``extract_thoughts``), which must never raise on whatever a model writes;
 - ``VisualTextEnv``, the small base class giving every game its image size, render mode,

@@ -1,6 +1,6 @@
 """EZPoints: make 12 from two cards with + or *, one token per step.
 
-Concept: the easy version of Points24 in RL4VLM's gym_cards (PAPER.md §5). The image shows two
+Concept: the easy version of Points24 in RL4VLM's gym_cards (docs/ALGORITHM.md §5). The image shows two
 cards (J, Q, K count 10) and the formula so far; actions are '1'..'10', '+', '*' and '='.
 Every deal is solvable: as in gym_cards, the first card is 2..K and the second card completes
 it to 12, by '*' (half the time, when the first value divides 12) or by '+'; the two are then

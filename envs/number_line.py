@@ -1,6 +1,6 @@
 """NumberLine: move a current number to a target number, one step of +1 or -1 at a time.
 
-Concept: the simplest of RL4VLM's gym_cards tasks (PAPER.md §5). The image shows two lines of
+Concept: the simplest of RL4VLM's gym_cards tasks (docs/ALGORITHM.md §5). The image shows two lines of
 text, "Target: t" and "Current: c", with t != c in 0..max_position; the agent answers "+" or "-".
 It tests whether the model reads two digits from a picture and compares them.
 

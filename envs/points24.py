@@ -1,6 +1,6 @@
 """Points24: write a formula with the four cards' values that equals 24, one token per step.
 
-Concept: the hardest of RL4VLM's gym_cards tasks and GTR-Turbo's main benchmark (PAPER.md §4.4,
+Concept: the hardest of RL4VLM's gym_cards tasks and GTR-Turbo's main benchmark (docs/ALGORITHM.md §4.4,
 §5). The image shows four cards (J, Q, K count 10, A counts 1) and the formula written so far.
 The agent adds one token per step: a number '1'..'10', an operator '+', '-', '*', '/', a
 parenthesis, or '=' to submit. Deals are uniform (ranks 1..13) and not always solvable.

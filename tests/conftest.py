@@ -16,10 +16,12 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def make_policy(tiny_dir):
     """Factory for fresh policies on the tiny model (small LoRA rank keeps tests fast)."""
-    from policy import LoraArgs, load_policy
+    import envs
+    from policy import load_policy
+    from tinyvlm import tiny_model
 
     def make(**kwargs):
-        lora = kwargs.pop("lora", LoraArgs(r=8, alpha=16, dropout=0.0))
-        return load_policy("tiny", lora, cache_dir=tiny_dir, **kwargs)
+        lora = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0) | kwargs
+        return load_policy(tiny_model(tiny_dir), envs.action_span, **lora)
 
     return make

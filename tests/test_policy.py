@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from policy import LoraArgs, action_span, load_policy, thought_action_masks
+import envs
+from envs import action_span
+from policy import load_policy, thought_action_masks
+from tinyvlm import tiny_model
 
 ANSWER = '{"thoughts": "current 2, target 4, so I move up", "action": "+"}'
 
@@ -126,7 +129,7 @@ def test_mask_and_parser_agree_on_a_quoted_action_key(policy):
     answer = '{"thoughts": "the \'action\': + would overshoot", "action": "-"}'
     assert parse_action(answer, ["-", "+"]) == 0
     ids = policy.answer_ids(answer).tolist()
-    _, action = thought_action_masks(policy.tokenizer, ids)
+    _, action = thought_action_masks(policy.tokenizer, ids, action_span)
     action_text = policy.tokenizer.decode([i for i, a in zip(ids, action) if a], skip_special_tokens=True)
     assert action_text.strip() == '"action": "-"}'
 
@@ -136,7 +139,7 @@ def test_masks_follow_text_offsets(policy):
     for answer in ['{"thoughts": "go up", "action": "+"}', '{"action": "hit", "thoughts": "low"}',
                    '{"thoughts": "nothing"}']:
         ids = policy.answer_ids(answer).tolist()
-        thought, action = thought_action_masks(tok, ids)
+        thought, action = thought_action_masks(tok, ids, action_span)
         assert (thought ^ action).all()  # every token is exactly one of the two
         action_text = tok.decode([i for i, a in zip(ids, action) if a], skip_special_tokens=True)
         if '"action"' in answer:
@@ -150,7 +153,7 @@ def test_action_split_across_tokens(policy):
     """Byte-level fallback splits an unseen word into many tokens: the mask still covers all of it."""
     answer = '{"thoughts": "q", "action": "zqxjvwk"}'
     ids = policy.answer_ids(answer).tolist()
-    _, action = thought_action_masks(policy.tokenizer, ids)
+    _, action = thought_action_masks(policy.tokenizer, ids, action_span)
     assert action.sum() >= 4
     decoded = policy.tokenizer.decode([i for i, a in zip(ids, action) if a], skip_special_tokens=True)
     assert decoded.strip().startswith('"action": "zqxjvwk"')
@@ -175,7 +178,7 @@ def test_save_load_round_trip(policy, tiny_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
     policy.save(str(tmp_path))
-    loaded = load_policy("tiny", cache_dir=tiny_dir, adapter_path=os.path.join(str(tmp_path), "policy"))
+    loaded = load_policy(tiny_model(tiny_dir), envs.action_span, adapter_path=os.path.join(str(tmp_path), "policy"))
     encoded = policy.encode(images(2), ["a", "b"])
     responses = [policy.answer_ids(ANSWER)] * 2
     policy.eval()
@@ -207,7 +210,7 @@ def test_teacher_adapter_switches(policy):
 def test_teacher_added_in_eval_mode_has_no_dropout(make_policy):
     """A teacher added to a policy in eval mode scores deterministically (its LoRA dropout off),
     and follows the policy's mode afterwards."""
-    policy = make_policy(lora=LoraArgs(r=8, alpha=16, dropout=0.1))
+    policy = make_policy(lora_dropout=0.1)
     policy.eval()
     policy.add_teacher()
     torch.manual_seed(0)
@@ -222,17 +225,17 @@ def test_teacher_added_in_eval_mode_has_no_dropout(make_policy):
 
 def test_loading_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        load_policy(str(tmp_path / "missing"))
+        load_policy(str(tmp_path / "missing"), envs.action_span)
     from transformers import Qwen2Config, Qwen2ForCausalLM
     text_only = tmp_path / "text-only"
     Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(text_only)
     with pytest.raises(ValueError, match="not an image-text-to-text model"):
-        load_policy(str(text_only))
+        load_policy(str(text_only), envs.action_span)
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     with pytest.raises(OSError, match="could not be loaded"):
-        load_policy("nobody-here/no-such-model-xyz")
+        load_policy("nobody-here/no-such-model-xyz", envs.action_span)
 
 
 def test_targets_share_the_prompt_exactly(policy):
@@ -273,7 +276,7 @@ def test_tiny_model_loaded_by_folder_sees_its_size(make_policy, tiny_dir):
     """Loaded by path (--model tiny-vlm/seed0-112px), the tiny model still sees 112 px images (16
     image tokens), not the 84 px its processor's own rounding would make of a 300 px frame."""
     make_policy()  # builds the cache
-    by_folder = load_policy(os.path.join(tiny_dir, "seed0-112px"), LoraArgs(r=8, alpha=16))
+    by_folder = load_policy(os.path.join(tiny_dir, "seed0-112px"), envs.action_span, lora_r=8, lora_alpha=16)
     assert by_folder.image_size == 112
     encoded = by_folder.encode(images(1), ["p"])[0]
     image_token = by_folder.tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -283,7 +286,7 @@ def test_tiny_model_loaded_by_folder_sees_its_size(make_policy, tiny_dir):
 def test_building_the_tiny_model_is_deterministic_and_leaves_the_rng_alone(make_policy, tiny_dir, tmp_path):
     """A run that builds the tiny model (first use) and one that loads it from the cache start
     from the same RNG state and the same weights, so they are the same run."""
-    from policy import build_tiny_model
+    from tinyvlm import build_tiny_model
     make_policy()  # the session's cached build
     torch.manual_seed(123)
     build_tiny_model(str(tmp_path / "again"), seed=0, image_size=112)

@@ -55,7 +55,7 @@ def test_guided_smoke(tiny_dir, tmp_path, guidance):
 
 
 def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
-    for flags, message in [(["--guidance", "gpt4"], "choose one of none, sft, kl"),
+    for flags, message in [(["--guidance", "gpt4"], "invalid choice: 'gpt4'"),
                            (["--env", "gtr/Chess-v0"], "not a registered gymnasium id"),
                            (["--steps-per-update", "10", "--num-envs", "4"], "must be a multiple")]:
         result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags],
@@ -107,7 +107,8 @@ def test_teacher_adapter_equals_merged_weights(make_policy):
 
 def test_warm_start_lowers_held_out_sft_loss(make_policy):
     """A short SFT warm start on expert demonstrations lowers the loss on held-out demonstrations."""
-    from train import Args, warm_start
+    from demonstrations import warm_start
+    from train import Args
     torch.manual_seed(0)
     policy = make_policy()
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -121,7 +122,7 @@ def test_bench_smoke(tiny_dir):
     """bench.py runs end to end with tiny sizes and reports every ratio (no timing asserted)."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json", "--num-envs", "2",
                              "--steps-per-update", "4", "--max-new-tokens", "8", "--warmup-sft-steps", "2",
-                             "--repeats", "1"], cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
+                             "--repeats", "1", "--lora-r", "8", "--lora-alpha", "16", "--minibatch-size", "4"], cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ratios = json.loads(result.stdout.strip().splitlines()[-1])
@@ -133,6 +134,7 @@ def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy):
     """micro_batch_loss's SFT term (the teacher's answers scored on the shared prompts) equals
     the SFT loss of those answers scored as ordinary responses at T = 1; a None target (the
     teacher never parsed) is left out."""
+    import collections
     from rollout import Batch
     from distill import sft_loss
     from train import Args, micro_batch_loss
@@ -144,16 +146,16 @@ def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy):
                policy.answer_ids('{"thoughts": "current 4, target 0", "action": "-"}'),
                policy.answer_ids('{"thoughts": "4", "action": "-"}')]
     zeros = torch.zeros(1, 3)
-    batch = Batch(prompts=[], encoded=policy.encode(images, ["p", "q", "r"]), responses=answers,
+    batch = Batch(encoded=policy.encode(images, ["p", "q", "r"]), responses=answers, token_logprobs=[],
                   old_logprobs=zeros, values=zeros, next_values=zeros, rewards=zeros, format_rewards=zeros,
                   terminated=zeros, truncated=zeros, format_valid=torch.ones(1, 3), actions=zeros,
-                  entropy=zeros, thought_tokens=zeros, teacher_kl=zeros)
+                  entropy=zeros, thought_tokens=zeros)
     other = policy.answer_ids('{"thoughts": "current 0, target 4, so I move up", "action": "-"}')
-    batch.sft_targets = [answers[0], other, None]
-    args = Args(guidance="sft")
-    logs = {k: [] for k in ("policy_loss", "value_loss", "approx_kl", "clip_fraction", "sft_loss")}
+    targets = [answers[0], other, None]
+    logs = collections.defaultdict(list)
+    micro_batch_loss(policy, batch, [0, 1, 2], torch.zeros(3), torch.zeros(3), torch.zeros(3), targets,
+                     Args(guidance="sft"), logs)
     with torch.no_grad():
-        micro_batch_loss(policy, batch, [0, 1, 2], torch.zeros(3), torch.zeros(3), torch.zeros(3), args, logs)
         expected = policy(batch.encoded[:2], [answers[0], other], 1.0)
     mask = expected["thought_mask"] & expected["response_mask"]
     assert logs["sft_loss"][0] == pytest.approx(sft_loss(expected["logprobs"], mask).item(), abs=1e-5)

@@ -1,0 +1,134 @@
+"""Checkpoints and resume: everything a run needs to continue exactly, written atomically.
+
+A checkpoint (OUT/checkpoint) holds:
+  adapters/    the policy and teacher LoRA adapters in peft's format
+               (`PeftModel.from_pretrained(base, "OUT/checkpoint/adapters/policy")`), and the
+               value head next to the policy adapter;
+  trainer.pt   optimizer state and counters (update, environment steps, teacher merges);
+  rank<r>.pkl  per process: its environments (mid-episode), its rollout RNG, its torch RNG
+               (sampling, dropout, mini-batch order) and a digest of its weights.
+It is written to OUT/checkpoint.tmp and renamed, so a kill at any moment leaves a complete one.
+On resume, metrics.jsonl is cut back to the checkpoint's update: no gap and no duplicate.
+
+Use (train.py):
+    check_start(args, world)                             # --init, --teacher, --resume fit?
+    metrics = open_run(out, config, last_update)         # config.json, metrics.jsonl
+    save(out, policy, optimizer, runner, counters, rank, world)
+    runner, counters = load(path, policy, optimizer, rank, world, out)
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+
+# Flags that fix what a checkpoint holds; resuming with others would silently mix runs.
+FIXED_FLAGS = ("model", "env", "guidance", "num_envs", "steps_per_update", "lora_r", "lora_vision", "lora_targets")
+
+
+def latest(out):
+    """OUT/checkpoint, or the previous one if a save was killed between its two renames; None if neither."""
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(out, name)
+        if os.path.exists(os.path.join(path, "trainer.pt")):
+            return path
+    return None
+
+
+def check_start(args, world):
+    """Stop with a message naming the fix if what the run starts from does not fit its flags:
+    the adapter folders of --init and --teacher, and the run in --out that --resume continues."""
+    for flag in ("teacher", "init"):
+        folder = getattr(args, flag)
+        if folder and not os.path.exists(os.path.join(folder, "adapter_config.json")):
+            sys.exit(f"--{flag} {folder!r}: no adapter_config.json there; pass a peft adapter folder")
+    if args.init:
+        with open(os.path.join(args.init, "adapter_config.json")) as f:
+            rank = json.load(f).get("r")
+        if rank != args.lora_r:
+            sys.exit(f"--init {args.init!r} holds a rank-{rank} adapter: pass --lora-r {rank} (and its --lora-alpha)")
+    if not args.resume:
+        return
+    if latest(args.out) is None:
+        sys.exit(f"--resume: no checkpoint in {args.out}/checkpoint; train without --resume first")
+    with open(os.path.join(args.out, "config.json")) as f:
+        saved = json.load(f)
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_FLAGS
+               if saved.get(k) != getattr(args, k)]
+    if changed:
+        sys.exit(f"--resume: the run in {args.out} was trained with other settings ({'; '.join(changed)}). "
+                 "Resume with the same flags, or start a new run with another --out.")
+    if saved.get("world_size", 1) != world:
+        sys.exit(f"--resume: the run used {saved.get('world_size', 1)} processes, this one has {world}; "
+                 "every rank's environments are in the checkpoint, so resume with the same count")
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def save(out, policy, optimizer, runner, counters, rank, world):
+    """Write OUT/checkpoint: to a staging folder first, then renamed into place."""
+    final, staging = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        adapters = [name for name in ("policy", "teacher") if name in policy.model.peft_config]
+        policy.save(os.path.join(staging, "adapters"), adapters=adapters)  # peft's format
+        torch.save({"optimizer": optimizer.state_dict(), **counters}, os.path.join(staging, "trainer.pt"))
+    _barrier(world)
+    rng = {"torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    # A digest of the weights lets anyone check that all ranks hold the same policy and teacher.
+    digest = hashlib.sha256()
+    for name, tensor in sorted(policy.state_dict().items()):
+        if "lora_" in name or name.startswith("value_head"):
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    with open(os.path.join(staging, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump({"runner": runner, "rng": rng, "weights_sha256": digest.hexdigest()}, f)
+    _barrier(world)
+    if rank == 0:
+        old = final + ".old"
+        if os.path.exists(final):
+            # With `final` complete, an `old` still there is what a kill during the last clean-up
+            # left (possibly half deleted); rename() cannot replace a non-empty folder.
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
+
+
+def load(path, optimizer, rank):
+    """Restore the optimizer, this rank's RNG and environments; returns (runner, counters).
+    The policy adapter and value head are loaded by load_policy(adapter_path=...), the
+    teacher by Teacher.load."""
+    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    optimizer.load_state_dict(trainer.pop("optimizer"))
+    with open(os.path.join(path, f"rank{rank}.pkl"), "rb") as f:
+        saved = pickle.load(f)
+    torch.set_rng_state(saved["rng"]["torch"])
+    if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng"]["cuda"])
+    return saved["runner"], trainer
+
+
+def open_run(out, config, last_update):
+    """Write OUT/config.json and open OUT/metrics.jsonl for appending, cut back to the
+    checkpoint's update when resuming (a run killed after logging an update but before saving
+    it repeats that update: no gap, no duplicate)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    path = os.path.join(out, "metrics.jsonl")
+    rows = []
+    if last_update is not None and os.path.exists(path):
+        rows = [line for line in open(path) if line.strip() and json.loads(line)["update"] <= last_update]
+    with open(path, "w") as f:
+        f.writelines(rows)
+    return open(path, "a")

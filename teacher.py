@@ -1,0 +1,161 @@
+"""The GTR-Turbo teacher: a merge of the agent's own past checkpoints, and how it guides PPO.
+
+docs/ALGORITHM.md §4. The teacher is a second, frozen LoRA adapter ("teacher") on the policy's
+own base model. Its whole life is here:
+  start   pi_T^(0) = the policy RL starts from (the warm-started one)              (§4.1)
+  merge   after an update k: pi_T^(k) = merge({pi^(k), pi_T^(k-1)}), TIES with
+          EMA or SMA weights (merge.py)                                             (§4.1)
+  guide   KL:  the teacher scores the agent's own thought tokens, one forward pass;
+               the per-step KL estimate is subtracted from that step's advantage    (§4.3)
+          SFT: the teacher answers each observation (resampled at rising
+               temperatures until it parses); the agent's action replaces the
+               teacher's, and PPO adds the NLL of the teacher's thoughts            (§4.2)
+  save / resume   its weights travel in the checkpoint as a peft adapter folder.
+A fixed adapter (`--teacher FOLDER`) can stand in for the merged one: GTR with a local
+teacher, or the paper's static-teacher ablation.
+
+The maths lives in torch-only files: merge.py (the operators), distill.py (the estimators
+and losses). This file is what touches the model.
+
+Use (train.py):
+    teacher = Teacher(policy, args)        # attaches the adapter
+    teacher.start(policy)                  # pi_T^(0)
+    guidance = teacher.guide(policy, batch, game)     # after each rollout
+    teacher.merge(policy)                  # after each PPO update
+"""
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from distill import kl_estimate, retry_temperatures
+from envs import extract_thoughts, format_answer
+from merge import update_teacher
+
+
+@dataclass
+class Guidance:
+    """What the teacher says about one rollout ([T, N] tensors, lists flat in (t, n) order)."""
+    teacher_kl: torch.Tensor        # per-step KL estimate (KL guidance; zeros under SFT)
+    sft_targets: list | None        # T*N teacher answers as token ids, or None where none parsed
+    parse_rate: float               # share of observations with a parsed teacher answer (SFT)
+    seconds: float
+
+
+class Teacher:
+    """The teacher adapter of a guided run. Reads these fields of train.py's Args: guidance,
+    teacher, merge, merge_weights, ema_alpha, ties_density, merge_space, merge_every, seed,
+    kl_estimator, temperature, max_new_tokens, micro_batch_size, num_envs."""
+
+    def __init__(self, policy, args):
+        self.args = args
+        self.fixed = bool(args.teacher)
+        self.weights = None  # the merged teacher's adapter weights (peft keys); None if fixed
+        self.merges = 0
+        # Frozen, so `trainable` and DDP are unchanged. Its random LoRA init is overwritten by
+        # start() or load(); it draws from a forked RNG so that attaching it changes no random
+        # stream of the run (a resumed run attaches it after restoring its RNG).
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            policy.add_teacher(args.teacher or None)
+
+    # ---- life: start, merge, save, resume ------------------------------------------------------
+    def start(self, policy):
+        """pi_T^(0): the merged teacher starts as the policy RL starts from."""
+        if not self.fixed:
+            self.weights = policy.adapter_state("policy")
+            policy.load_adapter_state(self.weights, "teacher")
+
+    def merge(self, policy, update):
+        """pi_T^(k) = merge({pi_theta^(k), pi_T^(k-1)}, {w_new, w_old}) every --merge-every
+        updates (§4.1). Deterministic (DARE is seeded by the merge count), so every rank gets
+        the same teacher. Returns the seconds it took (0 when it did not merge)."""
+        if self.fixed or update % self.args.merge_every:
+            return 0.0
+        start = time.perf_counter()
+        self.merges += 1
+        a = self.args
+        self.weights = update_teacher(self.weights, policy.adapter_state("policy"), self.merges,
+                                      scheme=a.merge_weights, alpha=a.ema_alpha, method=a.merge,
+                                      density=a.ties_density, seed=a.seed + self.merges, space=a.merge_space)
+        policy.load_adapter_state(self.weights, "teacher")
+        return time.perf_counter() - start
+
+    def load(self, policy, adapters_folder, state):
+        """Resume: the merged weights from the checkpoint's teacher adapter, and the counters."""
+        from peft.utils import load_peft_weights
+        self.merges = state["merges"]
+        if not self.fixed:
+            self.weights = load_peft_weights(os.path.join(adapters_folder, "teacher"))
+            policy.load_adapter_state(self.weights, "teacher")
+
+    # ---- guidance --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def guide(self, policy, batch, game):
+        """The teacher's guidance for one rollout; `game` (an unwrapped environment) parses answers."""
+        start = time.perf_counter()
+        steps = batch.old_logprobs.shape
+        kl, targets, parse_rate = torch.zeros(steps), None, float("nan")
+        if self.args.guidance == "kl":
+            kl = self.kl_penalties(policy, batch).reshape(steps)
+        else:
+            targets = self.sft_targets(policy, batch, game)
+            parse_rate = sum(t is not None for t in targets) / len(targets)
+        return Guidance(teacher_kl=kl, sft_targets=targets, parse_rate=parse_rate,
+                        seconds=time.perf_counter() - start)
+
+    def kl_penalties(self, policy, batch):
+        """§4.3: per step, KL_hat = mean over thought tokens of clip(log pi - log pi_T, 0, 10),
+        with pi's log-probs those of sampling time and pi_T's from one teacher forward pass over
+        the agent's OWN answers (no generation). Returns [T*N]."""
+        kl = []
+        size = self.args.micro_batch_size
+        with policy.use_adapter("teacher"):
+            for i in range(0, len(batch.responses), size):
+                responses = batch.responses[i:i + size]
+                teacher = policy(batch.encoded[i:i + size], responses, self.args.temperature)
+                width = teacher["logprobs"].shape[1]
+                agent = torch.zeros_like(teacher["logprobs"])  # [B, width], right-aligned like teacher's
+                for row, logprobs in enumerate(batch.token_logprobs[i:i + size]):
+                    agent[row, width - len(logprobs):] = logprobs.to(agent.device)
+                thoughts = teacher["thought_mask"] & teacher["response_mask"]  # [B, width]
+                kl.append(kl_estimate(agent, teacher["logprobs"], thoughts, self.args.kl_estimator).cpu())
+        return torch.cat(kl)
+
+    def sft_targets(self, policy, batch, game):
+        """§4.2: the teacher answers every observation of the rollout; an unparseable answer is
+        resampled at rising temperatures (x1.1 up to 0.9, 20 tries) and dropped after the last.
+        The agent's own action replaces the teacher's, so only the teacher's thoughts are imitated.
+
+        Retries are batched: a round samples each pending observation at its next few
+        temperatures in one generate call (per-row temperatures) and keeps the lowest-temperature
+        answer that parses. Samples are independent, so this gives the same answer distribution
+        as trying one temperature after another, in far fewer model calls. Observations go in
+        chunks of --num-envs, the rollout's own generate batch.
+
+        Returns one target per observation: token ids of the answer, or None.
+        """
+        temperatures = retry_temperatures()
+        actions = batch.actions.flatten().long().tolist()
+        targets = [None] * len(batch.encoded)
+        chunk = self.args.num_envs
+        with policy.use_adapter("teacher"):
+            for first in range(0, len(batch.encoded), chunk):
+                pending, tried = list(range(first, min(first + chunk, len(batch.encoded)))), 0
+                while pending and tried < len(temperatures):
+                    # Fill about one batch of rows: pending observations x their next temperatures.
+                    width = min(max(1, chunk // len(pending)), len(temperatures) - tried)
+                    rows = [(i, temperatures[tried + j]) for i in pending for j in range(width)]
+                    _, texts = policy.generate([batch.encoded[i] for i, _ in rows], [t for _, t in rows],
+                                               self.args.max_new_tokens)
+                    for (i, _), text in zip(rows, texts):  # rows of one i are in rising temperature
+                        thoughts, teacher_action = extract_thoughts(text), game.parse(text)
+                        if targets[i] is not None or thoughts is None or teacher_action is None:
+                            continue
+                        # An unparsed agent answer named no action (penalty mode): keep the teacher's.
+                        played = game.actions[actions[i] if actions[i] >= 0 else teacher_action]
+                        targets[i] = policy.answer_ids(format_answer(thoughts, played))
+                    pending = [i for i in pending if targets[i] is None]
+                    tried += width
+        return targets
