@@ -39,13 +39,14 @@ from tqdm import tqdm
 
 import checkpoint
 import envs
-from flags import parse_dataclass
+from demonstrations import warm_start
 from distill import KL_ESTIMATORS, kl_penalized_advantages, sft_loss
+from flags import parse_dataclass
 from policy import load_policy
 from ppo import (accumulated_step, cosine_lr, explained_variance, gae, gradient_norms, normalize_advantages,
                  policy_loss, value_loss, variance_shares)
-from demonstrations import warm_start
-from rollout import Rollout, evaluate
+from report import log_update, run_evaluation
+from rollout import Rollout
 from teacher import Teacher
 from tinyvlm import tiny_model
 
@@ -96,6 +97,8 @@ class Args:
     """a sample whose ratio exceeds this uses only the clipped term (drops out of the step)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
+    value_target: str = "env"
+    """critic's target: env (the environment's return) or shaped (+ format bonus and KL penalty, the reference)"""
     max_grad_norm: float = 0.01
     """gradient norm clip"""
     ppo_epochs: int = 4
@@ -171,7 +174,8 @@ def parse_args(argv=None):
     fail deep inside a library."""
     args = parse_dataclass(Args, argv, __doc__, choices={
         "guidance": ("none", "sft", "kl"), "merge": ("ties", "linear", "dare"), "merge_weights": ("ema", "sma"),
-        "merge_space": ("factors", "delta"), "kl_estimator": KL_ESTIMATORS, "unparsed_action": ("random", "penalty")})
+        "merge_space": ("factors", "delta"), "kl_estimator": KL_ESTIMATORS, "unparsed_action": ("random", "penalty"),
+        "value_target": ("env", "shaped")})
     if args.env not in gym.registry:
         sys.exit(f"--env {args.env!r} is not a registered gymnasium id; bundled: {', '.join(envs.ENV_IDS)}")
     if args.steps_per_update % args.num_envs:
@@ -190,14 +194,6 @@ def setup_distributed(device):
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-
-
-def all_mean(values, world):
-    """Mean of a list of floats over all processes (episode statistics, losses)."""
-    t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-    return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
 
 
 def main(args):
@@ -281,24 +277,35 @@ def main(args):
         dist.destroy_process_group()
 
 
-def ppo_update(model, trainable, optimizer, batch, guidance, args):
-    """Advantages, then PPO epochs over mini-batches (docs/ALGORITHM.md §3). Returns the logs."""
-    advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
-                              batch.truncated, args.gamma, args.gae_lambda)  # [T, N]
-    env_advantages = advantages
-    # §3: the format reward is added to that step's return after GAE, so it moves that step's
-    # advantage directly. §4.3: so is the teacher's KL penalty, A' = A - beta * KL_hat.
-    advantages, returns = advantages + batch.format_rewards, returns + batch.format_rewards
+def advantages_and_returns(batch, guidance, args):
+    """The policy's advantages and the critic's targets, [T*N] each, plus their diagnostics.
+
+    §3: the format reward b is added to a step's advantage after GAE; §4.3: so is the teacher's
+    KL penalty, A' = A - beta * KL_hat. The critic learns the environment's return only
+    (--value-target env): had it learned r + b as the reference's does, V(s') would carry every
+    future format bonus (up to 3 / (1 - 0.9) = 30), so ending an episode, by winning too, would
+    forfeit more than a win pays (README, "What made PPO learn"). --value-target shaped is the
+    reference's way, for comparison.
+    """
+    env_advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                                  batch.truncated, args.gamma, args.gae_lambda)  # [T, N]
+    advantages = env_advantages + batch.format_rewards  # [T, N]
     if args.guidance == "kl":
         advantages = kl_penalized_advantages(advantages, guidance.teacher_kl, args.kl_coef)
-        returns = kl_penalized_advantages(returns, guidance.teacher_kl, args.kl_coef)
-    logs = collections.defaultdict(list)
+    if args.value_target == "shaped":
+        returns = returns + (advantages - env_advantages)
     # Which signal the policy gradient follows: the environment's reward or the format bonus.
     diagnostics = variance_shares(advantages, adv_var_env=env_advantages, adv_var_format=batch.format_rewards)
     diagnostics["explained_variance"] = explained_variance(batch.values, returns)
-    advantages, returns = normalize_advantages(advantages.flatten()), returns.flatten()  # [T*N]
+    return normalize_advantages(advantages.flatten()), returns.flatten(), diagnostics
+
+
+def ppo_update(model, trainable, optimizer, batch, guidance, args):
+    """PPO epochs over mini-batches of one rollout (docs/ALGORITHM.md §3). Returns the logs."""
+    advantages, returns, diagnostics = advantages_and_returns(batch, guidance, args)  # [T*N] each
     old_logprobs = batch.old_logprobs.flatten()  # [T*N]
     targets = guidance.sft_targets if args.guidance == "sft" else None
+    logs = collections.defaultdict(list)
 
     def loss_of(idx):
         return micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs)
@@ -343,57 +350,6 @@ def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targe
         loss = loss + args.sft_coef * guidance_loss
         logs["sft_loss"].append(guidance_loss.item())
     return loss
-
-
-def log_update(metrics, batch, guidance, logs, counters, recent, world):
-    """One metrics.jsonl row (statistics averaged over all processes) and its console line."""
-    episodes = batch.episodes
-    row = {"update": counters["update"], "env_steps": counters["env_steps"],
-           "success_rate": all_mean([e["success"] for e in episodes], world),
-           "episode_return": all_mean([e["return"] for e in episodes], world),
-           "episode_length": all_mean([e["length"] for e in episodes], world),
-           "episodes": int(all_mean([len(episodes)], world) * world),
-           "format_valid": all_mean(batch.format_valid.flatten().tolist(), world),
-           "entropy": all_mean(batch.entropy.flatten().tolist(), world),
-           "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),
-           "teacher_kl": all_mean(guidance.teacher_kl.flatten().tolist(), world) if guidance else float("nan"),
-           "teacher_parse_rate": all_mean([guidance.parse_rate], world) if guidance else float("nan"),
-           **{k: all_mean([v], world) for k, v in logs.items()}}
-    if row["episodes"]:
-        recent.append((row["success_rate"] * row["episodes"], row["episodes"]))
-    if metrics is None:  # not rank 0
-        return
-    # One update ends only ~10-25 episodes: the mean over the last 10 updates shows the trend.
-    tqdm.write(f"update {row['update']:3d} | steps {row['env_steps']:6d} | success {row['success_rate']:.2f} "
-               f"(last 10 updates {sum(s for s, _ in recent) / max(sum(n for _, n in recent), 1):.2f}) | "
-               f"return {row['episode_return']:6.2f} | format {row['format_valid']:.2f} | "
-               f"entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | ev {row['explained_variance']:+.2f} | "
-               f"approx_kl {row['approx_kl']:.3f} clip {row['clip_fraction']:.2f} guard {row['guard_fraction']:.2f} | "
-               f"|g| pg {row['grad_norm_policy_loss']:.2g} vf {row['grad_norm_value_loss']:.2g} | "
-               f"{row['env_steps_per_s']:.1f} steps/s")
-    # NaN (no episode finished, no SFT target) is written as null: strict JSON.
-    metrics.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")
-    metrics.flush()
-
-
-def run_evaluation(policy, args, rank, world, update):
-    """Success rate (with its standard error) and mean return on fresh seeds, over all ranks."""
-    temperature = args.temperature if args.eval_temperature < 0 else args.eval_temperature
-    # Seeds far from training's (seed + 1000 * rank + i), so evaluation deals are fresh.
-    episodes = evaluate(policy, args.env, len(range(rank, args.eval_episodes, world)), args.num_envs,
-                        seed=10**6 + args.seed + 1000 * rank, temperature=temperature,
-                        max_new_tokens=args.max_new_tokens, unparsed_action=args.unparsed_action)
-    n = int(round(all_mean([len(episodes)], world) * world))
-    success = all_mean([e["success"] for e in episodes], world)
-    result = {"update": update, "eval_episodes": n, "eval_success_rate": success,
-              "eval_success_stderr": (success * (1 - success) / max(n, 1)) ** 0.5,
-              "eval_return": all_mean([e["return"] for e in episodes], world), "eval_temperature": temperature}
-    if rank == 0:
-        tqdm.write(f"eval update {update}: success {success:.3f} +- {result['eval_success_stderr']:.3f} "
-                   f"over {n} episodes | return {result['eval_return']:.2f}")
-        with open(os.path.join(args.out, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(result) + "\n")
-    return result
 
 
 if __name__ == "__main__":

@@ -3,15 +3,18 @@
 For each environment and seed, one SFT warm start (`train.py --updates 0`) is trained and
 evaluated; then each method is a `train.py` run that starts from it (`--init`), with the same
 budget of environment steps and the same flags except `--guidance`. The script then reads
-every run's metrics.jsonl and eval.jsonl and writes
-  docs/comparison.md         final success (mean +- standard error over seeds), return, time per
-                             update, entropy at the start / middle / end of RL
-  docs/learning_curves.png   training success rate and token entropy against env steps
-                             (needs matplotlib: pip install matplotlib; training does not)
+every run's metrics.jsonl and eval.jsonl and writes (NAME: --name, default "comparison")
+  docs/NAME.md    final success (mean +- standard error over seeds), return, training success
+                  and format validity over the first and last quarter of RL, entropy at the
+                  start / middle / end of RL, time per update; then a row per seed
+  docs/NAME.png   training success, format validity and token entropy against env steps
+                  (needs matplotlib: pip install matplotlib; training does not)
 
-    python docs/compare.py                     # every run (about 75 min on 2 CPU cores), table, figure
+    python docs/compare.py                     # every run, table, figure
     python docs/compare.py --report-only       # table and figure from the runs already in --out
     python docs/compare.py --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
+    python docs/compare.py --methods none --envs gtr/NumberLine-v0 --updates 60 --eval-episodes 128 \
+        --out runs/ppo --name ppo_numberline     # PPO only over 3 seeds (README, "What made PPO learn")
 
 Finished runs (their final eval line written) are kept, so an interrupted comparison continues
 where it stopped.
@@ -54,7 +57,9 @@ class CompareArgs:
     out: str = "runs/compare"
     """folder of the runs (OUT/<env>/<method>/seed<N>)"""
     docs: str = os.path.join(ROOT, "docs")
-    """where comparison.md and learning_curves.png go"""
+    """where NAME.md and NAME.png go"""
+    name: str = "comparison"
+    """file name (without extension) of the table and the figure"""
     report_only: bool = False
     """do not train; report the runs already in --out"""
 
@@ -114,6 +119,18 @@ def mean_se(values):
     return mean, math.sqrt(var / len(values))
 
 
+def quarters(rows, key):
+    """Mean of `key` over the first and over the last quarter of a run's updates."""
+    q = max(1, len(rows) // 4)
+    return mean_se([r[key] for r in rows[:q]])[0], mean_se([r[key] for r in rows[-q:]])[0]
+
+
+def pair(per_seed):
+    """'first +- se / last +- se' over seeds of (first, last) pairs."""
+    (f, fse), (l, lse) = mean_se([p[0] for p in per_seed]), mean_se([p[1] for p in per_seed])
+    return f"{f:.3f} +- {fse:.3f} / {l:.3f} +- {lse:.3f}"
+
+
 def smooth(values, window=5):
     """Trailing moving average; None (no episode ended in that update) is skipped."""
     out = []
@@ -127,11 +144,12 @@ def report(args, envs, methods):
     """Both tables from the finished runs. A seed counts once all its methods have finished, so
     every row compares the methods on the same seeds (an interrupted comparison reports the rest)."""
     lines = ["| environment | method | seeds | success after warm start | final success | final return | "
-             "train success, last 10 updates | entropy: first / middle / last update | s per update |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    per_seed = ["| environment | seed | warm start: held-out SFT loss | success after warm start | "
-                + " | ".join(f"final success, {METHODS[m]}" for m in methods) + " |",
-                "|---|---|---|---|" + "---|" * len(methods)]
+             "train success: first / last quarter | format valid: first / last quarter | "
+             "entropy: first / middle / last update | s per update |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    per_seed = ["| environment | method | seed | warm start: held-out SFT loss | success after warm start | "
+                "final success | train success: first / last quarter | format valid: first / last quarter |",
+                "|---|---|---|---|---|---|---|---|"]
     curves = {}
     for env in envs:
         seeds = [s for s in range(args.seeds) if finished(run_dir(args, env, "warm", s), 0)
@@ -147,20 +165,22 @@ def report(args, envs, methods):
             finals[method] = [evals[-1]["eval_success_rate"] for _, evals in runs]
             final = mean_se(finals[method])
             ret = mean_se([evals[-1]["eval_return"] for _, evals in runs])
-            late = mean_se([mean_se([r["success_rate"] for r in rows[-10:]])[0] for rows, _ in runs])
+            success = [quarters(rows, "success_rate") for rows, _ in runs]  # per seed: (first, last)
+            valid = [quarters(rows, "format_valid") for rows, _ in runs]
             entropy = [mean_se([rows[i]["entropy"] for rows, _ in runs])[0]
                        for i in (0, len(runs[0][0]) // 2, len(runs[0][0]) - 1)]
             seconds = mean_se([sum(r["time_rollout"] + r["time_update"] + r["time_merge"] for r in rows) / len(rows)
                                for rows, _ in runs])
             lines.append(f"| {env.split('/')[-1]} | {METHODS[method]} | {len(seeds)} | {start[0]:.3f} +- {start[1]:.3f} | "
                          f"**{final[0]:.3f} +- {final[1]:.3f}** | {ret[0]:.2f} +- {ret[1]:.2f} | "
-                         f"{late[0]:.3f} +- {late[1]:.3f} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
+                         f"{pair(success)} | {pair(valid)} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
                          f"{seconds[0]:.1f} |")
             curves[env, method] = runs
-        for i, s in enumerate(seeds):
-            loss = warm[s][0][0]["warmup_loss_after"]
-            per_seed.append(f"| {env.split('/')[-1]} | {s} | {loss:.3f} | {warm[s][1][-1]['eval_success_rate']:.3f} | "
-                            + " | ".join(f"{finals[m][i]:.3f}" for m in methods) + " |")
+            for i, s in enumerate(seeds):
+                loss = warm[s][0][0]["warmup_loss_after"]
+                per_seed.append(f"| {env.split('/')[-1]} | {METHODS[method]} | {s} | {loss:.3f} | "
+                                f"{warm[s][1][-1]['eval_success_rate']:.3f} | {finals[method][i]:.3f} | "
+                                f"{success[i][0]:.3f} / {success[i][1]:.3f} | {valid[i][0]:.3f} / {valid[i][1]:.3f} |")
     if not curves:
         sys.exit("no finished comparison runs to report")
     rows, evals = next(iter(curves.values()))[0]
@@ -170,7 +190,7 @@ def report(args, envs, methods):
               f"(mean +- standard error over seeds). Further flags of every RL run: "
               f"`{args.train_flags or 'none'}`.\n\n")
     text = header + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n"
-    with open(os.path.join(args.docs, "comparison.md"), "w") as f:
+    with open(os.path.join(args.docs, f"{args.name}.md"), "w") as f:
         f.write(text)
     print(text)
     plot(args, envs, methods, curves)
@@ -185,12 +205,12 @@ def plot(args, envs, methods, curves):
         print("matplotlib is not installed (pip install matplotlib): no learning_curves.png")
         return
     envs = [env for env in envs if (env, methods[0]) in curves]
-    fig, axes = plt.subplots(2, len(envs), figsize=(5 * len(envs), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(envs), figsize=(5 * len(envs), 10), squeeze=False)
     for col, env in enumerate(envs):
         for method in methods:
             runs = curves[env, method]
             steps = [r["env_steps"] for r in runs[0][0]]
-            for row, key in enumerate(("success_rate", "entropy")):
+            for row, key in enumerate(("success_rate", "format_valid", "entropy")):
                 per_seed = [smooth([r[key] for r in rows]) for rows, _ in runs]
                 mean = [mean_se(v)[0] for v in zip(*per_seed)]
                 se = [0.0 if math.isnan(s) else s for s in (mean_se(v)[1] for v in zip(*per_seed))]
@@ -199,12 +219,13 @@ def plot(args, envs, methods, curves):
                                             [m + s for m, s in zip(mean, se)], color=line.get_color(), alpha=0.2)
         axes[0][col].set_title(env.split("/")[-1])
         axes[0][col].set_ylabel("training success rate (5-update mean)")
-        axes[1][col].set_ylabel("token entropy at the sampling T")
-        axes[1][col].set_xlabel("environment steps")
+        axes[1][col].set_ylabel("answers that parse (5-update mean)")
+        axes[2][col].set_ylabel("token entropy at the sampling T")
+        axes[2][col].set_xlabel("environment steps")
         axes[0][col].legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(args.docs, "learning_curves.png"), dpi=100)
-    print(f"wrote {os.path.join(args.docs, 'learning_curves.png')}")
+    fig.savefig(os.path.join(args.docs, f"{args.name}.png"), dpi=100)
+    print(f"wrote {os.path.join(args.docs, args.name + '.png')}")
 
 
 def main(args):

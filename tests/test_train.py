@@ -161,6 +161,31 @@ def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy):
     assert logs["sft_loss"][0] == pytest.approx(sft_loss(expected["logprobs"], mask).item(), abs=1e-5)
 
 
+def test_critic_learns_the_environment_return_and_bonuses_move_only_their_step():
+    """The format bonus and the KL penalty shift only their own step's advantage; the critic's
+    target is the environment's GAE return. (A critic trained on r + bonus, the reference's
+    way, makes V(s') carry all future bonuses, which pays the agent for not finishing.)"""
+    from ppo import gae, normalize_advantages
+    from rollout import Batch
+    from teacher import Guidance
+    from train import Args, advantages_and_returns
+    col = lambda *x: torch.tensor(x, dtype=torch.float32)[:, None]  # [T, 1]
+    zeros = col(0.0, 0.0, 0.0)
+    batch = Batch(encoded=[], responses=[], token_logprobs=[], old_logprobs=zeros,
+                  values=col(2.0, 5.0, 9.0), next_values=col(5.0, 9.0, 0.0), rewards=col(0.0, -1.0, 1.0),
+                  format_rewards=col(3.0, -2.0, 3.0), terminated=col(0.0, 0.0, 1.0), truncated=zeros,
+                  format_valid=zeros, actions=zeros, entropy=zeros, thought_tokens=zeros)
+    env_adv, env_ret = gae(batch.rewards, batch.values, batch.next_values, batch.terminated, batch.truncated, 0.9, 0.95)
+    guidance = Guidance(teacher_kl=col(0.5, 0.0, 2.0), sft_targets=None, parse_rate=float("nan"), seconds=0.0)
+    adv, ret, diagnostics = advantages_and_returns(batch, guidance, Args(guidance="kl", kl_coef=1.0))
+    shaped = env_adv + batch.format_rewards - guidance.teacher_kl  # A' = A + b - beta * KL
+    assert torch.allclose(adv, normalize_advantages(shaped.flatten()))
+    assert torch.allclose(ret, env_ret.flatten())
+    assert 0.0 < diagnostics["adv_var_env"] and 0.0 < diagnostics["adv_var_format"]
+    _, ret, _ = advantages_and_returns(batch, guidance, Args(guidance="kl", kl_coef=1.0, value_target="shaped"))
+    assert torch.allclose(ret, (env_ret + batch.format_rewards - guidance.teacher_kl).flatten())
+
+
 def test_readme_states_the_default_configuration():
     """The README's quick start runs `torchrun train.py` with no flags, and its table of the
     default run's flags holds train.py's actual defaults."""

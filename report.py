@@ -1,0 +1,80 @@
+"""What a run reports: one metrics row per update, its console line, and evaluations.
+
+Statistics are averaged over all processes (`all_mean`), so a torchrun job logs the same
+numbers as one process playing all the environments; only rank 0 prints and writes. The row's
+keys are listed in the README ("What a run writes"): episodes and answers, PPO's health
+(approx_kl, clip and guard fractions, explained variance, gradient norms of each loss,
+advantage variance shares, skipped steps), the teacher's KL or SFT loss, and timings.
+
+Use (train.py):
+    log_update(metrics_file_or_None, batch, guidance, logs, counters, recent, world)
+    run_evaluation(policy, args, rank, world, update)    # appends to OUT/eval.jsonl
+"""
+
+import json
+import os
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from rollout import evaluate
+
+
+def all_mean(values, world):
+    """Mean of a list of floats over all processes (episode statistics, losses)."""
+    t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
+
+
+def log_update(metrics, batch, guidance, logs, counters, recent, world):
+    """One metrics.jsonl row (statistics averaged over all processes) and its console line."""
+    episodes = batch.episodes
+    row = {"update": counters["update"], "env_steps": counters["env_steps"],
+           "success_rate": all_mean([e["success"] for e in episodes], world),
+           "episode_return": all_mean([e["return"] for e in episodes], world),
+           "episode_length": all_mean([e["length"] for e in episodes], world),
+           "episodes": int(all_mean([len(episodes)], world) * world),
+           "format_valid": all_mean(batch.format_valid.flatten().tolist(), world),
+           "entropy": all_mean(batch.entropy.flatten().tolist(), world),
+           "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),
+           "teacher_kl": all_mean(guidance.teacher_kl.flatten().tolist(), world) if guidance else float("nan"),
+           "teacher_parse_rate": all_mean([guidance.parse_rate], world) if guidance else float("nan"),
+           **{k: all_mean([v], world) for k, v in logs.items()}}
+    if row["episodes"]:
+        recent.append((row["success_rate"] * row["episodes"], row["episodes"]))
+    if metrics is None:  # not rank 0
+        return
+    # One update ends only ~10-25 episodes: the mean over the last 10 updates shows the trend.
+    tqdm.write(f"update {row['update']:3d} | steps {row['env_steps']:6d} | success {row['success_rate']:.2f} "
+               f"(last 10 updates {sum(s for s, _ in recent) / max(sum(n for _, n in recent), 1):.2f}) | "
+               f"return {row['episode_return']:6.2f} | format {row['format_valid']:.2f} | "
+               f"entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | ev {row['explained_variance']:+.2f} | "
+               f"approx_kl {row['approx_kl']:.3f} clip {row['clip_fraction']:.2f} guard {row['guard_fraction']:.2f} | "
+               f"|g| pg {row['grad_norm_policy_loss']:.2g} vf {row['grad_norm_value_loss']:.2g} | "
+               f"{row['env_steps_per_s']:.1f} steps/s")
+    # NaN (no episode finished, no SFT target) is written as null: strict JSON.
+    metrics.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")
+    metrics.flush()
+
+
+def run_evaluation(policy, args, rank, world, update):
+    """Success rate (with its standard error) and mean return on fresh seeds, over all ranks."""
+    temperature = args.temperature if args.eval_temperature < 0 else args.eval_temperature
+    # Seeds far from training's (seed + 1000 * rank + i), so evaluation deals are fresh.
+    episodes = evaluate(policy, args.env, len(range(rank, args.eval_episodes, world)), args.num_envs,
+                        seed=10**6 + args.seed + 1000 * rank, temperature=temperature,
+                        max_new_tokens=args.max_new_tokens, unparsed_action=args.unparsed_action)
+    n = int(round(all_mean([len(episodes)], world) * world))
+    success = all_mean([e["success"] for e in episodes], world)
+    result = {"update": update, "eval_episodes": n, "eval_success_rate": success,
+              "eval_success_stderr": (success * (1 - success) / max(n, 1)) ** 0.5,
+              "eval_return": all_mean([e["return"] for e in episodes], world), "eval_temperature": temperature}
+    if rank == 0:
+        tqdm.write(f"eval update {update}: success {success:.3f} +- {result['eval_success_stderr']:.3f} "
+                   f"over {n} episodes | return {result['eval_return']:.2f}")
+        with open(os.path.join(args.out, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
