@@ -13,7 +13,7 @@ The agent answers each observation with a response y = (thought tokens, action t
 Usage (one update):
 
     adv, ret = gae(rewards, values, next_values, terminated, truncated)     # [T, N]
-    adv = adv + format_bonus - beta * kl                # caller's additions (§3, §4.3)
+    adv = adv + format_bonus - beta * kl                # caller's additions (§3, §4.3); ret unchanged
     adv = normalize_advantages(adv.flatten())
     lp = sequence_logprob(token_logprobs(logits, tokens, 0.2), th_mask, act_mask, 0.5)
     pg, stats = policy_loss(lp, old_lp, adv[idx])
@@ -34,8 +34,9 @@ def gae(rewards, values, next_values, terminated, truncated, gamma=0.9, lam=0.95
     rollout. Returns (advantages, returns), float32 [T, N], returns = advantages + values.
 
     The format reward (§3) and the KL penalty -beta * KL_hat (§4.3) are NOT rewards
-    here: the caller adds them to that step's advantage after GAE, so they never propagate
-    to earlier steps.
+    here: the caller adds them to that step's advantage after GAE. They reach earlier steps
+    only if the critic learns them too (its values enter every delta), which is why
+    train.py trains the critic on these returns alone.
     """
     rewards, values, next_values = rewards.float(), values.float(), next_values.float()
     terminated, truncated = terminated.float(), truncated.float()  # [T, N]

@@ -74,7 +74,7 @@ class Args:
     image_size: int = 0
     """resize observations to this many pixels before the processor (0: the model's default)"""
     # Sampling and the action log-prob (docs/ALGORITHM.md §2)
-    temperature: float = 1.0
+    temperature: float = 0.5
     """sampling temperature; logits are divided by it when evaluating too (paper: 0.2)"""
     max_new_tokens: int = 64
     """longest answer in tokens (paper: 256)"""
@@ -107,8 +107,8 @@ class Args:
     """samples per optimizer step (paper: 128 by gradient accumulation)"""
     micro_batch_size: int = 32
     """samples per forward pass; gradients are accumulated over a mini-batch (GPU, 3B model: 4)"""
-    lr: float = 1e-4
-    """Adam learning rate, cosine-annealed to lr_min"""
+    lr: float = 3e-5
+    """Adam learning rate, cosine-annealed to lr_min (paper: 1e-5)"""
     lr_min: float = 1e-9
     """final learning rate"""
     lr_updates: int = 0
