@@ -30,14 +30,12 @@ from dataclasses import dataclass
 import gymnasium as gym
 import torch
 
-import envs
+import envs  # noqa: F401  (registers the environments)
 from demonstrations import warm_start
 from flags import parse_dataclass
-from policy import load_policy
 from rollout import Rollout
 from teacher import Teacher
-from tinyvlm import tiny_model
-from train import Args, ppo_update
+from train import Args, build_policy, ppo_update, setup_distributed
 
 
 @dataclass
@@ -56,13 +54,9 @@ def timed(fn):
 
 
 def main(args):
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    _, _, device = setup_distributed(args.device)
     torch.manual_seed(0)
-    model_path = tiny_model(seed=args.seed, image_size=args.image_size or 112) if args.model == "tiny" else args.model
-    policy = load_policy(model_path, envs.action_span, device=device, thought_coef=args.thought_coef,
-                         image_size=args.image_size or None, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                         lora_dropout=args.lora_dropout, lora_vision=args.lora_vision, lora_targets=args.lora_targets)
+    policy = build_policy(args, device)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=args.lr)
     if args.warmup_sft_steps:  # so that answers parse (else SFT's teacher retries dominate)

@@ -196,17 +196,21 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
+def build_policy(args, device, adapter_path=None):
+    """The actor-critic of --model (the tiny model is built on first use) with the LoRA flags."""
+    model = tiny_model(seed=args.seed, image_size=args.image_size or 112) if args.model == "tiny" else args.model
+    return load_policy(model, envs.action_span, device=device, thought_coef=args.thought_coef,
+                       image_size=args.image_size or None, adapter_path=adapter_path, lora_r=args.lora_r,
+                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,
+                       lora_targets=args.lora_targets)
+
+
 def main(args):
     rank, world, device = setup_distributed(args.device)
     checkpoint.check_start(args, world)
     torch.manual_seed(args.seed + rank)
     resume = checkpoint.latest(args.out) if args.resume else None
-    model_path = tiny_model(seed=args.seed, image_size=args.image_size or 112) if args.model == "tiny" else args.model
-    policy = load_policy(model_path, envs.action_span, device=device, thought_coef=args.thought_coef,
-                         image_size=args.image_size or None,
-                         adapter_path=os.path.join(resume, "adapters", "policy") if resume else args.init or None,
-                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                         lora_vision=args.lora_vision, lora_targets=args.lora_targets)
+    policy = build_policy(args, device, os.path.join(resume, "adapters", "policy") if resume else args.init or None)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     # DDP broadcasts rank 0's weights (LoRA init, value head) to every rank at construction and
     # all-reduces gradients in backward; everything else below runs on the bare module.
@@ -231,8 +235,10 @@ def main(args):
     # The teacher is attached after the warm start, so the warm start is the same whatever the
     # guidance: the methods of one seed start RL from the same policy.
     teacher = Teacher(policy, args) if args.guidance != "none" else None
-    if teacher:
-        teacher.load(policy, os.path.join(resume, "adapters"), counters) if resume else teacher.start(policy)
+    if teacher and resume:
+        teacher.load(policy, os.path.join(resume, "adapters"), counters)
+    elif teacher:
+        teacher.start(policy)  # pi_T^(0): the policy RL starts from
     if args.warmup_sft_steps and not resume:
         # A checkpoint at update 0: the warm-started policy can seed other runs (--init).
         checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world)

@@ -168,3 +168,29 @@ def test_entropy_of_uniform_logits_is_log_v():
     assert ent.dtype == torch.float32 and ent.shape == (3, 4)
     torch.testing.assert_close(ent, torch.full((3, 4), math.log(7)))
     assert per_token_entropy(torch.tensor([0.0, -1e4, -1e4])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_non_finite_gradient_step_is_skipped_and_weights_are_kept():
+    """A NaN gradient never reaches the weights: the step is skipped and reported."""
+    from ppo import accumulated_step
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.Adam([w], lr=0.1)
+    loss = lambda idx: (w[idx] * torch.tensor([float("nan"), 1.0, 1.0])[idx]).sum()
+    norm, stepped = accumulated_step(loss, [0, 1, 2], 2, optimizer, [w], 1.0)
+    assert not stepped and not math.isfinite(norm)
+    assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
+    norm, stepped = accumulated_step(lambda idx: (w[idx] ** 2).sum(), [0, 1, 2], 2, optimizer, [w], 1.0)
+    assert stepped and math.isfinite(norm) and (w.detach() < 1.0).all()
+
+
+def test_accumulated_gradient_equals_the_whole_mini_batch():
+    """Micro-batches weighted by size give the gradient of the mini-batch's mean loss."""
+    from ppo import accumulated_step
+    x = torch.randn(5, 3)
+    grads = []
+    for micro in (5, 2):
+        w = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([w], lr=0.0)
+        accumulated_step(lambda idx: (x[idx] @ w).pow(2).mean(), list(range(5)), micro, optimizer, [w], 1e9)
+        grads.append(w.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
