@@ -129,21 +129,24 @@ def gradient_norms(losses, params):
     return norms
 
 
-def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, params, max_grad_norm):
+def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, params, max_grad_norm,
+                     may_step=None):
     """One optimizer step over a mini-batch of sample indices, its gradient accumulated over
     micro-batches (the reference's gradient accumulation; the micro-batch size is a memory
     setting only). `micro_batch_loss(indices)` returns that micro-batch's mean loss.
 
     The gradient norm is clipped to `max_grad_norm` (0.01 in the reference). A step whose
     gradient norm is not finite is skipped: one NaN would poison the weights for good (and, in
-    GTR-Turbo, the teacher merged from them). Returns (norm before clipping, stepped?).
+    GTR-Turbo, the teacher merged from them). `may_step()`, asked once the gradient is in, can
+    veto the step (early stopping on the KL to the rollout policy). Returns (norm before
+    clipping, stepped?).
     """
     optimizer.zero_grad(set_to_none=True)
     for start in range(0, len(minibatch), micro_batch_size):
         idx = minibatch[start:start + micro_batch_size]
         (micro_batch_loss(idx) * len(idx) / len(minibatch)).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not torch.isfinite(grad_norm):
+    if not torch.isfinite(grad_norm) or (may_step is not None and not may_step()):
         optimizer.zero_grad(set_to_none=True)
         return grad_norm.item(), False
     optimizer.step()

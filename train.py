@@ -101,6 +101,8 @@ class Args:
     """critic's target: env (the environment's return) or shaped (+ format bonus and KL penalty, the reference)"""
     max_grad_norm: float = 0.01
     """gradient norm clip"""
+    target_kl: float = 0.02
+    """end an update's PPO epochs before a step whose mini-batch approx_kl exceeds 1.5x this (0: never)"""
     ppo_epochs: int = 4
     """PPO epochs per update"""
     minibatch_size: int = 32
@@ -316,15 +318,29 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args):
     def loss_of(idx):
         return micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs)
 
+    def within_kl(first=0):
+        # Early stop (--target-kl): the mini-batch's approx_kl to the rollout policy, measured
+        # before this step, must stay under 1.5x the target, else the update ends here.
+        return not args.target_kl or np.mean(logs["approx_kl"][first:]) <= 1.5 * args.target_kl
+
+    steps = 0
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(len(old_logprobs)).tolist()
         for start in range(0, len(order), args.minibatch_size):
+            first = len(logs["approx_kl"])
             grad_norm, stepped = accumulated_step(loss_of, order[start:start + args.minibatch_size],
-                                                  args.micro_batch_size, optimizer, trainable, args.max_grad_norm)
+                                                  args.micro_batch_size, optimizer, trainable, args.max_grad_norm,
+                                                  may_step=lambda: within_kl(first))
             logs["grad_norm"].append(grad_norm)
-            logs["skipped_steps"].append(not stepped)
+            logs["skipped_steps"].append(not stepped and not np.isfinite(grad_norm))
+            steps += stepped
+            if not within_kl(first):
+                break
+        if not within_kl(first):
+            break
     return diagnostics | {"sft_loss": float("nan")} | {k: float(np.mean(v)) for k, v in logs.items()} | {
-        "log_ratio_max": max(logs["log_ratio_max"]), "skipped_steps": int(sum(logs["skipped_steps"]))}
+        "log_ratio_max": max(logs["log_ratio_max"]), "skipped_steps": int(sum(logs["skipped_steps"])),
+        "optimizer_steps": steps}
 
 
 def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs):
