@@ -1,11 +1,12 @@
 """Speed and memory of GTR-Turbo's pieces, as ratios measured in one run on one machine.
 
-    python bench.py                     # train.py's default update (tiny model, CPU): a table
-    python bench.py --json              # the same as one JSON object
+    python bench.py --lora-r 8 --lora-alpha 16     # tiny model, CPU: the table the targets are for
+    python bench.py --lora-r 8 --lora-alpha 16 --json   # the same as one JSON object
     python bench.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --max-new-tokens 128
 Every flag of train.py applies (the update measured is train.py's), plus --repeats and --json.
 
-Ratios (targets on a 2-core CPU with the tiny model in brackets):
+Ratios (targets on a 2-core CPU with the tiny model at LoRA rank 8 in brackets; at rank 128 the
+tiny model's adapter outweighs the model itself, so memory and merge ratios say nothing there):
   rollout_speedup          env steps/s of the lockstep rollout (one batched generate per step for
                            --num-envs environments) over one environment at a time, the
                            reference's way                                                  [>= 3]
