@@ -14,7 +14,7 @@ Use (train.py):
     check_start(args, world)                             # --init, --teacher, --resume fit?
     metrics = open_run(out, config, last_update)         # config.json, metrics.jsonl
     save(out, policy, optimizer, runner, counters, rank, world)
-    runner, counters = load(path, policy, optimizer, rank, world, out)
+    runner, counters = load(latest(out), optimizer, rank)    # then load_policy and Teacher.load
 """
 
 import hashlib
