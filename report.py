@@ -36,7 +36,7 @@ def log_update(metrics, batch, guidance, logs, counters, recent, world):
            "success_rate": all_mean([e["success"] for e in episodes], world),
            "episode_return": all_mean([e["return"] for e in episodes], world),
            "episode_length": all_mean([e["length"] for e in episodes], world),
-           "episodes": int(all_mean([len(episodes)], world) * world),
+           "episodes": int(round(all_mean([len(episodes)], world) * world)),
            "format_valid": all_mean(batch.format_valid.flatten().tolist(), world),
            "entropy": all_mean(batch.entropy.flatten().tolist(), world),
            "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),

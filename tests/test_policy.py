@@ -295,4 +295,3 @@ def test_building_the_tiny_model_is_deterministic_and_leaves_the_rng_alone(make_
     assert torch.equal(after_build, torch.rand(4))
     cached = open(os.path.join(tiny_dir, "seed0-112px", "model.safetensors"), "rb").read()
     assert open(tmp_path / "again" / "model.safetensors", "rb").read() == cached
-
