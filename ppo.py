@@ -18,7 +18,10 @@ Usage (one update):
     lp = sequence_logprob(token_logprobs(logits, tokens, 0.2), th_mask, act_mask, 0.5)
     pg, stats = policy_loss(lp, old_lp, adv[idx])
     loss = pg + 0.5 * value_loss(v, ret.flatten()[idx])
-    grad_norm, stepped = accumulated_step(loss_of_indices, minibatch, 8, optimizer, params, 0.01)
+    grad_norm, stepped = accumulated_step(loss_of_indices, minibatch, 8, optimizer, params, 0.01,
+                                          may_step=lambda: approx_kl_so_far <= 1.5 * target_kl)
+    explained_variance(values, returns)                 # diagnostics an RL engineer reads,
+    gradient_norms({"policy": pg, "value": vf}, lora)   # with variance_shares and policy_loss's stats
 """
 import math
 
