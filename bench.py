@@ -36,7 +36,7 @@ from demonstrations import warm_start
 from flags import parse_dataclass
 from rollout import Rollout
 from teacher import Teacher
-from train import Args, build_policy, ppo_update, setup_distributed
+from train import CHOICES, RANGES, Args, build_policy, ppo_update, setup_distributed
 
 
 @dataclass
@@ -57,7 +57,10 @@ def timed(fn):
 def main(args):
     _, _, device = setup_distributed(args.device)
     torch.manual_seed(0)
-    policy = build_policy(args, device)
+    try:
+        policy = build_policy(args, device)
+    except (OSError, ValueError) as error:  # a --model that cannot be loaded: its message, no traceback
+        sys.exit(str(error))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=args.lr)
     if args.warmup_sft_steps:  # so that answers parse (else SFT's teacher retries dominate)
@@ -142,4 +145,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_dataclass(BenchArgs, sys.argv[1:], __doc__))
+    main(parse_dataclass(BenchArgs, sys.argv[1:], __doc__, choices=CHOICES, ranges=RANGES | {"repeats": "positive"}))

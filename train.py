@@ -171,13 +171,24 @@ class Args:
     """evaluate the run in --out (with --resume) and exit"""
 
 
+# Every flag's valid values, checked before anything runs (bench.py uses them too).
+CHOICES = {"guidance": ("none", "sft", "kl"), "merge": ("ties", "linear", "dare"), "merge_weights": ("ema", "sma"),
+           "merge_space": ("factors", "delta"), "kl_estimator": KL_ESTIMATORS, "unparsed_action": ("random", "penalty"),
+           "value_target": ("env", "shaped"), "device": ("auto", "cpu", "cuda")}
+RANGES = {**dict.fromkeys(("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip", "max_grad_norm",
+                           "ppo_epochs", "minibatch_size", "micro_batch_size", "lr", "lora_r", "lora_alpha",
+                           "merge_every", "warmup_lr", "warmup_batch_size", "save_every"), "positive"),
+          **dict.fromkeys(("updates", "seed", "thought_coef", "vf_coef", "target_kl", "lr_min", "lr_updates", "kl_coef",
+                           "sft_coef", "warmup_sft_steps", "eval_episodes", "eval_every"), "non-negative"),
+          **dict.fromkeys(("gamma", "gae_lambda"), "in [0, 1]"), **dict.fromkeys(("ema_alpha", "ties_density"), "in (0, 1]"),
+          "lora_dropout": "in [0, 1)", "ratio_guard": "greater than 1", "image_size": "0 (the model's own) or at least 28",
+          "eval_temperature": "-1 (the sampling temperature) or non-negative"}
+
+
 def parse_args(argv=None):
     """Train.py's flags, checked: stop early, with the fix in the message, on flags that would
     fail deep inside a library."""
-    args = parse_dataclass(Args, argv, __doc__, choices={
-        "guidance": ("none", "sft", "kl"), "merge": ("ties", "linear", "dare"), "merge_weights": ("ema", "sma"),
-        "merge_space": ("factors", "delta"), "kl_estimator": KL_ESTIMATORS, "unparsed_action": ("random", "penalty"),
-        "value_target": ("env", "shaped")})
+    args = parse_dataclass(Args, argv, __doc__, choices=CHOICES, ranges=RANGES)
     if args.env not in gym.registry:
         sys.exit(f"--env {args.env!r} is not a registered gymnasium id; bundled: {', '.join(envs.ENV_IDS)}")
     if args.steps_per_update % args.num_envs:
@@ -212,7 +223,10 @@ def main(args):
     checkpoint.check_start(args, world)
     torch.manual_seed(args.seed + rank)
     resume = checkpoint.latest(args.out) if args.resume else None
-    policy = build_policy(args, device, os.path.join(resume, "adapters", "policy") if resume else args.init or None)
+    try:
+        policy = build_policy(args, device, os.path.join(resume, "adapters", "policy") if resume else args.init or None)
+    except (OSError, ValueError) as error:  # a --model that cannot be loaded: its message, no traceback
+        sys.exit(str(error))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     # DDP broadcasts rank 0's weights (LoRA init, value head) to every rank at construction and
     # all-reduces gradients in backward; everything else below runs on the bare module.

@@ -244,4 +244,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_dataclass(CompareArgs, sys.argv[1:], __doc__))
+    main(parse_dataclass(CompareArgs, sys.argv[1:], __doc__, ranges={
+        "seeds": "positive", "updates": "positive", "eval_episodes": "non-negative", "jobs": "positive"}))

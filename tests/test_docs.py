@@ -9,9 +9,11 @@ DOCS = ["README.md", "docs/ALGORITHM.md", "docs/TINY_MODEL.md"]
 
 
 def defined_names(path):
-    """Top-level functions and classes of a Python file, and Class.method for their methods."""
+    """Top-level functions, classes and constants of a Python file, and Class.method for methods."""
     names = set()
     for node in ast.parse(open(path).read()).body:
+        if isinstance(node, ast.Assign):
+            names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             names.add(node.name)
         if isinstance(node, ast.ClassDef):

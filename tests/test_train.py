@@ -55,12 +55,24 @@ def test_guided_smoke(tiny_dir, tmp_path, guidance):
 
 
 def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
-    for flags, message in [(["--guidance", "gpt4"], "invalid choice: 'gpt4'"),
-                           (["--env", "gtr/Chess-v0"], "not a registered gymnasium id"),
-                           (["--steps-per-update", "10", "--num-envs", "4"], "must be a multiple")]:
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags],
+    """A bad flag stops train.py (and bench.py, docs/compare.py) before anything runs, with one
+    line that names the flag, its value and what is valid, and no traceback."""
+    cases = [("train.py", ["--guidance", "gpt4"], "--guidance: invalid choice: 'gpt4'"),
+             ("train.py", ["--env", "gtr/Chess-v0"], "not a registered gymnasium id"),
+             ("train.py", ["--steps-per-update", "10", "--num-envs", "4"], "must be a multiple"),
+             ("train.py", ["--num-envs", "0"], "--num-envs: 0 is not valid; it must be positive"),
+             ("train.py", ["--lr", "-1"], "--lr: -1.0 is not valid; it must be positive"),
+             ("train.py", ["--gamma", "1.5"], "--gamma: 1.5 is not valid; it must be in [0, 1]"),
+             ("train.py", ["--model", "./nope"], "--model './nope': no such folder"),
+             ("bench.py", ["--repeats", "0"], "--repeats: 0 is not valid"),
+             ("docs/compare.py", ["--jobs", "0"], "--jobs: 0 is not valid")]
+    for script, flags, message in cases:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", str(tmp_path / "run")],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line
+                 and not line.startswith("  warnings.warn")]
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
 def test_help_documents_every_flag():
