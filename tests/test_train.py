@@ -215,6 +215,19 @@ def test_readme_states_the_default_configuration():
         assert str(getattr(defaults, flag.replace("-", "_"))) == value, f"README says --{flag} {value}"
 
 
+def test_plot_draws_a_run(tiny_dir, tmp_path):
+    """docs/plot.py draws a short run (its metrics and evaluations) into one PNG."""
+    run = tmp_path / "run"
+    run_train(tiny_dir, run, "--guidance", "kl")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "plot.py"), str(run), "--smooth", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / "plot.png").stat().st_size > 10_000
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "plot.py"), str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "no metrics.jsonl there" in result.stderr
+
+
 def test_compare_smoke(tiny_dir, tmp_path):
     """docs/compare.py runs a warm start and the three methods from it, and writes the table."""
     small = "--num-envs 2 --lora-r 8 --lora-alpha 16 --max-new-tokens 16"
