@@ -6,7 +6,9 @@ A checkpoint (OUT/checkpoint) holds:
                value head next to the policy adapter;
   trainer.pt   optimizer state and counters (update, environment steps, teacher merges);
   rank<r>.pkl  per process: its environments (mid-episode), its rollout RNG, its torch RNG
-               (sampling, dropout, mini-batch order) and a digest of its weights.
+               (sampling, dropout, mini-batch order) and a digest of its weights. Resumed on
+               another number of processes, these are not used: the environments are dealt
+               afresh, with a warning.
 It is written to OUT/checkpoint.tmp and renamed, so a kill at any moment leaves a complete one.
 On resume, metrics.jsonl is cut back to the checkpoint's update: no gap and no duplicate.
 
@@ -14,7 +16,7 @@ Use (train.py):
     check_start(args, world)                             # --init, --teacher, --resume fit?
     metrics = open_run(out, config, last_update)         # config.json, metrics.jsonl
     save(out, policy, optimizer, runner, counters, rank, world)
-    runner, counters = load(latest(out), optimizer, rank)    # then load_policy and Teacher.load
+    runner, counters = load(latest(out), optimizer, rank, world)   # runner None: another process count
 """
 
 import hashlib
@@ -63,9 +65,6 @@ def check_start(args, world):
     if changed:
         sys.exit(f"--resume: the run in {args.out} was trained with other settings ({'; '.join(changed)}). "
                  "Resume with the same flags, or start a new run with another --out.")
-    if saved.get("world_size", 1) != world:
-        sys.exit(f"--resume: the run used {saved.get('world_size', 1)} processes, this one has {world}; "
-                 "every rank's environments are in the checkpoint, so resume with the same count")
 
 
 def _barrier(world):
@@ -80,7 +79,8 @@ def save(out, policy, optimizer, runner, counters, rank, world):
         shutil.rmtree(staging, ignore_errors=True)
         adapters = [name for name in ("policy", "teacher") if name in policy.model.peft_config]
         policy.save(os.path.join(staging, "adapters"), adapters=adapters)  # peft's format
-        torch.save({"optimizer": optimizer.state_dict(), **counters}, os.path.join(staging, "trainer.pt"))
+        torch.save({"optimizer": optimizer.state_dict(), "world_size": world, **counters},
+                   os.path.join(staging, "trainer.pt"))
     _barrier(world)
     rng = {"torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -104,12 +104,24 @@ def save(out, policy, optimizer, runner, counters, rank, world):
     _barrier(world)
 
 
-def load(path, optimizer, rank):
-    """Restore the optimizer, this rank's RNG and environments; returns (runner, counters).
-    The policy adapter and value head are loaded by load_policy(adapter_path=...), the
-    teacher by Teacher.load."""
+def load(path, optimizer, rank, world):
+    """Restore the optimizer and the counters, and this rank's RNG and environments; returns
+    (runner, counters). The policy adapter and value head are loaded by
+    load_policy(adapter_path=...), the teacher by Teacher.load.
+
+    With another number of processes than the run had (a job that lost nodes, or moved from 8
+    GPUs to 4), everything that all ranks share carries over, and the per-rank state cannot:
+    runner is then None (the caller deals the environments afresh) and a warning says so.
+    """
     trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
     optimizer.load_state_dict(trainer.pop("optimizer"))
+    saved_world = trainer.pop("world_size", world)
+    if saved_world != world:
+        if rank == 0:
+            print(f"warning: --resume with {world} processes, the run had {saved_world}: the adapters, value "
+                  "head, optimizer, teacher and counters carry over; the environments are dealt afresh (episodes "
+                  "in progress are dropped) and each process's random streams start anew", file=sys.stderr)
+        return None, trainer
     with open(os.path.join(path, f"rank{rank}.pkl"), "rb") as f:
         saved = pickle.load(f)
     torch.set_rng_state(saved["rng"]["torch"])

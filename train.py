@@ -237,7 +237,11 @@ def main(args):
                      unparsed_action=args.unparsed_action)
     counters = {"update": 0, "env_steps": 0, "merges": 0}
     if resume:
-        runner, counters = checkpoint.load(resume, optimizer, rank)
+        restored, counters = checkpoint.load(resume, optimizer, rank, world)
+        # None: another number of processes than the run had; deals not seen at its start.
+        runner = restored or Rollout([gym.make(args.env) for _ in range(args.num_envs)],
+                                     seed=args.seed + 1000 * rank + 7919 * counters["update"],
+                                     unparsed_action=args.unparsed_action)
     if args.eval_only:
         return run_evaluation(policy, args, rank, world, counters["update"])
     config = dataclasses.asdict(args) | {"world_size": world}

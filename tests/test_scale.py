@@ -73,6 +73,23 @@ def test_kill_and_resume_continues_without_gap(tiny_dir, tmp_path):
     assert steps == [4 * u for u in resumed]
 
 
+def test_resume_on_another_number_of_processes(tiny_dir, tmp_path):
+    """A 2-process run resumed by 1 process carries the adapters, optimizer, teacher and counters
+    over, deals the environments afresh with a warning, and continues the metrics without a gap."""
+    import torch
+    out = tmp_path / "run"
+    flags = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
+             "--guidance", "kl"]
+    train(tiny_dir, *flags, "--updates", "1",
+          launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port=29519"))
+    result = train(tiny_dir, *flags, "--updates", "2", "--resume")
+    assert "the environments are dealt afresh" in result.stderr
+    assert updates(out) == [1, 2]
+    assert [json.loads(line)["env_steps"] for line in open(out / "metrics.jsonl")] == [8, 12]
+    trainer = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
+    assert trainer["merges"] == 2 and trainer["world_size"] == 1 and trainer["update"] == 2
+
+
 def test_incompatible_resume_fails_clearly(tiny_dir, tmp_path):
     out = tmp_path / "run"
     base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
