@@ -11,14 +11,59 @@ Use (train.py):
     run_evaluation(policy, args, rank, world, update)    # appends to OUT/eval.jsonl
 """
 
+import dataclasses
+import importlib
 import json
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 from rollout import evaluate
+
+
+def check_extras(args):
+    """--tensorboard and --wandb need optional packages: say which, before anything runs."""
+    for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        try:
+            if getattr(args, flag):
+                importlib.import_module(package)
+        except ImportError:
+            sys.exit(f"--{flag} needs the {package} package, an optional extra: pip install {package}")
+
+
+class RunLog:
+    """Rank 0's record of a run: metrics.jsonl, and with --tensorboard / --wandb PROJECT the same
+    numbers as scalars there, against the update (evaluations under eval/)."""
+
+    def __init__(self, args, world, last_update):
+        config = dataclasses.asdict(args) | {"world_size": world}
+        self.file, self.sinks = checkpoint.open_run(args.out, config, last_update), []
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
+            self.sinks.append((lambda row, step: [writer.add_scalar(k, v, step) for k, v in row.items()], writer.close))
+        if args.wandb:
+            import wandb
+            run = wandb.init(project=args.wandb, dir=args.out, config=config, name=os.path.basename(args.out))
+            self.sinks.append((lambda row, step: run.log(row, step=step), run.finish))
+
+    def write(self, row, prefix=""):
+        """One row: to metrics.jsonl (NaN as null, strict JSON) unless it is an evaluation, and to the sinks."""
+        if not prefix:
+            self.file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")
+            self.file.flush()
+        scalars = {prefix + k: v for k, v in row.items() if isinstance(v, (int, float)) and v == v and k != "update"}
+        for log, _ in self.sinks:
+            log(scalars, row["update"])
+
+    def close(self):
+        self.file.close()
+        for _, close in self.sinks:
+            close()
 
 
 def all_mean(values, world):
@@ -55,12 +100,10 @@ def log_update(metrics, batch, guidance, logs, counters, recent, world):
                f"approx_kl {row['approx_kl']:.3f} clip {row['clip_fraction']:.2f} guard {row['guard_fraction']:.2f} | "
                f"|g| pg {row['grad_norm_policy_loss']:.2g} vf {row['grad_norm_value_loss']:.2g} | "
                f"{row['env_steps_per_s']:.1f} steps/s")
-    # NaN (no episode finished, no SFT target) is written as null: strict JSON.
-    metrics.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")
-    metrics.flush()
+    metrics.write(row)
 
 
-def run_evaluation(policy, args, rank, world, update):
+def run_evaluation(policy, args, rank, world, update, log=None):
     """Success rate (with its standard error) and mean return on fresh seeds, over all ranks."""
     temperature = args.temperature if args.eval_temperature < 0 else args.eval_temperature
     # Seeds far from training's (seed + 1000 * rank + i), so evaluation deals are fresh.
@@ -77,4 +120,6 @@ def run_evaluation(policy, args, rank, world, update):
                    f"over {n} episodes | return {result['eval_return']:.2f}")
         with open(os.path.join(args.out, "eval.jsonl"), "a") as f:
             f.write(json.dumps(result) + "\n")
+        if log:
+            log.write(result, prefix="eval/")
     return result

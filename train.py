@@ -24,8 +24,6 @@ checkpoint/ (checkpoint.py; adapters in checkpoint/adapters).
 """
 
 import collections
-import dataclasses
-import json
 import os
 import sys
 import time
@@ -45,7 +43,7 @@ from flags import parse_dataclass
 from policy import load_policy
 from ppo import (accumulated_step, cosine_lr, explained_variance, gae, gradient_norms, normalize_advantages,
                  policy_loss, value_loss, variance_shares)
-from report import log_update, run_evaluation
+from report import RunLog, check_extras, log_update, run_evaluation
 from rollout import Rollout
 from teacher import Teacher
 from tinyvlm import tiny_model
@@ -169,6 +167,10 @@ class Args:
     """sampling temperature of evaluation (-1: the sampling --temperature; 0: greedy)"""
     eval_only: bool = False
     """evaluate the run in --out (with --resume) and exit"""
+    tensorboard: bool = False
+    """also log every metric and evaluation to TensorBoard, in OUT/tensorboard (pip install tensorboard)"""
+    wandb: str = ""
+    """also log them to this Weights & Biases project (pip install wandb; WANDB_MODE=offline without network)"""
 
 
 # Every flag's valid values, checked before anything runs (bench.py uses them too).
@@ -195,6 +197,7 @@ def parse_args(argv=None):
         sys.exit(f"--steps-per-update {args.steps_per_update} must be a multiple of --num-envs {args.num_envs}")
     if args.eval_only and not args.resume:
         sys.exit("--eval-only evaluates a saved run: add --resume (and --out RUN)")
+    check_extras(args)
     return args
 
 
@@ -244,14 +247,13 @@ def main(args):
                                      unparsed_action=args.unparsed_action)
     if args.eval_only:
         return run_evaluation(policy, args, rank, world, counters["update"])
-    config = dataclasses.asdict(args) | {"world_size": world}
-    metrics = checkpoint.open_run(args.out, config, counters["update"] if resume else None) if rank == 0 else None
+    metrics = RunLog(args, world, counters["update"] if resume else None) if rank == 0 else None
     if args.warmup_sft_steps and not resume:
         row = warm_start(model, policy, trainable, args, rank, world)
         if metrics:
-            metrics.write(json.dumps(row) + "\n")
+            metrics.write(row)
         if args.eval_episodes:
-            run_evaluation(policy, args, rank, world, 0)  # the level RL has to rise above
+            run_evaluation(policy, args, rank, world, 0, metrics)  # the level RL has to rise above
     # The teacher is attached after the warm start, so the warm start is the same whatever the
     # guidance: the methods of one seed start RL from the same policy.
     teacher = Teacher(policy, args) if args.guidance != "none" else None
@@ -294,11 +296,11 @@ def main(args):
         if update % args.save_every == 0 or update == args.updates:
             checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world)
         if args.eval_every and update % args.eval_every == 0 and update != args.updates:
-            run_evaluation(policy, args, rank, world, update)
+            run_evaluation(policy, args, rank, world, update, metrics)
+    if args.eval_episodes and counters["update"] > 0:  # a warm start alone was evaluated above
+        run_evaluation(policy, args, rank, world, counters["update"], metrics)
     if metrics:
         metrics.close()
-    if args.eval_episodes and counters["update"] > 0:  # a warm start alone was evaluated above
-        run_evaluation(policy, args, rank, world, counters["update"])
     if world > 1:
         dist.destroy_process_group()
 

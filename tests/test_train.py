@@ -215,6 +215,31 @@ def test_readme_states_the_default_configuration():
         assert str(getattr(defaults, flag.replace("-", "_"))) == value, f"README says --{flag} {value}"
 
 
+def test_tensorboard_and_wandb_log_every_metric(tiny_dir, tmp_path, monkeypatch):
+    """--tensorboard and --wandb (offline, no network) get every metrics key and the evaluations."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    rows, _ = run_train(tiny_dir, run, "--guidance", "kl", "--tensorboard", "--wandb", "gtr-test")
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    numeric = {k for k, v in rows[-1].items() if isinstance(v, (int, float)) and k != "update"}
+    assert numeric <= tags and "eval/eval_success_rate" in tags
+    assert [e.step for e in events.Scalars("approx_kl")] == [1, 2]
+    assert list((run / "wandb").glob("offline-run-*/*.wandb"))
+
+
+def test_missing_logging_extra_is_named_in_one_line(tmp_path):
+    code = (f"import sys, runpy; sys.path.insert(0, {ROOT!r}); sys.modules['tensorboard'] = None; "
+            f"sys.argv = ['train.py', '--tensorboard', '--out', {str(tmp_path / 'run')!r}]; "
+            f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--tensorboard needs the tensorboard package, an optional extra: pip install tensorboard" in result.stderr
+
+
 def test_plot_draws_a_run(tiny_dir, tmp_path):
     """docs/plot.py draws a short run (its metrics and evaluations) into one PNG."""
     run = tmp_path / "run"
