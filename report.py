@@ -27,12 +27,12 @@ from rollout import evaluate
 
 def check_extras(args):
     """--tensorboard and --wandb need optional packages: say which, before anything runs."""
-    for flag, package in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+    for package in ("tensorboard", "wandb"):
         try:
-            if getattr(args, flag):
+            if getattr(args, package):
                 importlib.import_module(package)
         except ImportError:
-            sys.exit(f"--{flag} needs the {package} package, an optional extra: pip install {package}")
+            sys.exit(f"--{package} needs the {package} package, an optional extra: pip install {package}")
 
 
 class RunLog:
@@ -41,29 +41,34 @@ class RunLog:
 
     def __init__(self, args, world, last_update):
         config = dataclasses.asdict(args) | {"world_size": world}
-        self.file, self.sinks = checkpoint.open_run(args.out, config, last_update), []
+        self.file = checkpoint.open_run(args.out, config, last_update)
+        self.tensorboard = self.wandb = None
         if args.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(args.out, "tensorboard"))
-            self.sinks.append((lambda row, step: [writer.add_scalar(k, v, step) for k, v in row.items()], writer.close))
+            self.tensorboard = SummaryWriter(os.path.join(args.out, "tensorboard"))
         if args.wandb:
             import wandb
-            run = wandb.init(project=args.wandb, dir=args.out, config=config, name=os.path.basename(args.out))
-            self.sinks.append((lambda row, step: run.log(row, step=step), run.finish))
+            self.wandb = wandb.init(project=args.wandb, dir=args.out, config=config, name=os.path.basename(args.out))
 
     def write(self, row, prefix=""):
-        """One row: to metrics.jsonl (NaN as null, strict JSON) unless it is an evaluation, and to the sinks."""
+        """One row: to metrics.jsonl (NaN as null: strict JSON) unless it is an evaluation
+        (prefix "eval/", eval.jsonl has those), and its numbers to TensorBoard and W&B."""
         if not prefix:
             self.file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")
             self.file.flush()
         scalars = {prefix + k: v for k, v in row.items() if isinstance(v, (int, float)) and v == v and k != "update"}
-        for log, _ in self.sinks:
-            log(scalars, row["update"])
+        if self.tensorboard:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, row["update"])
+        if self.wandb:
+            self.wandb.log(scalars, step=row["update"])
 
     def close(self):
         self.file.close()
-        for _, close in self.sinks:
-            close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def all_mean(values, world):

@@ -5,7 +5,7 @@ own base model. Its whole life is here:
   start   pi_T^(0) = the policy RL starts from (the warm-started one)              (§4.1)
   merge   after an update k: pi_T^(k) = merge({pi^(k), pi_T^(k-1)}), TIES with
           EMA or SMA weights (merge.py)                                             (§4.1)
-  guide   KL:  the teacher scores the agent's own thought tokens, one forward pass;
+  guide   KL:  the teacher scores the agent's own thought tokens (forward passes only);
                the per-step KL estimate is subtracted from that step's advantage    (§4.3)
           SFT: the teacher answers each observation (resampled at rising
                temperatures until it parses); the agent's action replaces the
@@ -21,7 +21,7 @@ Use (train.py):
     teacher = Teacher(policy, args)        # attaches the adapter
     teacher.start(policy)                  # pi_T^(0)
     guidance = teacher.guide(policy, batch, game)     # after each rollout
-    teacher.merge(policy)                  # after each PPO update
+    teacher.merge(policy, update)          # after each PPO update
 """
 
 import os
@@ -95,10 +95,10 @@ class Teacher:
     def guide(self, policy, batch, game):
         """The teacher's guidance for one rollout; `game` (an unwrapped environment) parses answers."""
         start = time.perf_counter()
-        steps = batch.old_logprobs.shape
-        kl, targets, parse_rate = torch.zeros(steps), None, float("nan")
+        shape = batch.old_logprobs.shape  # [T, N]
+        kl, targets, parse_rate = torch.zeros(shape), None, float("nan")
         if self.args.guidance == "kl":
-            kl = self.kl_penalties(policy, batch).reshape(steps)
+            kl = self.kl_penalties(policy, batch).reshape(shape)
         else:
             targets = self.sft_targets(policy, batch, game)
             parse_rate = sum(t is not None for t in targets) / len(targets)
@@ -107,8 +107,8 @@ class Teacher:
 
     def kl_penalties(self, policy, batch):
         """§4.3: per step, KL_hat = mean over thought tokens of clip(log pi - log pi_T, 0, 10),
-        with pi's log-probs those of sampling time and pi_T's from one teacher forward pass over
-        the agent's OWN answers (no generation). Returns [T*N]."""
+        with pi's log-probs those of sampling time and pi_T's from teacher forward passes over
+        the agent's OWN answers (no generation), --micro-batch-size at a time. Returns [T*N]."""
         kl = []
         size = self.args.micro_batch_size
         with policy.use_adapter("teacher"):

@@ -20,7 +20,8 @@ Run (a tiny offline VLM is built on first use; nothing is downloaded):
     python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --steps-per-update 1024 --max-new-tokens 256 \
         --temperature 0.2 --lr 1e-5 --micro-batch-size 4     # the paper's sizes
 Outputs in --out: config.json, metrics.jsonl (one JSON object per update), eval.jsonl,
-checkpoint/ (checkpoint.py; adapters in checkpoint/adapters).
+checkpoint/ (checkpoint.py; adapters in checkpoint/adapters), and with --tensorboard or --wandb
+the same numbers there (report.py).
 """
 
 import collections
@@ -235,16 +236,14 @@ def main(args):
     # all-reduces gradients in backward; everything else below runs on the bare module.
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     optimizer = torch.optim.Adam(trainable, lr=args.lr)
-    # Each rank plays its own environments with distinct seeds.
-    runner = Rollout([gym.make(args.env) for _ in range(args.num_envs)], seed=args.seed + 1000 * rank,
-                     unparsed_action=args.unparsed_action)
-    counters = {"update": 0, "env_steps": 0, "merges": 0}
-    if resume:
-        restored, counters = checkpoint.load(resume, optimizer, rank, world)
-        # None: another number of processes than the run had; deals not seen at its start.
-        runner = restored or Rollout([gym.make(args.env) for _ in range(args.num_envs)],
-                                     seed=args.seed + 1000 * rank + 7919 * counters["update"],
-                                     unparsed_action=args.unparsed_action)
+    runner, counters = None, {"update": 0, "env_steps": 0, "merges": 0}
+    if resume:  # runner stays None when the run had another number of processes
+        runner, counters = checkpoint.load(resume, optimizer, rank, world)
+    if runner is None:
+        # Each rank plays its own environments with distinct seeds (resumed on another number of
+        # processes: seeds offset by the update, so the deals are not those of the run's start).
+        runner = Rollout([gym.make(args.env) for _ in range(args.num_envs)], unparsed_action=args.unparsed_action,
+                         seed=args.seed + 1000 * rank + 7919 * counters["update"])
     if args.eval_only:
         return run_evaluation(policy, args, rank, world, counters["update"])
     metrics = RunLog(args, world, counters["update"] if resume else None) if rank == 0 else None
@@ -338,25 +337,25 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args):
     def loss_of(idx):
         return micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs)
 
-    def within_kl(first=0):
+    def within_kl(first):
         # Early stop (--target-kl): the mini-batch's approx_kl to the rollout policy, measured
-        # before this step, must stay under 1.5x the target, else the update ends here.
+        # before this step (from logs[first:]), must stay under 1.5x the target.
         return not args.target_kl or np.mean(logs["approx_kl"][first:]) <= 1.5 * args.target_kl
 
+    def minibatches():  # epochs of shuffled mini-batches, each order drawn when its epoch starts
+        for epoch in range(args.ppo_epochs):
+            order = torch.randperm(len(old_logprobs)).tolist()
+            yield from (order[start:start + args.minibatch_size] for start in range(0, len(order), args.minibatch_size))
+
     steps = 0
-    for epoch in range(args.ppo_epochs):
-        order = torch.randperm(len(old_logprobs)).tolist()
-        for start in range(0, len(order), args.minibatch_size):
-            first = len(logs["approx_kl"])
-            grad_norm, stepped = accumulated_step(loss_of, order[start:start + args.minibatch_size],
-                                                  args.micro_batch_size, optimizer, trainable, args.max_grad_norm,
-                                                  may_step=lambda: within_kl(first))
-            logs["grad_norm"].append(grad_norm)
-            logs["skipped_steps"].append(not stepped and not np.isfinite(grad_norm))
-            steps += stepped
-            if not within_kl(first):
-                break
-        if not within_kl(first):
+    for minibatch in minibatches():
+        first = len(logs["approx_kl"])
+        grad_norm, stepped = accumulated_step(loss_of, minibatch, args.micro_batch_size, optimizer, trainable,
+                                              args.max_grad_norm, may_step=lambda: within_kl(first))
+        logs["grad_norm"].append(grad_norm)
+        logs["skipped_steps"].append(not stepped and not np.isfinite(grad_norm))
+        steps += stepped
+        if not within_kl(first):  # the update ends here
             break
     return diagnostics | {"sft_loss": float("nan")} | {k: float(np.mean(v)) for k, v in logs.items()} | {
         "log_ratio_max": max(logs["log_ratio_max"]), "skipped_steps": int(sum(logs["skipped_steps"])),

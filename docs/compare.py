@@ -3,11 +3,12 @@
 For each environment and seed, one SFT warm start (`train.py --updates 0`) is trained and
 evaluated; then each method is a `train.py` run that starts from it (`--init`), with the same
 budget of environment steps and the same flags except `--guidance`. The script then reads
-every run's metrics.jsonl and eval.jsonl and writes (NAME: --name, default "comparison")
-  docs/NAME.md    final success (mean +- standard error over seeds), return, training success
+every run's metrics.jsonl and eval.jsonl and writes, into --docs, a Markdown table and a PNG
+figure whose file names are --name with .md and .png added:
+  the table       final success (mean +- standard error over seeds), return, training success
                   and format validity over the first and last quarter of RL, entropy at the
                   start / middle / end of RL, time per update; then a row per seed
-  docs/NAME.png   training success, format validity and token entropy against env steps
+  the figure      training success, format validity and token entropy against env steps
                   (needs matplotlib: pip install matplotlib; training does not)
 
     python docs/compare.py                     # every run, table, figure
@@ -57,7 +58,7 @@ class CompareArgs:
     out: str = "runs/compare"
     """folder of the runs (OUT/<env>/<method>/seed<N>)"""
     docs: str = os.path.join(ROOT, "docs")
-    """where NAME.md and NAME.png go"""
+    """the folder the table and the figure go to"""
     name: str = "comparison"
     """file name (without extension) of the table and the figure"""
     report_only: bool = False
@@ -202,7 +203,7 @@ def plot(args, envs, methods, curves):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed (pip install matplotlib): no learning_curves.png")
+        print(f"matplotlib is not installed (pip install matplotlib): no {args.name}.png")
         return
     envs = [env for env in envs if (env, methods[0]) in curves]
     fig, axes = plt.subplots(3, len(envs), figsize=(5 * len(envs), 10), squeeze=False)

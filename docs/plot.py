@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from compare import smooth  # noqa: E402  (docs/compare.py, beside this file)
 from flags import parse_dataclass  # noqa: E402  (the repository root is not a package)
 
 # (title, metrics.jsonl keys drawn in that panel)
@@ -30,8 +31,6 @@ PANELS = [("success rate (training) and evaluations", ["success_rate"]),
 
 @dataclass
 class PlotArgs:
-    runs: str = "runs/default"
-    """comma-separated run folders (train.py --out); also accepted as positional arguments"""
     out: str = ""
     """the PNG to write (default: RUN/plot.png for one run, plot.png for several)"""
     smooth: int = 5
@@ -47,15 +46,6 @@ def read(run):
     evals = os.path.join(run, "eval.jsonl")
     return ([r for r in rows if r.get("phase") != "warm_start"],
             [json.loads(line) for line in open(evals) if line.strip()] if os.path.exists(evals) else [])
-
-
-def smooth(values, window):
-    """Trailing mean; None (nothing measured that update) is skipped."""
-    out = []
-    for i in range(len(values)):
-        recent = [v for v in values[max(0, i - window + 1): i + 1] if v is not None]
-        out.append(sum(recent) / len(recent) if recent else float("nan"))
-    return out
 
 
 def plot(runs, out, window):
@@ -90,12 +80,11 @@ def plot(runs, out, window):
 
 
 def main(argv):
-    positional = [a for a in argv if not a.startswith("--") and (argv.index(a) == 0 or not argv[argv.index(a) - 1].startswith("--"))]
-    flags = [a for a in argv if a not in positional]
-    args = parse_dataclass(PlotArgs, flags, __doc__, ranges={"smooth": "positive"})
-    runs = positional or [r for r in args.runs.split(",") if r]
-    out = args.out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png")
-    plot(runs, out, args.smooth)
+    """The run folders come first (default runs/default), then the flags."""
+    first_flag = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    runs = argv[:first_flag] or ["runs/default"]
+    args = parse_dataclass(PlotArgs, argv[first_flag:], __doc__, ranges={"smooth": "positive"})
+    plot(runs, args.out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png"), args.smooth)
 
 
 if __name__ == "__main__":
