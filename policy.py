@@ -34,12 +34,17 @@ import re
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from PIL import Image
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ppo import per_token_entropy, sequence_logprob, token_logprobs
 
 # Qwen's vision placeholders: never to be sampled (see `_suppressed_ids`).
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# Positions x vocabulary entries scored at once (`ActorCritic._score`): 128 MB per float32 copy,
+# e.g. 55 positions of 4 answers at Qwen's 152k vocabulary.
+SCORE_CHUNK_ELEMENTS = 2 ** 25
 
 
 def image_only_processor_class(base=None):
@@ -60,20 +65,41 @@ def image_only_processor_class(base=None):
 
 
 def load_processor(path):
-    """The model's processor, loaded with `from_pretrained` (image-only fallback without torchvision)."""
+    """The model's processor, loaded with `from_pretrained`.
+
+    Without torchvision transformers cannot build Qwen's video processor, and so no processor
+    at all; the processor is then rebuilt from what every checkpoint ships: the class that
+    transformers maps the config's model type to, the image processor (`preprocessor_config.json`
+    on the hub, `processor_config.json` when saved by transformers 5), the tokenizer and the
+    chat template (`chat_template.jinja`, `chat_template.json` or the tokenizer's own).
+    """
     import transformers
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     try:
         return AutoProcessor.from_pretrained(path)
     except (OSError, ImportError, ValueError) as error:
         if "video" not in str(error).lower():
             raise
-    with open(transformers.utils.cached_file(path, "processor_config.json")) as f:
-        processor_name = json.load(f).get("processor_class", "Qwen2VLProcessor")
+    model_type = AutoConfig.from_pretrained(path).model_type
+    processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
+    if processor_class is None:
+        raise ValueError(f"transformers knows no processor for model type {model_type!r}")
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    return image_only_processor_class(getattr(transformers, processor_name))(
+    return image_only_processor_class(processor_class)(
         image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer,
-        chat_template=tokenizer.chat_template)
+        chat_template=_chat_template(path) or tokenizer.chat_template)
+
+
+def _chat_template(path):
+    """The chat template a checkpoint ships beside its tokenizer, or None."""
+    from transformers.utils import cached_file
+    for name in ("chat_template.jinja", "chat_template.json"):
+        file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+        if file:
+            with open(file) as f:
+                return f.read() if name.endswith(".jinja") else json.load(f)["chat_template"]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +153,8 @@ class ActorCritic(nn.Module):
                                         nn.ReLU(), nn.Linear(512, 1))
         self.register_buffer("suppressed", self._suppressed_ids(), persistent=False)
         self._mask_cache = {}  # response token ids -> (thought_mask, action_mask)
+        # transformers' layers that can recompute their activations in backward (ActorCritic.train).
+        self._checkpoint_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
     def _suppressed_ids(self):
         """[vocab] bool: vision placeholders, padding that is not a stop token, unused embedding rows.
@@ -211,11 +239,14 @@ class ActorCritic(nn.Module):
         greedy = bool((temperatures == 0).all())
         if not greedy and (temperatures <= 0).any():
             raise ValueError("generate: temperatures must be all positive, or all 0 (greedy)")
-        # A fresh config: checkpoints ship top_k/top_p/repetition penalties that would make the
-        # sampled distribution differ from the softmax(logits / T) that PPO evaluates. The
-        # temperature itself is applied per row by _SampleLogits.
-        sampling = {} if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-        config = GenerationConfig(**sampling, max_new_tokens=max_new_tokens, eos_token_id=stop,
+        # Every sampling field is set here, because transformers fills each field a config leaves
+        # unset from the checkpoint's generation_config.json (Qwen's Instruct checkpoints ship a
+        # repetition penalty, top-k, top-p and do_sample: true); load_policy also drops those.
+        # The temperature itself is applied per row by _SampleLogits, so the sampled distribution
+        # is exactly softmax(logits / T) over the allowed tokens, the one PPO scores.
+        sampling = {} if greedy else dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0)
+        config = GenerationConfig(do_sample=not greedy, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                  max_new_tokens=max_new_tokens, eos_token_id=stop,
                                   pad_token_id=self.tokenizer.pad_token_id)
         processor = _SampleLogits(self.suppressed, None if greedy else temperatures)
         output = self.model.generate(**batch, generation_config=config,
@@ -249,39 +280,88 @@ class ActorCritic(nn.Module):
         last_prompt = batch["input_ids"].shape[1] - 1 - lengths  # [batch]
         rows = torch.arange(len(responses), device=self.device)
         positions = None
-        if targets is not None:
+        reuse_prompt = targets is not None and not self._checkpointing()
+        if reuse_prompt:
             # Explicit M-RoPE positions ([3, batch, seq], the model's own computation): the
             # targets continue from the last prompt token's position.
             positions, _ = backbone.model.get_rope_index(
                 batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
                 image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
-        agent_pass = backbone.model(**batch, position_ids=positions, use_cache=targets is not None)
+        agent_pass = backbone.model(**batch, position_ids=positions, use_cache=reuse_prompt)
         hidden = agent_pass.last_hidden_state  # [batch, seq, hidden]
 
         # docs/ALGORITHM.md §2: position p predicts token p+1, so the last `width` tokens are
         # scored from the `width` positions before them, at the sampling temperature, in float32.
         width = int(lengths.max())
-        logits = self._logits(hidden[:, -width - 1:-1])  # [batch, width, vocab]
-        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).reshape(-1, 1, 1)
-        logprobs = token_logprobs(logits, batch["input_ids"][:, -width:], temperature)  # [batch, width]
+        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=self.device).reshape(-1, 1, 1)
+        logprobs, entropy = self._score(hidden[:, -width - 1:-1], batch["input_ids"][:, -width:], temperature)
         response_mask, thought_mask, action_mask = self._aligned_masks(responses, width, right=True)
-        logprobs = logprobs.masked_fill(~response_mask, 0.0)
+        logprobs = logprobs.masked_fill(~response_mask, 0.0)  # [batch, width]
         # log pi(a|o) = lambda * sum_thought log p + sum_action log p
         seq_logprob = sequence_logprob(logprobs, thought_mask, action_mask, self.thought_coef)  # [batch]
         value = self.value_head(hidden[rows, last_prompt].float()).squeeze(-1)  # [batch]
-        with torch.no_grad():  # logged, never optimised: no graph for it
-            entropy = per_token_entropy(logits / temperature)  # [batch, width]
         out = {"logprobs": logprobs, "entropy": entropy, "response_mask": response_mask,
                "thought_mask": thought_mask, "action_mask": action_mask,
                "seq_logprob": seq_logprob, "value": value}
-        if targets is not None:
+        if reuse_prompt:
             out |= self._score_targets(targets, batch, agent_pass, positions, last_prompt)
+        elif targets is not None:
+            out |= self._score_targets_apart(encoded, targets)
         return out
 
-    def _logits(self, hidden):
-        """float32 logits with the never-sampled ids at -inf, [batch, len, hidden] -> [batch, len, vocab]."""
-        logits = self.model.get_base_model().lm_head(hidden).float()
-        return logits.masked_fill(self.suppressed[: logits.shape[-1]], float("-inf"))
+    def _checkpointing(self):
+        """True while layers recompute their activations in backward (gradient checkpointing
+        and a gradient being built); they keep no key-value cache then."""
+        return torch.is_grad_enabled() and any(
+            getattr(layer, "gradient_checkpointing", False) for layer in self._checkpoint_layers)
+
+    def train(self, mode=True):
+        """nn.Module.train that keeps gradient checkpointing on in eval mode.
+
+        transformers checkpoints a layer only while the layer's own `training` flag is set, but
+        PPO runs in eval mode (no LoRA dropout). The flag is set on those layers alone: their
+        dropout and attention modules stay in eval mode.
+        """
+        super().train(mode)
+        for layer in self._checkpoint_layers:
+            if layer.gradient_checkpointing:
+                layer.training = True
+        return self
+
+    def _score(self, hidden, ids, temperature=1.0):
+        """Per-token log-probs (with gradient) and entropies (without) of the tokens `ids`
+        [batch, len] predicted from `hidden` [batch, len, hidden], both [batch, len].
+
+        Chunks of positions keep the [batch, chunk, vocab] float32 tensors (logits, their masked
+        copy, the log-softmax) at about SCORE_CHUNK_ELEMENTS entries each, whatever the answer
+        length and vocabulary (docs/ALGORITHM.md §6). With a gradient, each chunk runs under
+        activation checkpointing: backward keeps only the chunk's hidden state and rebuilds
+        its logits, instead of holding every chunk's full-vocabulary tensors at once.
+        """
+        chunk = max(1, SCORE_CHUNK_ELEMENTS // (hidden.shape[0] * self.suppressed.shape[0]))
+        scores = []
+        for start in range(0, ids.shape[1], chunk):
+            inputs = (hidden[:, start:start + chunk], ids[:, start:start + chunk], temperature)
+            if torch.is_grad_enabled() and hidden.requires_grad:
+                scores.append(torch.utils.checkpoint.checkpoint(self._score_chunk, *inputs, use_reentrant=False))
+            else:
+                scores.append(self._score_chunk(*inputs))
+        logprobs, entropies = zip(*scores)
+        return torch.cat(logprobs, dim=1), torch.cat(entropies, dim=1)
+
+    def _score_chunk(self, hidden, ids, temperature):
+        """`_score` of one chunk: float32 logits from the hidden state, never-sampled ids at -inf.
+
+        The output head runs in float32 (its weight cast for this chunk only): a bfloat16 head
+        rounds logits near 25 by up to 0.06, an error of up to 0.3 per token at T = 0.2, summed
+        over an answer's tokens, so PPO's first ratio would not be 1.
+        """
+        weight = self.model.get_base_model().lm_head.weight  # [vocab, hidden], frozen
+        logits = nn.functional.linear(hidden.float(), weight.float())  # [batch, chunk, vocab]
+        logits = logits.masked_fill(self.suppressed[: logits.shape[-1]], float("-inf"))
+        with torch.no_grad():  # logged, never optimised: no graph for it
+            entropy = per_token_entropy(logits / temperature)  # [batch, chunk]
+        return token_logprobs(logits, ids, temperature), entropy
 
     def _score_targets(self, targets, batch, agent_pass, positions, last_prompt):
         """SFT guidance (docs/ALGORITHM.md §4.2): score one more answer per sample (a 1-D tensor,
@@ -312,11 +392,28 @@ class ActorCritic(nn.Module):
         target_positions = start[..., None] + 1 + torch.arange(target_width, device=self.device)  # [3, batch, tw]
         continuation = self.model.get_base_model().model(
             input_ids=target_ids, attention_mask=seen, position_ids=target_positions,
-            past_key_values=agent_pass.past_key_values, use_cache=True).last_hidden_state  # [batch, tw, hidden]
+            cache=agent_pass.cache, use_cache=True).last_hidden_state  # [batch, tw, hidden]
         # Target token k is predicted from the last prompt token (k = 0) or from target token k-1.
         hidden = agent_pass.last_hidden_state
         predictors = torch.cat([hidden[rows, last_prompt][:, None], continuation[:, :-1]], dim=1)  # [batch, tw, hidden]
-        target_logprobs = token_logprobs(self._logits(predictors), target_ids)  # [batch, target_width]
+        target_logprobs, _ = self._score(predictors, target_ids)  # [batch, target_width]
+        return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
+                "target_mask": target_mask, "target_thought_mask": target_thought_mask}
+
+    def _score_targets_apart(self, encoded, targets):
+        """`_score_targets` for gradient checkpointing, where layers keep no key-value cache to
+        reuse: the prompts are run again, followed by the targets (the same log-probs; the
+        prompt costs a second pass). Same outputs, left-aligned."""
+        targets = [t if t is not None else torch.zeros(0, dtype=torch.long) for t in targets]
+        batch = self._collate(encoded, targets)
+        target_width = max(1, max(len(t) for t in targets))
+        hidden = self.model.get_base_model().model(**batch, use_cache=False).last_hidden_state  # [batch, seq, hidden]
+        right_logprobs, _ = self._score(hidden[:, -target_width - 1:-1], batch["input_ids"][:, -target_width:])
+        target_mask, target_thought_mask, _ = self._aligned_masks(targets, target_width, right=False)
+        # Right-aligned (the batch's left padding) to left-aligned: row i's last len_i entries first.
+        shift = torch.tensor([target_width - len(t) for t in targets], device=self.device)[:, None]  # [batch, 1]
+        columns = (torch.arange(target_width, device=self.device) + shift) % target_width  # [batch, target_width]
+        target_logprobs = right_logprobs.gather(1, columns)  # [batch, target_width]
         return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
                 "target_mask": target_mask, "target_thought_mask": target_thought_mask}
 
@@ -401,17 +498,19 @@ def _lora_targets(model, vision):
 
 
 def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=None, adapter_path=None,
-                lora_r=128, lora_alpha=256, lora_dropout=0.05, lora_vision=True, lora_targets=""):
+                lora_r=128, lora_alpha=256, lora_dropout=0.05, lora_vision=True, lora_targets="",
+                gradient_checkpointing=False):
     """Load a Qwen2(.5)-VL (hub id or folder), wrap it with a LoRA "policy" adapter and a value head.
 
     float32 on CPU, bfloat16 on GPU; the base is frozen. `adapter_path` resumes a saved policy
     (its LoRA config wins over the lora_* arguments). LoRA (docs/ALGORITHM.md §2): rank lora_r,
     scaling lora_alpha / lora_r, on every linear layer of the language model and, with
     `lora_vision`, of the vision tower; `lora_targets` (comma-separated module-name suffixes)
-    replaces that choice.
+    replaces that choice. `gradient_checkpointing`: every decoder and vision block recomputes
+    its activations in backward instead of keeping them (docs/ALGORITHM.md §6).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     looks_like_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) and not model.startswith(".")
     if not os.path.isdir(model) and not looks_like_hub_id:
@@ -425,10 +524,24 @@ def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=N
         raise ValueError(f"--model {model!r} is not an image-text-to-text model that transformers "
                          f"can load ({error}). Use a Qwen2-VL or Qwen2.5-VL checkpoint.") from None
     except OSError as error:
-        raise OSError(f"--model {model!r} could not be loaded: {error}\nWith no network, pass a "
-                      "local folder (or set HF_HUB_OFFLINE=1 with the model in the cache), or use "
-                      "--model tiny.") from None
+        hint = ("A checkpoint folder needs config.json, the weights, the tokenizer files and "
+                "preprocessor_config.json." if os.path.isdir(model) else "With no network, pass a local folder "
+                "(or set HF_HUB_OFFLINE=1 with the model in the cache), or use --model tiny.")
+        raise OSError(f"--model {model!r} could not be loaded: {error}\n{hint}") from None
     base.requires_grad_(False)
+    # Only the checkpoint's stop and padding ids are kept: its sampling settings (top-k, top-p,
+    # repetition penalty, do_sample) would make generate sample off-policy wherever a call
+    # leaves a field unset (ActorCritic.generate sets them all as well).
+    shipped = base.generation_config
+    base.generation_config = GenerationConfig(eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id,
+                                              bos_token_id=shipped.bos_token_id)
+    if not isinstance(base.get_output_embeddings(), nn.Linear):
+        raise ValueError(f"--model {model!r}: the output head is not a plain linear layer; ActorCritic scores "
+                         "tokens from its weight in float32")
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, which a frozen base lacks.
+        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable  # renamed in 5.x
+        enable({"use_reentrant": False})
     if adapter_path:
         peft_model = PeftModel.from_pretrained(base, adapter_path, adapter_name="policy", is_trainable=True)
     else:

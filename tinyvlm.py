@@ -29,6 +29,8 @@ from policy import image_only_processor_class
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
+ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")
+
 # A minimal Qwen-style chat template (real checkpoints ship their own).
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -39,21 +41,38 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112):
-    """Folder of the tiny model for (seed, image size), built on first use.
+# Qwen's own template, as the Instruct checkpoints ship it (videos and vision ids left out): a
+# default system turn when the conversation has none.
+SYSTEM_PROMPT = "You are a helpful assistant."
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+    + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Sampling fields of Qwen2(.5)-VL-Instruct's generation_config.json (eos and pad ids aside).
+QWEN_SAMPLING_DEFAULTS = dict(do_sample=True, repetition_penalty=1.05, temperature=0.1, top_k=1, top_p=0.001)
+
+def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, architecture="qwen2_vl"):
+    """Folder of the tiny model for (architecture, seed, image size), built on first use.
 
     The image processor is built for one size (min = max pixels), so the size is part of the
     folder's name. Under torchrun rank 0 builds (transformers saves weights on rank 0 only) and
     the other ranks wait at a barrier.
     """
-    path = os.path.abspath(os.path.join(cache_dir, f"seed{seed}-{image_size}px"))
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"tiny model architecture {architecture!r}: expected one of {ARCHITECTURES}")
+    name = f"seed{seed}-{image_size}px" + ("" if architecture == "qwen2_vl" else f"-{architecture}")
+    path = os.path.abspath(os.path.join(cache_dir, name))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not os.path.exists(os.path.join(path, "config.json")) and (not distributed or torch.distributed.get_rank() == 0):
         # Build aside, then rename: other processes never see a half-written folder; the build
         # is deterministic, so whichever process's rename wins is fine.
         os.makedirs(os.path.dirname(path), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(path))
-        build_tiny_model(staging, seed=seed, image_size=image_size)
+        build_tiny_model(staging, seed=seed, image_size=image_size, architecture=architecture)
         try:
             os.rename(staging, path)
         except OSError:
@@ -76,8 +95,13 @@ def tokenizer_corpus():
     return corpus
 
 
-def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024):
-    """Build a small random Qwen2-VL, its tokenizer and image processor, and save them to `path`.
+def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024, architecture="qwen2_vl"):
+    """Build a small random VLM, its tokenizer and image processor, and save them to `path`.
+
+    architecture "qwen2_vl" (the default tiny model) or "qwen2_5_vl": a Qwen2.5-VL with its own
+    vision tower (RMSNorm, gated MLP, window attention in some blocks, full attention in the
+    others), saved the way hub checkpoints are laid out (`_hub_layout`) so that tests load what
+    real users load.
 
     The image normalisation maps white to 0 (mean 1, std 0.5): with CLIP's mean and std the
     white background becomes a large constant that drowns the digits, and the model never
@@ -85,48 +109,61 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
     observation gives the same number of image tokens, (image_size / 28)^2.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"tiny model architecture {architecture!r}: expected one of {ARCHITECTURES}")
+    hub_layout = architecture != "qwen2_vl"
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(tokenizer_corpus(), trainer)
+    bpe.train_from_iterator(tokenizer_corpus() + ([SYSTEM_PROMPT] if hub_layout else []), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", padding_side="left")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    chat_template = QWEN_CHAT_TEMPLATE if hub_layout else CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
 
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=image_size * image_size, max_pixels=image_size * image_size,
         image_mean=[1.0, 1.0, 1.0], image_std=[0.5, 0.5, 0.5])
     processor = image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
-                                             chat_template=CHAT_TEMPLATE)
+                                             chat_template=chat_template)
 
     head_dim = hidden // 4
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=4096, bos_token_id=None,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width).
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                              mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8])),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+    token_ids = dict(
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
         vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=4096, bos_token_id=None,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width).
+                       rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                            mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8]))
+    if architecture == "qwen2_vl":
+        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        vision_config = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=14,
+                             spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    else:
+        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+        # Blocks 0 and 2 attend within windows of window_size pixels (2 x 2 merged patches here, so
+        # a 112 px image has 4 windows), blocks 1 and 3 over the whole image, as Qwen2.5-VL's
+        # fullatt_block_indexes [7, 15, 23, 31] do at 32 blocks.
+        vision_config = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                             window_size=56, fullatt_block_indexes=[1, 3])
+    config = Config(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **token_ids)
     # The weights come from their own seeded RNG, so that building the model (on first use) leaves
     # the caller's RNG as loading it from the cache does: a run is the same either way.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2VLForConditionalGeneration(config)
+        model = Model(config)
         # The output head is frozen under LoRA. With the default init (std 0.02) and a normalised
         # hidden state of norm ~sqrt(hidden), every logit stays within about +-1.3, so no adapter
         # could ever make the model confident (the SFT loss stalls near 5.3 nats a token). Trained
@@ -135,6 +172,9 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
             model.lm_head.weight.normal_(0.0, 0.2)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
+    if hub_layout:
+        _hub_layout(path, model, processor, "Qwen2_5_VLProcessor")
+        return path
     processor.save_pretrained(path)
     # Saved under the stock class name so that the folder reads like any Qwen2-VL checkpoint.
     config_file = os.path.join(path, "processor_config.json")
@@ -144,3 +184,29 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
     with open(config_file, "w") as f:
         json.dump(saved, f, indent=2)
     return path
+
+
+def _hub_layout(path, model, processor, processor_class):
+    """Save processor and generation settings as Qwen's hub checkpoints ship them.
+
+    The image processor goes to `preprocessor_config.json` (no `processor_config.json`), the chat
+    template to `chat_template.json`, and `generation_config.json` holds Qwen's Instruct sampling
+    defaults: a repetition penalty, top-k, top-p, a temperature and do_sample. transformers fills
+    every generation field a caller leaves unset from that file, so a model that samples
+    on-policy must be robust to it (policy.py:ActorCritic.generate).
+    """
+    processor.tokenizer.save_pretrained(path)
+    processor.image_processor.save_pretrained(path)
+    for leftover in ("chat_template.jinja", "processor_config.json"):
+        if os.path.exists(os.path.join(path, leftover)):
+            os.remove(os.path.join(path, leftover))
+    config_file = os.path.join(path, "preprocessor_config.json")
+    with open(config_file) as f:
+        saved = json.load(f)
+    with open(config_file, "w") as f:
+        json.dump(saved | {"processor_class": processor_class}, f, indent=2)
+    with open(os.path.join(path, "chat_template.json"), "w") as f:
+        json.dump({"chat_template": processor.chat_template}, f, indent=2)
+    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.tokenizer.pad_token_id]
+    model.generation_config.update(**QWEN_SAMPLING_DEFAULTS, eos_token_id=eos, pad_token_id=eos[1])
+    model.generation_config.save_pretrained(path)
