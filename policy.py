@@ -499,10 +499,10 @@ def _lora_targets(model, vision):
 
 def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=None, adapter_path=None,
                 lora_r=128, lora_alpha=256, lora_dropout=0.05, lora_vision=True, lora_targets="",
-                gradient_checkpointing=False):
+                gradient_checkpointing=False, dtype=None):
     """Load a Qwen2(.5)-VL (hub id or folder), wrap it with a LoRA "policy" adapter and a value head.
 
-    float32 on CPU, bfloat16 on GPU; the base is frozen. `adapter_path` resumes a saved policy
+    `dtype`: the weights' dtype (default float32 on CPU, bfloat16 on GPU); the base is frozen. `adapter_path` resumes a saved policy
     (its LoRA config wins over the lora_* arguments). LoRA (docs/ALGORITHM.md §2): rank lora_r,
     scaling lora_alpha / lora_r, on every linear layer of the language model and, with
     `lora_vision`, of the vision tower; `lora_targets` (comma-separated module-name suffixes)
@@ -516,7 +516,7 @@ def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=N
     if not os.path.isdir(model) and not looks_like_hub_id:
         raise FileNotFoundError(f"--model {model!r}: no such folder. Pass a local folder of a "
                                 "Qwen2-VL / Qwen2.5-VL checkpoint, a hub id, or 'tiny'.")
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     try:
         base = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
         processor = load_processor(model)
@@ -528,6 +528,11 @@ def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=N
                 "preprocessor_config.json." if os.path.isdir(model) else "With no network, pass a local folder "
                 "(or set HF_HUB_OFFLINE=1 with the model in the cache), or use --model tiny.")
         raise OSError(f"--model {model!r} could not be loaded: {error}\n{hint}") from None
+    tokenizer = processor.tokenizer
+    missing = [t for t in ("<|im_end|>", "<|image_pad|>") if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    if missing or len(tokenizer) > base.get_output_embeddings().weight.shape[0]:
+        raise ValueError(f"--model {model!r}: its tokenizer ({len(tokenizer)} tokens) does not fit the model "
+                         f"(missing {missing or 'nothing'}); is the folder's tokenizer.json the model's own?")
     base.requires_grad_(False)
     # Only the checkpoint's stop and padding ids are kept: its sampling settings (top-k, top-p,
     # repetition penalty, do_sample) would make generate sample off-policy wherever a call

@@ -23,6 +23,7 @@ Usage (one update):
     explained_variance(values, returns)                 # diagnostics an RL engineer reads,
     gradient_norms({"policy": pg, "value": vf}, lora)   # with variance_shares and policy_loss's stats
 """
+import contextlib
 import math
 
 import torch
@@ -133,7 +134,7 @@ def gradient_norms(losses, params):
 
 
 def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, params, max_grad_norm,
-                     may_step=None):
+                     may_step=None, model=None):
     """One optimizer step over a mini-batch of sample indices, its gradient accumulated over
     micro-batches (the reference's gradient accumulation; the micro-batch size is a memory
     setting only). `micro_batch_loss(indices)` returns that micro-batch's mean loss.
@@ -141,13 +142,18 @@ def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, p
     The gradient norm is clipped to `max_grad_norm` (0.01 in the reference). A step whose
     gradient norm is not finite is skipped: one NaN would poison the weights for good (and, in
     GTR-Turbo, the teacher merged from them). `may_step()`, asked once the gradient is in, can
-    veto the step (early stopping on the KL to the rollout policy). Returns (norm before
-    clipping, stepped?).
+    veto the step (early stopping on the KL to the rollout policy). `model`: a
+    DistributedDataParallel module (or anything with `no_sync`) whose gradients are averaged
+    over processes once per step, in the last micro-batch's backward, instead of in every
+    backward. Returns (norm before clipping, stepped?).
     """
     optimizer.zero_grad(set_to_none=True)
-    for start in range(0, len(minibatch), micro_batch_size):
+    starts = range(0, len(minibatch), micro_batch_size)
+    for start in starts:
         idx = minibatch[start:start + micro_batch_size]
-        (micro_batch_loss(idx) * len(idx) / len(minibatch)).backward()
+        accumulating = start != starts[-1] and hasattr(model, "no_sync")
+        with model.no_sync() if accumulating else contextlib.nullcontext():
+            (micro_batch_loss(idx) * len(idx) / len(minibatch)).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(grad_norm) or (may_step is not None and not may_step()):
         optimizer.zero_grad(set_to_none=True)

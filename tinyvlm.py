@@ -30,6 +30,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
 ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")
+# train.py's --model names of the tiny models, and their architectures.
+TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
 
 # A minimal Qwen-style chat template (real checkpoints ship their own).
 CHAT_TEMPLATE = (

@@ -47,7 +47,7 @@ from ppo import (accumulated_step, cosine_lr, explained_variance, gae, gradient_
 from report import RunLog, check_extras, log_update, run_evaluation
 from rollout import Rollout
 from teacher import Teacher
-from tinyvlm import tiny_model
+from tinyvlm import TINY_MODELS, tiny_model
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Args:
     env: str = "gtr/NumberLine-v0"
     """gymnasium id of the environment (gtr/NumberLine-v0, gtr/EZPoints-v0, gtr/Points24-v0, gtr/Blackjack-v0)"""
     model: str = "tiny"
-    """hub id or folder of a Qwen2-VL / Qwen2.5-VL checkpoint, or 'tiny' (built offline)"""
+    """hub id or folder of a Qwen2-VL / Qwen2.5-VL checkpoint, or 'tiny' / 'tiny-qwen2.5-vl' (built offline)"""
     guidance: str = "kl"
     """teacher guidance: none (RL4VLM PPO), sft (docs/ALGORITHM.md §4.2) or kl (§4.3)"""
     num_envs: int = 8
@@ -70,6 +70,8 @@ class Args:
     """run folder for config.json, metrics.jsonl and adapters"""
     device: str = "auto"
     """auto, cpu, cuda"""
+    gradient_checkpointing: str = "auto"
+    """recompute activations in backward instead of keeping them: on, off, auto (on for a real model, off for tiny ones)"""
     image_size: int = 0
     """resize observations to this many pixels before the processor (0: the model's default)"""
     # Sampling and the action log-prob (docs/ALGORITHM.md §2)
@@ -177,7 +179,8 @@ class Args:
 # Every flag's valid values, checked before anything runs (bench.py uses them too).
 CHOICES = {"guidance": ("none", "sft", "kl"), "merge": ("ties", "linear", "dare"), "merge_weights": ("ema", "sma"),
            "merge_space": ("factors", "delta"), "kl_estimator": KL_ESTIMATORS, "unparsed_action": ("random", "penalty"),
-           "value_target": ("env", "shaped"), "device": ("auto", "cpu", "cuda")}
+           "value_target": ("env", "shaped"), "device": ("auto", "cpu", "cuda"),
+           "gradient_checkpointing": ("auto", "on", "off")}
 RANGES = {**dict.fromkeys(("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip", "max_grad_norm",
                            "ppo_epochs", "minibatch_size", "micro_batch_size", "lr", "lora_r", "lora_alpha",
                            "merge_every", "warmup_lr", "warmup_batch_size", "save_every"), "positive"),
@@ -214,12 +217,15 @@ def setup_distributed(device):
 
 
 def build_policy(args, device, adapter_path=None):
-    """The actor-critic of --model (the tiny model is built on first use) with the LoRA flags."""
-    model = tiny_model(seed=args.seed, image_size=args.image_size or 112) if args.model == "tiny" else args.model
+    """The actor-critic of --model (a tiny model is built on first use) with the LoRA flags."""
+    tiny = args.model in TINY_MODELS
+    model = tiny_model(seed=args.seed, image_size=args.image_size or 112, architecture=TINY_MODELS[args.model]) \
+        if tiny else args.model
     return load_policy(model, envs.action_span, device=device, thought_coef=args.thought_coef,
                        image_size=args.image_size or None, adapter_path=adapter_path, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,
-                       lora_targets=args.lora_targets)
+                       lora_targets=args.lora_targets,
+                       gradient_checkpointing={"on": True, "off": False, "auto": not tiny}[args.gradient_checkpointing])
 
 
 def main(args):
@@ -351,7 +357,7 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args):
     for minibatch in minibatches():
         first = len(logs["approx_kl"])
         grad_norm, stepped = accumulated_step(loss_of, minibatch, args.micro_batch_size, optimizer, trainable,
-                                              args.max_grad_norm, may_step=lambda: within_kl(first))
+                                              args.max_grad_norm, may_step=lambda: within_kl(first), model=model)
         logs["grad_norm"].append(grad_norm)
         logs["skipped_steps"].append(not stepped and not np.isfinite(grad_norm))
         steps += stepped
@@ -359,6 +365,8 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args):
             break
     return diagnostics | {"sft_loss": float("nan")} | {k: float(np.mean(v)) for k, v in logs.items()} | {
         "log_ratio_max": max(logs["log_ratio_max"]), "skipped_steps": int(sum(logs["skipped_steps"])),
+        # Before any step the ratio is 1 up to rounding: this measures the scoring's precision (bf16).
+        "first_log_ratio_max": max(logs["log_ratio_max"][:-(-args.minibatch_size // args.micro_batch_size)]),
         "optimizer_steps": steps}
 
 

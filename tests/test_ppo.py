@@ -194,3 +194,28 @@ def test_accumulated_gradient_equals_the_whole_mini_batch():
         accumulated_step(lambda idx: (x[idx] @ w).pow(2).mean(), list(range(5)), micro, optimizer, [w], 1e9)
         grads.append(w.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_accumulation_averages_over_processes_once_per_step():
+    """With a DDP module, every micro-batch's backward but the last runs under no_sync, so the
+    gradients are all-reduced once per optimizer step, not once per micro-batch."""
+    import contextlib
+
+    from ppo import accumulated_step
+
+    class CountingModule(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.unsynced = torch.nn.Parameter(torch.ones(7)), 0
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.unsynced += 1
+            yield
+
+    module = CountingModule()
+    optimizer = torch.optim.SGD([module.w], lr=0.1)
+    accumulated_step(lambda idx: module.w[idx].sum(), list(range(7)), 2, optimizer, [module.w], 1.0, model=module)
+    assert module.unsynced == 3  # micro-batches [0,1] [2,3] [4,5] accumulate; [6] synchronises
+    accumulated_step(lambda idx: module.w[idx].sum(), list(range(2)), 2, optimizer, [module.w], 1.0, model=module)
+    assert module.unsynced == 3  # a single micro-batch always synchronises
