@@ -223,11 +223,14 @@ def update_teacher(teacher: StateDict | None, policy: StateDict, k: int, scheme:
     lora_keys = {key for pair in pairs.values() for key in pair}
     others = [{n: t for n, t in sd.items() if n not in lora_keys} for sd in inputs]
     merged = merge(others, weights, method, density, seed) if others[0] else {}
-    deltas = [{p: sd[b].float() @ sd[a].float() for p, (a, b) in pairs.items()} for sd in inputs]  # [out, in]
-    merged_deltas = merge(deltas, weights, method, density, seed)
-    for prefix, (a_key, b_key) in pairs.items():
+    # One layer at a time: for a 7B model all the B @ A of two inputs would take about 52 GB at
+    # once, one layer's at most a few hundred MB. TIES trims each tensor on its own, so merging
+    # layer by layer gives the same result; DARE draws layer i's masks from seed + i.
+    for i, (prefix, (a_key, b_key)) in enumerate(pairs.items()):
+        deltas = [{prefix: sd[b_key].float() @ sd[a_key].float()} for sd in inputs]  # [out, in] each
+        merged_delta = merge(deltas, weights, method, density, seed + i)[prefix]  # [out, in]
         rank = policy[a_key].shape[0]
-        u, s, vh = torch.linalg.svd(merged_deltas[prefix], full_matrices=False)  # [out, m], [m], [m, in]
+        u, s, vh = torch.linalg.svd(merged_delta, full_matrices=False)  # [out, m], [m], [m, in]
         root_s = s[:rank].sqrt()  # [r]
         merged[b_key] = (u[:, :rank] * root_s).to(policy[b_key].dtype)  # B' = U_r sqrt(S_r) [out, r]
         merged[a_key] = (root_s[:, None] * vh[:rank]).to(policy[a_key].dtype)  # A' = sqrt(S_r) V_r^T [r, in]

@@ -86,17 +86,17 @@ def test_sampling_ignores_the_checkpoint_generation_config(hub_dir, tmp_path):
     policy = perturbed(load_policy(str(folder), envs.action_span, lora_r=8, lora_alpha=16))
     prompt = observations(policy, 1)
     allowed = [v for v in range(len(policy.tokenizer)) if not policy.suppressed[v]]
-    with torch.no_grad():  # p(first answer token) for every allowed token, from the scoring pass
-        chunks = [allowed[i:i + 256] for i in range(0, len(allowed), 256)]
-        p = torch.cat([policy(prompt * len(c), [torch.tensor([v]) for v in c], 1.0)["logprobs"][:, -1] for c in chunks]).exp()
-    p = dict(zip(allowed, p.tolist()))
+    with torch.no_grad():  # p(first answer token) of every allowed token, as PPO's scoring computes it
+        last = policy.model.get_base_model().model(**policy._collate(prompt)).last_hidden_state[:, -1:]  # [1, 1, h]
+        logprobs, _ = policy._score(last.expand(1, len(allowed), -1), torch.tensor([allowed]))  # [1, allowed]
+    p = dict(zip(allowed, logprobs[0].exp().tolist()))
     assert sum(p.values()) == pytest.approx(1.0, abs=1e-4)
 
     greedy, _ = policy.generate(prompt * 4, temperature=0, max_new_tokens=1)
     assert all(int(g[0]) == max(p, key=p.get) for g in greedy)
 
     torch.manual_seed(1)
-    n = 1024
+    n = 512
     sampled, _ = policy.generate(prompt * n, temperature=1.0, max_new_tokens=1)
     first = [int(s[0]) for s in sampled]
     in_prompt = set(prompt[0]["input_ids"].tolist())
@@ -190,7 +190,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_memo
 
 @pytest.mark.parametrize("guidance", ["kl", "sft"])
 def test_train_runs_on_the_tiny_qwen25(tiny_dir, hub_dir, tmp_path, guidance):
+    # Short answers: the untrained teacher never parses, so SFT guidance makes all its 20 tries.
     rows, _ = run_train(tiny_dir, tmp_path / "run", "--guidance", guidance, "--model", "tiny-qwen2.5-vl",
-                        "--gradient-checkpointing", "on")
+                        "--gradient-checkpointing", "on", "--max-new-tokens", "8")
     assert all(k in rows[-1] for k in METRICS + ["first_log_ratio_max"])
     assert rows[0]["first_log_ratio_max"] < 1e-3  # float32 on CPU: the first ratio is 1

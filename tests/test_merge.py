@@ -273,3 +273,23 @@ def test_errors_name_the_problem():
         merge.update_teacher(a, b, 2, space="weights")
     with pytest.raises(ValueError, match="combine must be"):
         merge.dare([a], [1.0], combine="mean")
+
+
+def test_delta_space_builds_one_layer_product_at_a_time(monkeypatch):
+    """space='delta' never holds every layer's B @ A at once (52 GB for two 7B inputs): each
+    merge call sees one layer's [out, in] products."""
+    import merge as merge_module
+    torch.manual_seed(0)
+    policy = {f"layer{i}.lora_A.weight": torch.randn(4, 16) for i in range(3)}
+    policy |= {f"layer{i}.lora_B.weight": torch.randn(12, 4) for i in range(3)}
+    teacher = {k: v + 0.1 * torch.randn_like(v) for k, v in policy.items()}
+    calls, real_merge = [], merge_module.merge
+    monkeypatch.setattr(merge_module, "merge", lambda sds, *a, **k: calls.append(sorted(sds[0])) or real_merge(sds, *a, **k))
+    merged = merge_module.update_teacher(teacher, policy, 2, method="linear", space="delta")
+    assert calls == [["layer0"], ["layer1"], ["layer2"]]
+    for i in range(3):  # rank-4 inputs, linear merge of rank <= 8, refactored to rank 4: the best fit
+        delta = merged[f"layer{i}.lora_B.weight"] @ merged[f"layer{i}.lora_A.weight"]
+        exact = 0.5 * (policy[f"layer{i}.lora_B.weight"] @ policy[f"layer{i}.lora_A.weight"]
+                       + teacher[f"layer{i}.lora_B.weight"] @ teacher[f"layer{i}.lora_A.weight"])
+        assert torch.linalg.matrix_rank(delta) == 4
+        assert (delta - exact).norm() <= torch.linalg.svdvals(exact)[4:].norm() + 1e-4
