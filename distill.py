@@ -1,7 +1,8 @@
 """Teacher guidance for GTR-Turbo: how a merged-checkpoint teacher steers the agent's thoughts.
 
 The teacher (a merge of the agent's own past checkpoints, docs/ALGORITHM.md §4.1) guides only the
-THOUGHT tokens of each response, in one of two ways:
+THOUGHT tokens of each response (every token in the paper's ablation, train.py --guide-tokens
+all: the mask passed below decides), in one of two ways:
 
   KL (variant B, docs/ALGORITHM.md §4.3, the better one): the teacher scores the agent's own sampled
   thought tokens; the per-step reverse-KL estimate is subtracted from the advantage:
@@ -31,8 +32,9 @@ def masked_mean(x, mask, dim=-1):
     return total / mask.sum(dim).clamp(min=1).to(total.dtype)
 
 
-def kl_estimate(policy_logprobs, teacher_logprobs, thought_mask, estimator="clip", max_value=10.0):
-    """Per-sequence KL estimate between policy pi and teacher T, [B, L] -> [B].
+def kl_estimate(policy_logprobs, teacher_logprobs, mask, estimator="clip", max_value=10.0):
+    """Per-sequence KL estimate between policy pi and teacher T over the tokens of `mask` (the
+    guided ones: thought tokens), [B, L] -> [B].
 
     The tokens were sampled from pi, so with log_ratio = log pi - log T, averages over them
     estimate expectations under pi:
@@ -63,7 +65,7 @@ def kl_estimate(policy_logprobs, teacher_logprobs, thought_mask, estimator="clip
         per_token = torch.xlogy(ratio, ratio)  # r log r, 0 at r = 0
     else:
         raise ValueError(f"unknown KL estimator {estimator!r}, expected one of {KL_ESTIMATORS}")
-    return masked_mean(per_token, thought_mask)  # [B]
+    return masked_mean(per_token, mask)  # [B]
 
 
 def kl_penalized_advantages(advantages, kl, beta=1.0):
@@ -73,16 +75,18 @@ def kl_penalized_advantages(advantages, kl, beta=1.0):
     return advantages - beta * kl.detach()
 
 
-def sft_loss(logprobs, thought_mask):
+def sft_loss(logprobs, mask):
     """Negative log-likelihood of the teacher's thought tokens (docs/ALGORITHM.md §4.2 L_SFT), scalar.
 
-    `logprobs` [B, L] are the POLICY's log-probs of the teacher's answer tokens; the action
-    tokens (the agent's own action, substituted into the teacher's answer) are masked out.
-    The paper writes a per-sequence sum; this averages over all thought tokens of the batch,
+    `logprobs` [B, L] are the POLICY's log-probs of the teacher's answer tokens; `mask` [B, L]
+    marks the tokens imitated: the thought tokens, which leaves out the action tokens (the
+    agent's own action, substituted into the teacher's answer). Every token is imitated with
+    --guide-tokens all, and in the warm start's SFT on demonstrations.
+    The paper writes a per-sequence sum; this averages over all masked tokens of the batch,
     like a standard SFT loss, so that c_sft does not depend on how long the thoughts are.
     Zero, still attached to the graph, when the mask is empty.
     """
-    mask = thought_mask.bool()
+    mask = mask.bool()
     nll = -torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum()
     return nll / mask.sum().clamp(min=1).to(nll.dtype)
 

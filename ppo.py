@@ -18,8 +18,9 @@ Usage (one update):
     lp = sequence_logprob(token_logprobs(logits, tokens, 0.2), th_mask, act_mask, 0.5)
     pg, stats = policy_loss(lp, old_lp, adv[idx])
     loss = pg + 0.5 * value_loss(v, ret.flatten()[idx])
-    grad_norm, stepped = accumulated_step(loss_of_indices, minibatch, 8, optimizer, params, 0.01,
-                                          may_step=lambda: approx_kl_so_far <= 1.5 * target_kl)
+    for minibatch, ends_epoch in minibatches(len(adv), epochs=4, size=128):
+        grad_norm, stepped = accumulated_step(loss_of_indices, minibatch, 8, optimizer, params, 0.01,
+                                              may_step=lambda: approx_kl_so_far <= 1.5 * target_kl)
     explained_variance(values, returns)                 # diagnostics an RL engineer reads,
     gradient_norms({"policy": pg, "value": vf}, lora)   # with variance_shares and policy_loss's stats
 """
@@ -131,6 +132,16 @@ def gradient_norms(losses, params):
         grads = [g for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if g is not None]
         norms[name] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() if grads else 0.0
     return norms
+
+
+def minibatches(samples, epochs, size):
+    """PPO's epochs over one rollout (§3): yields (mini-batch of sample indices, last of its epoch?),
+    each epoch a fresh shuffle of range(samples), drawn when the epoch starts (so a loop that
+    stops early draws no more random numbers than it used)."""
+    for _ in range(epochs):
+        order = torch.randperm(samples).tolist()
+        for start in range(0, samples, size):
+            yield order[start:start + size], start + size >= samples
 
 
 def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, params, max_grad_norm,

@@ -2,9 +2,10 @@
 
 Statistics are averaged over all processes (`all_mean`), so a torchrun job logs the same
 numbers as one process playing all the environments; only rank 0 prints and writes. The row's
-keys are listed in the README ("What a run writes"): episodes and answers, PPO's health
-(approx_kl, clip and guard fractions, explained variance, gradient norms of each loss,
-advantage variance shares, skipped steps), the teacher's KL or SFT loss, and timings.
+keys are listed in the README ("What a run writes"): episodes and answers, thought collapse
+(grounding and diversity of the thoughts, docs/ALGORITHM.md §4.5), PPO's health (approx_kl,
+clip and guard fractions, explained variance, gradient norms of each loss, advantage variance
+shares, skipped steps), the teacher's KL or SFT loss, and timings.
 
 Use (train.py):
     log_update(metrics_file_or_None, batch, guidance, logs, counters, recent, world)
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+from envs import extract_thoughts, thought_diversity, thought_grounding
 from rollout import evaluate
 
 
@@ -82,6 +84,9 @@ def all_mean(values, world):
 def log_update(metrics, batch, guidance, logs, counters, recent, world):
     """One metrics.jsonl row (statistics averaged over all processes) and its console line."""
     episodes = batch.episodes
+    # Thought collapse (§4.5), of this process's answers; diversity is NaN when they all replied to one state.
+    thoughts = [extract_thoughts(text) for text in batch.texts]  # None where an answer has no thoughts
+    diversity = thought_diversity(thoughts, [tuple(facts) for facts in batch.facts])
     row = {"update": counters["update"], "env_steps": counters["env_steps"],
            "success_rate": all_mean([e["success"] for e in episodes], world),
            "episode_return": all_mean([e["return"] for e in episodes], world),
@@ -90,6 +95,8 @@ def log_update(metrics, batch, guidance, logs, counters, recent, world):
            "format_valid": all_mean(batch.format_valid.flatten().tolist(), world),
            "entropy": all_mean(batch.entropy.flatten().tolist(), world),
            "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),
+           "thought_grounding": all_mean([thought_grounding(t, f) for t, f in zip(thoughts, batch.facts)], world),
+           "thought_diversity": all_mean([diversity] if diversity == diversity else [], world),
            "teacher_kl": all_mean(guidance.teacher_kl.flatten().tolist(), world) if guidance else float("nan"),
            "teacher_parse_rate": all_mean([guidance.parse_rate], world) if guidance else float("nan"),
            **{k: all_mean([v], world) for k, v in logs.items()}}

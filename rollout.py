@@ -9,7 +9,9 @@ This is plain RL4VLM: no teacher. Per step and environment the rollout keeps wha
 (ppo.py) and, in GTR-Turbo, the teacher (teacher.py) need: the encoded observation, the
 response tokens with their per-token and lambda-weighted log-probs, the value, the reward and
 termination flags, the format reward, the played action, the mean token entropy and the
-thought length. Finished episodes are recorded with their return, length and success.
+thought length; for the thought-collapse measures (docs/ALGORITHM.md §4.5), the answer's text
+and the facts of the state it replied to. Finished episodes are recorded with their return,
+length and success.
 
 Use:
     envs = [gym.make("gtr/NumberLine-v0") for _ in range(8)]
@@ -45,6 +47,8 @@ class Batch:
     entropy: torch.Tensor         # mean per-token entropy of the response
     thought_tokens: torch.Tensor  # length of the thought part in tokens
     episodes: list = field(default_factory=list)  # finished episodes: return, length, success
+    texts: list = field(default_factory=list)     # T*N answers as sampled (decoded)
+    facts: list = field(default_factory=list)     # T*N facts() of the state each answer replied to
 
 
 class Rollout:
@@ -124,6 +128,8 @@ class Rollout:
             out.thought_tokens[t] = (scored["thought_mask"] & mask).sum(-1).float().cpu()
             out.encoded += encoded
             out.responses += responses
+            out.texts += texts
+            out.facts += [env.unwrapped.facts() for env in self.envs]  # before the step below changes the state
             out.token_logprobs += [row[row.shape[0] - len(r):].cpu() for row, r in zip(scored["logprobs"], responses)]
 
             for i, result in enumerate(self.step(texts)):

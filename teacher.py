@@ -4,15 +4,19 @@ docs/ALGORITHM.md §4. The teacher is a second, frozen LoRA adapter ("teacher") 
 own base model. Its whole life is here:
   start   pi_T^(0) = the policy RL starts from (the warm-started one)              (§4.1)
   merge   after an update k: pi_T^(k) = merge({pi^(k), pi_T^(k-1)}), TIES with
-          EMA or SMA weights (merge.py)                                             (§4.1)
+          EMA or SMA weights (merge.py); --merge-snapshot epoch: after every PPO
+          epoch instead (the reference's code); --merge-every 0: never              (§4.1)
   guide   KL:  the teacher scores the agent's own thought tokens (forward passes only);
                the per-step KL estimate is subtracted from that step's advantage    (§4.3)
           SFT: the teacher answers each observation (resampled at rising
                temperatures until it parses); the agent's action replaces the
                teacher's, and PPO adds the NLL of the teacher's thoughts            (§4.2)
+          --guide-tokens all: the action tokens too (KL over every token; SFT on the
+               teacher's whole answer, its own action kept), the paper's ablation   (§4.3)
   save / resume   its weights travel in the checkpoint as a peft adapter folder.
-A fixed adapter (`--teacher FOLDER`) can stand in for the merged one: GTR with a local
-teacher, or the paper's static-teacher ablation.
+The paper's static-teacher ablation: `--merge-every 0` keeps pi_T^(0), the warm start, for
+the whole run. A fixed adapter (`--teacher FOLDER`) can stand in for the merged one too: GTR
+with a local teacher.
 
 The maths lives in torch-only files: merge.py (the operators), distill.py (the estimators
 and losses). This file is what touches the model.
@@ -21,7 +25,7 @@ Use (train.py):
     teacher = Teacher(policy, args)        # attaches the adapter
     teacher.start(policy)                  # pi_T^(0)
     guidance = teacher.guide(policy, batch, game)     # after each rollout
-    teacher.merge(policy, update)          # after each PPO update
+    teacher.merge(policy, update, moment)  # after each PPO epoch and each update
 """
 
 import os
@@ -46,8 +50,9 @@ class Guidance:
 
 class Teacher:
     """The teacher adapter of a guided run. Reads these fields of train.py's Args: guidance,
-    teacher, merge, merge_weights, ema_alpha, ties_density, merge_space, merge_every, seed,
-    kl_estimator, temperature, max_new_tokens, micro_batch_size, num_envs."""
+    teacher, merge, merge_weights, ema_alpha, ties_density, merge_space, merge_every,
+    merge_snapshot, seed, kl_estimator, guide_tokens, temperature, max_new_tokens,
+    micro_batch_size, num_envs."""
 
     def __init__(self, policy, args):
         self.args = args
@@ -67,15 +72,18 @@ class Teacher:
             self.weights = policy.adapter_state("policy")
             policy.load_adapter_state(self.weights, "teacher")
 
-    def merge(self, policy, update):
-        """pi_T^(k) = merge({pi_theta^(k), pi_T^(k-1)}, {w_new, w_old}) every --merge-every
-        updates (§4.1). Deterministic (DARE is seeded by the merge count), so every rank gets
-        the same teacher. Returns the seconds it took (0 when it did not merge)."""
-        if self.fixed or update % self.args.merge_every:
+    def merge(self, policy, update, moment="update"):
+        """pi_T^(k) = merge({pi_theta^(k), pi_T^(k-1)}, {w_new, w_old}) in every --merge-every-th
+        update (§4.1; never with --merge-every 0: the static teacher pi_T^(0)). train.py calls it
+        after each PPO epoch (`moment` "epoch") and after the update ("update"); it merges at the
+        moment --merge-snapshot names, and k counts the snapshots merged. Deterministic (DARE is
+        seeded by the merge count), so every rank gets the same teacher. Returns the seconds it
+        took (0 when it did not merge)."""
+        a = self.args
+        if self.fixed or moment != a.merge_snapshot or not a.merge_every or update % a.merge_every:
             return 0.0
         start = time.perf_counter()
         self.merges += 1
-        a = self.args
         self.weights = update_teacher(self.weights, policy.adapter_state("policy"), self.merges,
                                       scheme=a.merge_weights, alpha=a.ema_alpha, method=a.merge,
                                       density=a.ties_density, seed=a.seed + self.merges, space=a.merge_space)
@@ -106,9 +114,10 @@ class Teacher:
                         seconds=time.perf_counter() - start)
 
     def kl_penalties(self, policy, batch):
-        """§4.3: per step, KL_hat = mean over thought tokens of clip(log pi - log pi_T, 0, 10),
-        with pi's log-probs those of sampling time and pi_T's from teacher forward passes over
-        the agent's OWN answers (no generation), --micro-batch-size at a time. Returns [T*N]."""
+        """§4.3: per step, KL_hat = mean over thought tokens (every token with --guide-tokens
+        all) of clip(log pi - log pi_T, 0, 10), with pi's log-probs those of sampling time and
+        pi_T's from teacher forward passes over the agent's OWN answers (no generation),
+        --micro-batch-size at a time. Returns [T*N]."""
         kl = []
         size = self.args.micro_batch_size
         with policy.use_adapter("teacher"):
@@ -119,14 +128,17 @@ class Teacher:
                 agent = torch.zeros_like(teacher["logprobs"])  # [B, width], right-aligned like teacher's
                 for row, logprobs in enumerate(batch.token_logprobs[i:i + size]):
                     agent[row, width - len(logprobs):] = logprobs.to(agent.device)
-                thoughts = teacher["thought_mask"] & teacher["response_mask"]  # [B, width]
-                kl.append(kl_estimate(agent, teacher["logprobs"], thoughts, self.args.kl_estimator).cpu())
+                guided = teacher["response_mask"]  # [B, width]
+                if self.args.guide_tokens == "thought":
+                    guided = guided & teacher["thought_mask"]
+                kl.append(kl_estimate(agent, teacher["logprobs"], guided, self.args.kl_estimator).cpu())
         return torch.cat(kl)
 
     def sft_targets(self, policy, batch, game):
         """§4.2: the teacher answers every observation of the rollout; an unparseable answer is
         resampled at rising temperatures (x1.1 up to 0.9, 20 tries) and dropped after the last.
-        The agent's own action replaces the teacher's, so only the teacher's thoughts are imitated.
+        The agent's own action replaces the teacher's, so only the teacher's thoughts are imitated;
+        with --guide-tokens all the teacher's own action stays: its whole answer is imitated.
 
         Retries are batched: a round samples each pending observation at its next few
         temperatures in one generate call (per-row temperatures) and keeps the lowest-temperature
@@ -153,9 +165,11 @@ class Teacher:
                         thoughts, teacher_action = extract_thoughts(text), game.parse(text)
                         if targets[i] is not None or thoughts is None or teacher_action is None:
                             continue
-                        # An unparsed agent answer named no action (penalty mode): keep the teacher's.
-                        played = game.actions[actions[i] if actions[i] >= 0 else teacher_action]
-                        targets[i] = policy.answer_ids(format_answer(thoughts, played))
+                        # The teacher's own action stays with --guide-tokens all, and where the
+                        # agent's unparsed answer named none (penalty mode).
+                        keep_teacher = self.args.guide_tokens == "all" or actions[i] < 0
+                        action = game.actions[teacher_action if keep_teacher else actions[i]]
+                        targets[i] = policy.answer_ids(format_answer(thoughts, action))
                     pending = [i for i in pending if targets[i] is None]
                     tried += width
         return targets

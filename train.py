@@ -42,8 +42,8 @@ from demonstrations import warm_start
 from distill import KL_ESTIMATORS, kl_penalized_advantages, sft_loss
 from flags import parse_dataclass
 from policy import load_policy
-from ppo import (accumulated_step, cosine_lr, explained_variance, gae, gradient_norms, normalize_advantages,
-                 policy_loss, value_loss, variance_shares)
+from ppo import (accumulated_step, cosine_lr, explained_variance, gae, gradient_norms, minibatches,
+                 normalize_advantages, policy_loss, value_loss, variance_shares)
 from report import RunLog, check_extras, log_update, run_evaluation
 from rollout import Rollout
 from teacher import Teacher
@@ -133,6 +133,8 @@ class Args:
     """per-token KL estimator: clip (paper), abs, k3, forward"""
     sft_coef: float = 1.0
     """weight of the SFT loss on the teacher's thoughts"""
+    guide_tokens: str = "thought"
+    """tokens the teacher guides: thought (the paper) or all (ablation: KL on every token, SFT on the whole answer)"""
     merge: str = "ties"
     """merge operator: ties, linear, dare"""
     merge_weights: str = "ema"
@@ -144,7 +146,9 @@ class Args:
     merge_space: str = "factors"
     """merge LoRA A and B factors (the reference) or their product B@A (delta)"""
     merge_every: int = 1
-    """merge the policy into the teacher every this many updates"""
+    """merge the policy into the teacher every this many updates (0: never, a static teacher: the warm start)"""
+    merge_snapshot: str = "update"
+    """what is merged: update (the policy after its PPO epochs) or epoch (a snapshot after each epoch, the reference)"""
     teacher: str = ""
     """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
     init: str = ""
@@ -179,16 +183,16 @@ class Args:
 # Every flag's valid values, checked before anything runs (bench.py uses them too).
 CHOICES = {"guidance": ("none", "sft", "kl"), "merge": ("ties", "linear", "dare"), "merge_weights": ("ema", "sma"),
            "merge_space": ("factors", "delta"), "kl_estimator": KL_ESTIMATORS, "unparsed_action": ("random", "penalty"),
-           "value_target": ("env", "shaped"), "device": ("auto", "cpu", "cuda"),
-           "gradient_checkpointing": ("auto", "on", "off")}
+           "value_target": ("env", "shaped"), "device": ("auto", "cpu", "cuda"), "guide_tokens": ("thought", "all"),
+           "merge_snapshot": ("update", "epoch"), "gradient_checkpointing": ("auto", "on", "off")}
 RANGES = {**dict.fromkeys(("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip", "max_grad_norm",
                            "ppo_epochs", "minibatch_size", "micro_batch_size", "lr", "lora_r", "lora_alpha",
-                           "merge_every", "warmup_lr", "warmup_batch_size", "save_every"), "positive"),
+                           "warmup_lr", "warmup_batch_size", "save_every"), "positive"),
           **dict.fromkeys(("updates", "seed", "thought_coef", "vf_coef", "target_kl", "lr_min", "lr_updates", "kl_coef",
                            "sft_coef", "warmup_sft_steps", "eval_episodes", "eval_every"), "non-negative"),
           **dict.fromkeys(("gamma", "gae_lambda"), "in [0, 1]"), **dict.fromkeys(("ema_alpha", "ties_density"), "in (0, 1]"),
           "lora_dropout": "in [0, 1)", "ratio_guard": "greater than 1", "image_size": "0 (the model's own) or at least 28",
-          "eval_temperature": "-1 (the sampling temperature) or non-negative"}
+          "merge_every": "non-negative", "eval_temperature": "-1 (the sampling temperature) or non-negative"}
 
 
 def parse_args(argv=None):
@@ -286,15 +290,16 @@ def main(args):
         # ---- 2. Guide: the merged teacher's KL penalties or SFT answers (teacher.py, §4.2-4.3) -----
         guidance = teacher.guide(policy, batch, runner.envs[0].unwrapped) if teacher else None
         # ---- 3. PPO epochs on the rollout (ppo.py, §3) ----------------------------------------------
-        start = time.perf_counter()
-        logs = ppo_update(model, trainable, optimizer, batch, guidance, args)
-        time_update = time.perf_counter() - start
+        start, merge_seconds = time.perf_counter(), []  # step 4 runs here too with --merge-snapshot epoch
+        merge = lambda moment: merge_seconds.append(teacher.merge(policy, update, moment) if teacher else 0.0)
+        logs = ppo_update(model, trainable, optimizer, batch, guidance, args, after_epoch=lambda: merge("epoch"))
+        time_update = time.perf_counter() - start - sum(merge_seconds)
         # ---- 4. Merge the new policy into the teacher (teacher.py, merge.py, §4.1) ------------------
-        time_merge = teacher.merge(policy, update) if teacher else 0.0
+        merge("update")
 
         counters["update"], counters["env_steps"] = update, counters["env_steps"] + args.steps_per_update * world
         counters["merges"] = teacher.merges if teacher else 0
-        timing = {"time_rollout": time_rollout, "time_update": time_update, "time_merge": time_merge,
+        timing = {"time_rollout": time_rollout, "time_update": time_update, "time_merge": sum(merge_seconds),
                   "time_teacher": guidance.seconds if guidance else 0.0,
                   "env_steps_per_s": args.steps_per_update * world / time_rollout, "lr": lr}
         log_update(metrics, batch, guidance, logs | timing, counters, recent, world)
@@ -333,35 +338,34 @@ def advantages_and_returns(batch, guidance, args):
     return normalize_advantages(advantages.flatten()), returns.flatten(), diagnostics
 
 
-def ppo_update(model, trainable, optimizer, batch, guidance, args):
-    """PPO epochs over mini-batches of one rollout (docs/ALGORITHM.md §3). Returns the logs."""
+def ppo_update(model, trainable, optimizer, batch, guidance, args, after_epoch=None):
+    """PPO epochs over mini-batches of one rollout (docs/ALGORITHM.md §3). Returns the logs. `after_epoch()`
+    runs after every epoch and at an early stop, if the policy stepped since it last ran (§4.1 snapshots)."""
     advantages, returns, diagnostics = advantages_and_returns(batch, guidance, args)  # [T*N] each
     old_logprobs = batch.old_logprobs.flatten()  # [T*N]
     targets = guidance.sft_targets if args.guidance == "sft" else None
     logs = collections.defaultdict(list)
 
-    def loss_of(idx):
-        return micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs)
+    loss_of = lambda idx: micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs)
 
     def within_kl(first):
         # Early stop (--target-kl): the mini-batch's approx_kl to the rollout policy, measured
         # before this step (from logs[first:]), must stay under 1.5x the target.
         return not args.target_kl or np.mean(logs["approx_kl"][first:]) <= 1.5 * args.target_kl
 
-    def minibatches():  # epochs of shuffled mini-batches, each order drawn when its epoch starts
-        for epoch in range(args.ppo_epochs):
-            order = torch.randperm(len(old_logprobs)).tolist()
-            yield from (order[start:start + args.minibatch_size] for start in range(0, len(order), args.minibatch_size))
-
-    steps = 0
-    for minibatch in minibatches():
+    steps = steps_at_snapshot = 0
+    for minibatch, ends_epoch in minibatches(len(old_logprobs), args.ppo_epochs, args.minibatch_size):
         first = len(logs["approx_kl"])
         grad_norm, stepped = accumulated_step(loss_of, minibatch, args.micro_batch_size, optimizer, trainable,
                                               args.max_grad_norm, may_step=lambda: within_kl(first), model=model)
         logs["grad_norm"].append(grad_norm)
         logs["skipped_steps"].append(not stepped and not np.isfinite(grad_norm))
         steps += stepped
-        if not within_kl(first):  # the update ends here
+        stop = not within_kl(first)  # the update ends here
+        if after_epoch and (ends_epoch or stop) and steps > steps_at_snapshot:
+            after_epoch()
+            steps_at_snapshot = steps
+        if stop:
             break
     return diagnostics | {"sft_loss": float("nan")} | {k: float(np.mean(v)) for k, v in logs.items()} | {
         "log_ratio_max": max(logs["log_ratio_max"]), "skipped_steps": int(sum(logs["skipped_steps"])),
@@ -372,10 +376,9 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args):
 
 def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs):
     """PPO loss (+ the SFT loss on the teacher's thoughts) of one micro-batch, in ONE model call."""
-    # The agent's answers are scored at the sampling temperature (§2). SFT guidance: the
-    # teacher's answers are scored in the same call, as a second continuation of each prompt,
-    # at temperature 1 as a standard SFT loss does (the reference's).
-    # None where the teacher parsed no answer for any of these observations.
+    # The agent's answers are scored at the sampling temperature (§2). SFT guidance: the teacher's answers are
+    # scored in the same call, as a second continuation of each prompt, at temperature 1 as a standard SFT loss
+    # does (the reference's). None where the teacher parsed no answer for any of these observations.
     sft_targets = [targets[i] for i in idx] if targets and any(targets[i] is not None for i in idx) else None
     out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx], args.temperature,
                 targets=sft_targets)
@@ -390,12 +393,11 @@ def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targe
         for name, norm in gradient_norms({"policy_loss": pg_loss, "value_loss": vf_loss}, lora).items():
             logs[f"grad_norm_{name}"].append(norm)
     loss = pg_loss + vf_loss
-    logs["policy_loss"].append(pg_loss.item())
-    logs["value_loss"].append(vf_loss.item() / args.vf_coef)
-    for key, value in stats.items():
+    for key, value in (stats | {"policy_loss": pg_loss, "value_loss": vf_loss / args.vf_coef}).items():
         logs[key].append(value.item())
-    if sft_targets is not None:
-        guidance_loss = sft_loss(out["target_logprobs"], out["target_thought_mask"])
+    if sft_targets is not None:  # the teacher's thought tokens are imitated, or its whole answer (--guide-tokens all)
+        guided = out["target_mask"] if args.guide_tokens == "all" else out["target_thought_mask"]
+        guidance_loss = sft_loss(out["target_logprobs"], guided)
         loss = loss + args.sft_coef * guidance_loss
         logs["sft_loss"].append(guidance_loss.item())
     return loss

@@ -5,10 +5,12 @@ evaluated; then each method is a `train.py` run that starts from it (`--init`), 
 budget of environment steps and the same flags except `--guidance`. The script then reads
 every run's metrics.jsonl and eval.jsonl and writes, into --docs, a Markdown table and a PNG
 figure whose file names are --name with .md and .png added:
-  the table       final success (mean +- standard error over seeds), return, training success
-                  and format validity over the first and last quarter of RL, entropy at the
-                  start / middle / end of RL, time per update; then a row per seed
-  the figure      training success, format validity and token entropy against env steps
+  the table       final success (mean +- standard error over seeds), return, training success,
+                  format validity and thought collapse (grounding and diversity of the
+                  thoughts, docs/ALGORITHM.md §4.5) over the first and last quarter of RL,
+                  entropy at the start / middle / end of RL, time per update; then a row per seed
+  the figure      training success, format validity, token entropy, thought grounding and
+                  thought diversity against env steps
                   (needs matplotlib: pip install matplotlib; training does not)
 
     python docs/compare.py                     # every run, table, figure
@@ -121,9 +123,10 @@ def mean_se(values):
 
 
 def quarters(rows, key):
-    """Mean of `key` over the first and over the last quarter of a run's updates."""
+    """Mean of `key` over the first and over the last quarter of a run's updates (NaN where a run
+    predates the key)."""
     q = max(1, len(rows) // 4)
-    return mean_se([r[key] for r in rows[:q]])[0], mean_se([r[key] for r in rows[-q:]])[0]
+    return mean_se([r.get(key) for r in rows[:q]])[0], mean_se([r.get(key) for r in rows[-q:]])[0]
 
 
 def pair(per_seed):
@@ -146,11 +149,13 @@ def report(args, envs, methods):
     every row compares the methods on the same seeds (an interrupted comparison reports the rest)."""
     lines = ["| environment | method | seeds | success after warm start | final success | final return | "
              "train success: first / last quarter | format valid: first / last quarter | "
+             "thought grounding: first / last quarter | thought diversity: first / last quarter | "
              "entropy: first / middle / last update | s per update |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     per_seed = ["| environment | method | seed | warm start: held-out SFT loss | success after warm start | "
-                "final success | train success: first / last quarter | format valid: first / last quarter |",
-                "|---|---|---|---|---|---|---|---|"]
+                "final success | train success: first / last quarter | format valid: first / last quarter | "
+                "thought grounding: first / last quarter | thought diversity: first / last quarter |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for env in envs:
         seeds = [s for s in range(args.seeds) if finished(run_dir(args, env, "warm", s), 0)
@@ -168,20 +173,25 @@ def report(args, envs, methods):
             ret = mean_se([evals[-1]["eval_return"] for _, evals in runs])
             success = [quarters(rows, "success_rate") for rows, _ in runs]  # per seed: (first, last)
             valid = [quarters(rows, "format_valid") for rows, _ in runs]
+            grounding = [quarters(rows, "thought_grounding") for rows, _ in runs]
+            diversity = [quarters(rows, "thought_diversity") for rows, _ in runs]
             entropy = [mean_se([rows[i]["entropy"] for rows, _ in runs])[0]
                        for i in (0, len(runs[0][0]) // 2, len(runs[0][0]) - 1)]
             seconds = mean_se([sum(r["time_rollout"] + r["time_update"] + r["time_merge"] for r in rows) / len(rows)
                                for rows, _ in runs])
             lines.append(f"| {env.split('/')[-1]} | {METHODS[method]} | {len(seeds)} | {start[0]:.3f} +- {start[1]:.3f} | "
                          f"**{final[0]:.3f} +- {final[1]:.3f}** | {ret[0]:.2f} +- {ret[1]:.2f} | "
-                         f"{pair(success)} | {pair(valid)} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
+                         f"{pair(success)} | {pair(valid)} | {pair(grounding)} | {pair(diversity)} | "
+                         f"{' / '.join(f'{e:.3f}' for e in entropy)} | "
                          f"{seconds[0]:.1f} |")
             curves[env, method] = runs
             for i, s in enumerate(seeds):
                 loss = warm[s][0][0]["warmup_loss_after"]
                 per_seed.append(f"| {env.split('/')[-1]} | {METHODS[method]} | {s} | {loss:.3f} | "
                                 f"{warm[s][1][-1]['eval_success_rate']:.3f} | {finals[method][i]:.3f} | "
-                                f"{success[i][0]:.3f} / {success[i][1]:.3f} | {valid[i][0]:.3f} / {valid[i][1]:.3f} |")
+                                f"{success[i][0]:.3f} / {success[i][1]:.3f} | {valid[i][0]:.3f} / {valid[i][1]:.3f} | "
+                                f"{grounding[i][0]:.3f} / {grounding[i][1]:.3f} | "
+                                f"{diversity[i][0]:.3f} / {diversity[i][1]:.3f} |")
     if not curves:
         sys.exit("no finished comparison runs to report")
     rows, evals = next(iter(curves.values()))[0]
@@ -206,13 +216,14 @@ def plot(args, envs, methods, curves):
         print(f"matplotlib is not installed (pip install matplotlib): no {args.name}.png")
         return
     envs = [env for env in envs if (env, methods[0]) in curves]
-    fig, axes = plt.subplots(3, len(envs), figsize=(5 * len(envs), 10), squeeze=False)
+    keys = ("success_rate", "format_valid", "entropy", "thought_grounding", "thought_diversity")
+    fig, axes = plt.subplots(len(keys), len(envs), figsize=(5 * len(envs), 16), squeeze=False)
     for col, env in enumerate(envs):
         for method in methods:
             runs = curves[env, method]
             steps = [r["env_steps"] for r in runs[0][0]]
-            for row, key in enumerate(("success_rate", "format_valid", "entropy")):
-                per_seed = [smooth([r[key] for r in rows]) for rows, _ in runs]
+            for row, key in enumerate(keys):
+                per_seed = [smooth([r.get(key) for r in rows]) for rows, _ in runs]
                 mean = [mean_se(v)[0] for v in zip(*per_seed)]
                 se = [0.0 if math.isnan(s) else s for s in (mean_se(v)[1] for v in zip(*per_seed))]
                 line, = axes[row][col].plot(steps, mean, label=METHODS[method])
@@ -222,7 +233,9 @@ def plot(args, envs, methods, curves):
         axes[0][col].set_ylabel("training success rate (5-update mean)")
         axes[1][col].set_ylabel("answers that parse (5-update mean)")
         axes[2][col].set_ylabel("token entropy at the sampling T")
-        axes[2][col].set_xlabel("environment steps")
+        axes[3][col].set_ylabel("thought grounding: facts named (5-update mean)")
+        axes[4][col].set_ylabel("thought diversity: pairs told apart (5-update mean)")
+        axes[4][col].set_xlabel("environment steps")
         axes[0][col].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.docs, f"{args.name}.png"), dpi=100)

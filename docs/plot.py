@@ -1,6 +1,7 @@
-"""Plot one or more runs: success, return and format validity, entropy, the teacher's KL or SFT
-loss, and PPO's diagnostics, against environment steps, with the evaluations and their
-standard errors. Needs matplotlib (pip install matplotlib); training never does.
+"""Plot one or more runs: success, return and format validity, entropy, thought collapse (grounding
+and diversity, docs/ALGORITHM.md §4.5), the teacher's KL or SFT loss, and PPO's diagnostics,
+against environment steps, with the evaluations and their standard errors. Needs matplotlib
+(pip install matplotlib); training never does.
 
     python docs/plot.py runs/default                          # -> runs/default/plot.png
     python docs/plot.py runs/a runs/b --out docs/a_vs_b.png   # several runs in one figure
@@ -23,6 +24,7 @@ PANELS = [("success rate (training) and evaluations", ["success_rate"]),
           ("episode return", ["episode_return"]),
           ("answers that parse", ["format_valid"]),
           ("token entropy at the sampling T", ["entropy"]),
+          ("thought collapse: facts named, pairs of states told apart", ["thought_grounding", "thought_diversity"]),
           ("teacher: KL estimate / SFT loss", ["teacher_kl", "sft_loss"]),
           ("PPO: approx_kl, clip and guard fractions", ["approx_kl", "clip_fraction", "guard_fraction"]),
           ("critic: explained variance", ["explained_variance"]),
@@ -55,7 +57,7 @@ def plot(runs, out, window):
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("docs/plot.py needs matplotlib, an optional extra: pip install matplotlib")
-    fig, axes = plt.subplots(4, 2, figsize=(12, 13))
+    fig, axes = plt.subplots((len(PANELS) + 1) // 2, 2, figsize=(12, 16))
     for run in runs:
         rows, evals = read(run)
         steps = [r["env_steps"] for r in rows]
@@ -70,6 +72,8 @@ def plot(runs, out, window):
         for e in evals:  # evaluations at their update, with +- one standard error
             axes[0][0].errorbar(e["update"] * steps_per_update, e["eval_success_rate"], yerr=e["eval_success_stderr"],
                                 fmt="o", color="black", capsize=3)
+    for ax in axes.flat[len(PANELS):]:  # an odd number of panels leaves one cell empty
+        ax.set_axis_off()
     for ax in axes.flat:
         ax.set_xlabel("environment steps")
         if ax.lines:

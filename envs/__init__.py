@@ -11,14 +11,16 @@ Importing the package registers them with gymnasium:
     game.parse(answer_text)         #   action id named in a JSON answer, or None
     game.expert()                   #   (thoughts, action id) of a good move
     game.invalid_step()             #   the step taken when an answer names no action
+    game.facts()                    #   what a thought grounded in this state names
 
 Every environment takes ``image_size`` (default 300) and ``render_mode`` (None or "rgb_array");
-NumberLine also ``max_position`` (default 5). The answer format helpers are re-exported here.
+NumberLine also ``max_position`` (default 5). The answer format helpers and the thought-collapse
+measures are re-exported here.
 """
 import gymnasium
 
 from .blackjack import BlackjackEnv
-from .common import action_span, extract_thoughts, format_answer, parse_action
+from .common import action_span, extract_thoughts, format_answer, parse_action, thought_diversity, thought_grounding
 from .ez_points import EZPointsEnv
 from .number_line import NumberLineEnv
 from .points24 import Points24Env
@@ -36,4 +38,4 @@ for _env_id, _cls in ENV_CLASSES.items():
         gymnasium.register(id=_env_id, entry_point=_cls)
 
 __all__ = ["ENV_IDS", "ENV_CLASSES", "NumberLineEnv", "EZPointsEnv", "Points24Env", "BlackjackEnv",
-           "format_answer", "parse_action", "extract_thoughts", "action_span"]
+           "format_answer", "parse_action", "extract_thoughts", "action_span", "thought_grounding", "thought_diversity"]

@@ -136,14 +136,20 @@ class BlackjackEnv(VisualTextEnv):
             f"your turn and the dealer draws to 17. {self._admissible_text()} {ANSWER_INSTRUCTION}"
         )
 
-    def expert(self) -> tuple[str, int]:
-        """Basic strategy (module docstring)."""
+    def facts(self) -> list[str]:
+        """The player's total, soft or hard (whether an ace counts 11 changes the right move), and
+        the dealer's face-up card, e.g. ["hard 16", "shows 9"] (docs/ALGORITHM.md §4.5)."""
         total, soft = hand_total(self._ranks(self.player))
         up = card_value(self.dealer[0][0])
-        shown = "an ace" if up == 1 else str(up)
+        return [f"{'soft' if soft else 'hard'} {total}", f"shows {'an ace' if up == 1 else up}"]
+
+    def expert(self) -> tuple[str, int]:
+        """Basic strategy (module docstring); its thoughts name the facts."""
+        total, soft = hand_total(self._ranks(self.player))
+        up = card_value(self.dealer[0][0])
         hit = basic_strategy(total, soft, 11 if up == 1 else up)
-        move = "hit" if hit else "stand"
-        return f"my hand is {'soft' if soft else 'hard'} {total} and the dealer shows {shown}, so I {move}", int(hit)
+        hand, dealer = self.facts()
+        return f"my hand is {hand} and the dealer {dealer}, so I {'hit' if hit else 'stand'}", int(hit)
 
     def _draw(self, image) -> None:
         s = self.image_size

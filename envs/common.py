@@ -11,14 +11,19 @@ games share:
 - the answer format (``format_answer``) and its tolerant, linear-time readers
   (``parse_action``, ``extract_thoughts``), which must never raise on whatever a model writes;
 - ``VisualTextEnv``, the small base class giving every game its image size, render mode,
-  ``actions`` list and ``parse`` method.
+  ``actions`` list and ``parse`` method;
+- the thought-collapse measures (docs/ALGORITHM.md §4.5): ``thought_grounding`` (how much of
+  the state a thought names, against the game's ``facts()``) and ``thought_diversity`` (whether
+  answers to different states have different thoughts).
 
 Use: ``format_answer("current 2, target 4, so I move up", "+")`` gives
 ``{"thoughts": "current 2, target 4, so I move up", "action": "+"}``, and
-``parse_action(that_text, ["-", "+"])`` gives ``1``.
+``parse_action(that_text, ["-", "+"])`` gives ``1``, and
+``thought_grounding("current 2, target 4, so I move up", ["current 2", "target 4"])`` gives ``1.0``.
 """
 from __future__ import annotations
 
+import collections
 import json
 import re
 from functools import lru_cache
@@ -358,6 +363,51 @@ def action_span(text: str) -> tuple[int, int] | None:
     return start, (following.end(1) if following else len(text))
 
 
+# ----------------------------------------------------------------------------- thought collapse
+
+
+@lru_cache(maxsize=4096)
+def _whole_phrase(fact: str) -> re.Pattern:
+    """``fact`` standing alone, in any case: not inside a longer word or number ("2" is not in "12")."""
+    return re.compile(r"(?<!\w)%s(?!\w)" % re.escape(fact), re.IGNORECASE)
+
+
+def thought_grounding(thoughts: str | None, facts) -> float:
+    """Share of the state's ``facts`` that ``thoughts`` names, in [0, 1] (docs/ALGORITHM.md §4.5).
+
+    ``facts`` are the phrases of the game's ``facts()`` at the state the answer replied to. A fact
+    is named where it stands as whole words, in any case; one the state holds twice (two cards
+    of value 6) must be named twice. An answer without thoughts (None) names nothing.
+    """
+    if not facts:
+        raise ValueError("facts is empty: a game's facts() must name at least one thing its state shows")
+    needed = collections.Counter(facts)
+    named = sum(min(count, len(_whole_phrase(fact).findall(thoughts or ""))) for fact, count in needed.items())
+    return named / len(facts)
+
+
+def thought_diversity(thoughts, states) -> float:
+    """Share of the pairs of answers to different states whose thoughts differ (docs/ALGORITHM.md §4.5).
+
+    1 when no two different states got the same thought; 0 when one thought answered every state
+    (the collapse GTR describes). Pairs of answers to the same state do not count, so sampling
+    several thoughts for one state neither raises nor lowers it. ``thoughts``: one string per
+    answer (None, no thoughts, counts as one and the same thought); ``states``: one hashable per
+    answer, e.g. its facts as a tuple. NaN when every answer replied to the same state.
+    """
+    if len(thoughts) != len(states):
+        raise ValueError(f"{len(thoughts)} thoughts but {len(states)} states: pass one state per answer")
+
+    def pairs_alike(keys):  # pairs of answers whose keys are equal
+        return sum(n * (n - 1) // 2 for n in collections.Counter(keys).values())
+
+    different_states = len(states) * (len(states) - 1) // 2 - pairs_alike(states)
+    if different_states == 0:
+        return float("nan")
+    same_thought_different_state = pairs_alike(thoughts) - pairs_alike(zip(thoughts, states))
+    return 1.0 - same_thought_different_state / different_states
+
+
 # ----------------------------------------------------------------------------- base env
 
 
@@ -365,7 +415,8 @@ class VisualTextEnv(gym.Env):
     """What every game here shares: an RGB observation of ``image_size`` pixels, the
     ``rgb_array`` render mode, the ``actions`` strings and ``parse``.
 
-    Subclasses set ``actions`` and implement ``_draw(image)`` (a white RGB Pillow image).
+    Subclasses set ``actions`` and implement ``_draw(image)`` (a white RGB Pillow image) and
+    ``facts()``.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
@@ -384,6 +435,11 @@ class VisualTextEnv(gym.Env):
     def parse(self, text: str) -> int | None:
         """Action id named in a model's answer, or None (see ``parse_action``)."""
         return parse_action(text, self.actions)
+
+    def facts(self) -> list[str]:
+        """The phrases a thought grounded in the current state names (docs/ALGORITHM.md §4.5): what
+        the picture shows, in the words of the game's expert, whose thoughts name them all."""
+        raise NotImplementedError
 
     def render(self):
         """The current frame as an RGB array in ``rgb_array`` mode (None without a render mode)."""

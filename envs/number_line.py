@@ -29,6 +29,7 @@ Use::
     obs, info = env.reset(seed=0)                  # or options={"position": 1, "target": 4}
     text = env.prompt()                            # the instruction for the language model
     thoughts, action = env.expert()                # ("current 1, target 4, so I move up", 1)
+    env.facts()                                    # ["current 1", "target 4"]: what a grounded thought names
     obs, reward, terminated, truncated, info = env.step(env.parse(answer_text))
 """
 from __future__ import annotations
@@ -104,6 +105,11 @@ class NumberLineEnv(VisualTextEnv):
         if self.position < self.target:
             return f"current {self.position}, target {self.target}, so I move up", 1
         return f"current {self.position}, target {self.target}, so I move down", 0
+
+    def facts(self) -> list[str]:
+        """The current and the target number, each with its label: the bare digits would not say
+        which is which (docs/ALGORITHM.md §4.5)."""
+        return [f"current {self.position}", f"target {self.target}"]
 
     def _info(self) -> dict:
         return {"position": self.position, "target": self.target, "steps": self.steps}

@@ -381,6 +381,10 @@ class PointsEnv(VisualTextEnv):
             info["success"] = success
         return self._observation(), reward, terminated, truncated, info
 
+    def facts(self) -> list[str]:
+        """The cards' values, one per card (docs/ALGORITHM.md §4.5): the numbers the formula is made of."""
+        return [str(v) for v in self.values]
+
     def _info(self) -> dict:
         return {"cards": list(self.ranks), "suits": list(self.suits), "values": self.values,
                 "formula": list(self.formula), "used_cards": [int(t) for t in self.formula if is_number(t)],

@@ -10,7 +10,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["update", "env_steps", "success_rate", "episode_return", "episode_length", "format_valid",
-           "entropy", "thought_tokens", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "lr",
+           "entropy", "thought_tokens", "thought_grounding", "thought_diversity", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "lr",
            "time_rollout", "time_update", "env_steps_per_s"]
 GUIDANCE_METRICS = ["teacher_kl", "sft_loss", "teacher_parse_rate", "time_teacher", "time_merge"]
 
@@ -142,10 +142,11 @@ def test_bench_smoke(tiny_dir):
         assert ratios[key] > 0
 
 
-def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy):
+@pytest.mark.parametrize("guide_tokens", ["thought", "all"])
+def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy, guide_tokens):
     """micro_batch_loss's SFT term (the teacher's answers scored on the shared prompts) equals
-    the SFT loss of those answers scored as ordinary responses at T = 1; a None target (the
-    teacher never parsed) is left out."""
+    the SFT loss of those answers scored as ordinary responses at T = 1, over their thought
+    tokens (--guide-tokens all: every token); a None target (the teacher never parsed) is left out."""
     import collections
     from rollout import Batch
     from distill import sft_loss
@@ -166,10 +167,10 @@ def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy):
     targets = [answers[0], other, None]
     logs = collections.defaultdict(list)
     micro_batch_loss(policy, batch, [0, 1, 2], torch.zeros(3), torch.zeros(3), torch.zeros(3), targets,
-                     Args(guidance="sft"), logs)
+                     Args(guidance="sft", guide_tokens=guide_tokens), logs)
     with torch.no_grad():
         expected = policy(batch.encoded[:2], [answers[0], other], 1.0)
-    mask = expected["thought_mask"] & expected["response_mask"]
+    mask = expected["response_mask"] & (expected["thought_mask"] if guide_tokens == "thought" else True)
     assert logs["sft_loss"][0] == pytest.approx(sft_loss(expected["logprobs"], mask).item(), abs=1e-5)
 
 

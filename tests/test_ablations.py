@@ -1,0 +1,165 @@
+"""The ablation flags of GTR-Turbo's teacher do what they claim: a static teacher (--merge-every 0),
+one snapshot per PPO epoch (--merge-snapshot epoch) and guiding the action tokens as well
+(--guide-tokens all). docs/ALGORITHM.md §4.1, §4.3. (--merge-weights, --merge and
+--kl-estimator are tested in test_merge.py and test_distill.py.)"""
+import contextlib
+import json
+import os
+
+import numpy as np
+import torch
+
+import envs
+from policy import thought_action_masks
+from rollout import Batch
+from teacher import Teacher
+from train import Args, ppo_update
+
+ANSWERS = ['{"thoughts": "current 1, target 3, so I move up", "action": "+"}',
+           '{"thoughts": "current 4, target 0, so I move down", "action": "-"}',
+           '{"thoughts": "current 2, target 5, so I move up", "action": "+"}',
+           '{"thoughts": "current 3, target 1", "action": "-"}']
+
+
+def perturb(policy, scale=0.05):
+    """Move the policy adapter as an update would."""
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_" in name and ".policy." in name:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def teacher_state(policy):
+    return {k: v.clone() for k, v in policy.adapter_state("teacher").items()}
+
+
+def rollout_of(policy, answers=ANSWERS):
+    """A one-step Batch of len(answers) environments answered with `answers`, with the policy's own
+    sampling-time log-probs (T = 1) and made-up rewards."""
+    images = [np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8) for i in range(len(answers))]
+    encoded = policy.encode(images, ["p"] * len(answers))
+    responses = [policy.answer_ids(a) for a in answers]
+    with torch.no_grad():
+        scored = policy(encoded, responses, 1.0)
+    row = lambda values: torch.tensor([values], dtype=torch.float32)  # [T=1, N]
+    zeros = row([0.0] * len(answers))
+    return Batch(encoded=encoded, responses=responses,
+                 token_logprobs=[lp[lp.shape[0] - len(r):] for lp, r in zip(scored["logprobs"], responses)],
+                 old_logprobs=row(scored["seq_logprob"].tolist()), values=zeros, next_values=zeros,
+                 rewards=row([1.0, -1.0, 0.5, -0.5][:len(answers)]), format_rewards=zeros, terminated=zeros,
+                 truncated=zeros, format_valid=zeros + 1, actions=zeros, entropy=zeros, thought_tokens=zeros)
+
+
+def test_static_teacher_keeps_the_warm_start(make_policy):
+    """--merge-every 0: the teacher stays pi_T^(0) however the policy moves; with 1 it follows."""
+    torch.manual_seed(0)
+    for merge_every in (0, 1):
+        policy = make_policy()
+        teacher = Teacher(policy, Args(merge_every=merge_every))
+        teacher.start(policy)
+        warm_start = teacher_state(policy)
+        for update in (1, 2, 3):
+            perturb(policy)
+            teacher.merge(policy, update, "epoch")
+            teacher.merge(policy, update, "update")
+        unchanged = all(torch.equal(warm_start[k], v) for k, v in policy.adapter_state("teacher").items())
+        assert unchanged == (merge_every == 0)
+        assert teacher.merges == 3 * merge_every
+
+
+def test_merge_snapshot_picks_the_moment(make_policy):
+    """The teacher merges at the moment --merge-snapshot names, and only then."""
+    torch.manual_seed(0)
+    for snapshot, merging in (("update", "update"), ("epoch", "epoch")):
+        policy = make_policy()
+        teacher = Teacher(policy, Args(merge_snapshot=snapshot))
+        teacher.start(policy)
+        perturb(policy)
+        other = "epoch" if merging == "update" else "update"
+        assert teacher.merge(policy, 1, other) == 0.0 and teacher.merges == 0
+        assert teacher.merge(policy, 1, merging) > 0.0 and teacher.merges == 1
+
+
+def test_ppo_update_calls_after_epoch_once_per_epoch(make_policy):
+    """--merge-snapshot epoch: ppo_update hands over a snapshot after every epoch (3 epochs of 2 mini-batches:
+    3 calls after 2, 4 and 6 steps); an early stop after the first step ends with one call there."""
+    torch.manual_seed(0)
+    policy = make_policy()
+    policy.eval()
+    batch = rollout_of(policy)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    args = Args(guidance="none", temperature=1.0, ppo_epochs=3, minibatch_size=2, micro_batch_size=2, target_kl=0.0)
+    steps_at_call = []
+    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    logs = ppo_update(policy, trainable, optimizer, batch, None, args,
+                      after_epoch=lambda: steps_at_call.append(optimizer.state[trainable[0]]["step"].item()))
+    assert steps_at_call == [2, 4, 6] and logs["optimizer_steps"] == 6
+
+    steps_at_call = []
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    logs = ppo_update(policy, trainable, optimizer, rollout_of(policy), None, Args(**vars(args) | {"target_kl": 1e-7}),
+                      after_epoch=lambda: steps_at_call.append(optimizer.state[trainable[0]]["step"].item()))
+    assert logs["optimizer_steps"] == 1 and steps_at_call == [1]
+
+
+def test_thought_only_kl_ignores_the_action_tokens(make_policy):
+    """--guide-tokens thought: the teacher's KL does not see the action tokens' log-probs; all: it does."""
+    torch.manual_seed(0)
+    policy = make_policy()
+    policy.eval()
+    batch = rollout_of(policy)
+    moved = [lp + 3.0 * thought_action_masks(policy.tokenizer, r.tolist(), envs.action_span)[1]
+             for lp, r in zip(batch.token_logprobs, batch.responses)]  # only the action tokens' log-probs change
+    teacher = Teacher(policy, Args())
+    teacher.start(policy)
+    for guide_tokens in ("thought", "all"):
+        teacher.args = Args(guide_tokens=guide_tokens, micro_batch_size=2, temperature=1.0)
+        kl = teacher.kl_penalties(policy, batch)
+        batch_moved = Batch(**vars(batch) | {"token_logprobs": moved})
+        kl_moved = teacher.kl_penalties(policy, batch_moved)
+        assert torch.allclose(kl, torch.zeros(4), atol=1e-5)  # the teacher starts as the policy
+        assert torch.allclose(kl_moved, kl) == (guide_tokens == "thought")
+
+
+class ScriptedTeacher:
+    """Stands in for the policy in Teacher.sft_targets: the teacher always answers `+`, with thoughts."""
+
+    def add_teacher(self, path):
+        pass
+
+    def use_adapter(self, name):
+        return contextlib.nullcontext()
+
+    def generate(self, encoded, temperatures, max_new_tokens):
+        return None, ['{"thoughts": "current 1, target 3, so I move up", "action": "+"}'] * len(encoded)
+
+    def answer_ids(self, text):
+        return text
+
+
+def test_sft_targets_keep_the_teacher_action_only_when_guiding_every_token():
+    """--guide-tokens thought: the teacher's thoughts with the agent's action ("-"); all: its whole answer."""
+    game = envs.NumberLineEnv()
+    batch = Batch(encoded=[None, None], responses=[], token_logprobs=[], old_logprobs=torch.zeros(1, 2),
+                  values=None, next_values=None, rewards=None, format_rewards=None, terminated=None,
+                  truncated=None, format_valid=None, actions=torch.tensor([[0.0, 1.0]]), entropy=None,
+                  thought_tokens=None)
+    for guide_tokens, expected in (("thought", ["-", "+"]), ("all", ["+", "+"])):
+        teacher = Teacher(ScriptedTeacher(), Args(guidance="sft", guide_tokens=guide_tokens, num_envs=2))
+        targets = teacher.sft_targets(ScriptedTeacher(), batch, game)
+        assert [json.loads(t)["action"] for t in targets] == expected
+        assert all(json.loads(t)["thoughts"] == "current 1, target 3, so I move up" for t in targets)
+
+
+def test_train_runs_the_ablations_end_to_end(tiny_dir, tmp_path):
+    """--merge-snapshot epoch with 2 PPO epochs merges 2 snapshots per update (4 after 2 updates), with
+    --guide-tokens all; --merge-every 0 merges none."""
+    from test_train import run_train
+    for flags, merges in ((["--merge-snapshot", "epoch", "--guide-tokens", "all", "--target-kl", "0"], 4),
+                          (["--merge-every", "0"], 0)):
+        out = tmp_path / f"run{merges}"
+        rows, _ = run_train(tiny_dir, out, "--guidance", "kl", "--ppo-epochs", "2", *flags)
+        trainer = torch.load(os.path.join(out, "checkpoint", "trainer.pt"), weights_only=False)
+        assert trainer["merges"] == merges
+        assert all(np.isfinite(r["teacher_kl"]) for r in rows)
+        assert (rows[-1]["time_merge"] > 0) == (merges > 0)
