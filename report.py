@@ -76,7 +76,8 @@ class RunLog:
 def all_mean(values, world):
     """Mean of a list of floats over all processes (episode statistics, losses)."""
     t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    if world > 1:
+    if world > 1:  # NCCL reduces GPU tensors only
+        t = t.cuda() if dist.get_backend() == "nccl" else t
         dist.all_reduce(t)
     return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
 

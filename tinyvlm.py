@@ -29,9 +29,9 @@ from policy import image_only_processor_class
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 
-ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl")
+ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # train.py's --model names of the tiny models, and their architectures.
-TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl"}
+TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
 
 # A minimal Qwen-style chat template (real checkpoints ship their own).
 CHAT_TEMPLATE = (
@@ -100,10 +100,11 @@ def tokenizer_corpus():
 def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024, architecture="qwen2_vl"):
     """Build a small random VLM, its tokenizer and image processor, and save them to `path`.
 
-    architecture "qwen2_vl" (the default tiny model) or "qwen2_5_vl": a Qwen2.5-VL with its own
-    vision tower (RMSNorm, gated MLP, window attention in some blocks, full attention in the
-    others), saved the way hub checkpoints are laid out (`_hub_layout`) so that tests load what
-    real users load.
+    architecture "qwen2_vl" (the default tiny model), "qwen2_5_vl" (a Qwen2.5-VL with its own
+    vision tower: RMSNorm, gated MLP, window attention in some blocks, full attention in the
+    others) or "qwen3_vl" (16 px patches, learned position embeddings, DeepStack features fed
+    to the first decoder layer, interleaved M-RoPE). The last two are saved the way hub
+    checkpoints are laid out (`_hub_layout`), so that tests load what real users load.
 
     The image normalisation maps white to 0 (mean 1, std 0.5): with CLIP's mean and std the
     white background becomes a large constant that drowns the digits, and the model never
@@ -128,8 +129,11 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
     chat_template = QWEN_CHAT_TEMPLATE if hub_layout else CHAT_TEMPLATE
     tokenizer.chat_template = chat_template
 
+    # Qwen3-VL merges 2 x 2 patches of 16 px: its side is rounded to a multiple of 32 (112 -> 128).
+    patch = 16 if architecture == "qwen3_vl" else 14
+    side = 2 * patch * round(image_size / (2 * patch)) if architecture == "qwen3_vl" else image_size
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=image_size * image_size, max_pixels=image_size * image_size,
+        min_pixels=side * side, max_pixels=side * side, patch_size=patch, merge_size=2,
         image_mean=[1.0, 1.0, 1.0], image_std=[0.5, 0.5, 0.5])
     processor = image_only_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
                                              chat_template=chat_template)
@@ -152,6 +156,13 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
         from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
         vision_config = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=14,
                              spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    elif architecture == "qwen3_vl":
+        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+        text_config |= dict(head_dim=head_dim, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                            mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8], mrope_interleaved=True))
+        vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                             patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                             num_position_embeddings=64, deepstack_visual_indexes=[0])
     else:
         from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
         # Blocks 0 and 2 attend within windows of window_size pixels (2 x 2 merged patches here, so
@@ -175,7 +186,7 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     if hub_layout:
-        _hub_layout(path, model, processor, "Qwen2_5_VLProcessor")
+        _hub_layout(path, model, processor, "Qwen3VLProcessor" if architecture == "qwen3_vl" else "Qwen2_5_VLProcessor")
         return path
     processor.save_pretrained(path)
     # Saved under the stock class name so that the folder reads like any Qwen2-VL checkpoint.

@@ -44,7 +44,7 @@ from flags import parse_dataclass
 from policy import load_policy
 from ppo import (accumulated_step, cosine_lr, explained_variance, gae, gradient_norms, minibatches,
                  normalize_advantages, policy_loss, value_loss, variance_shares)
-from report import RunLog, check_extras, log_update, run_evaluation
+from report import RunLog, all_mean, check_extras, log_update, run_evaluation
 from rollout import Rollout
 from teacher import Teacher
 from tinyvlm import TINY_MODELS, tiny_model
@@ -348,10 +348,12 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args, after_epoch=N
 
     loss_of = lambda idx: micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs)
 
+    world = dist.get_world_size() if dist.is_initialized() else 1
+
     def within_kl(first):
-        # Early stop (--target-kl): the mini-batch's approx_kl to the rollout policy, measured
-        # before this step (from logs[first:]), must stay under 1.5x the target.
-        return not args.target_kl or np.mean(logs["approx_kl"][first:]) <= 1.5 * args.target_kl
+        # Early stop (--target-kl): the mini-batch's approx_kl to the rollout policy, measured before this
+        # step (logs[first:]), must stay under 1.5x the target. Averaged over processes: they step and stop together.
+        return not args.target_kl or all_mean(logs["approx_kl"][first:], world) <= 1.5 * args.target_kl
 
     steps = steps_at_snapshot = 0
     for minibatch, ends_epoch in minibatches(len(old_logprobs), args.ppo_epochs, args.minibatch_size):

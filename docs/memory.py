@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from policy import _lora_targets  # noqa: E402  (the repository root is not a package)
+from policy import SCORE_CHUNK_ELEMENTS, _lora_targets  # noqa: E402  (the repository root is not a package)
 
 GiB = 2 ** 30
 ACT = 2      # bytes of an activation: the base model runs in bfloat16 on a GPU (policy.py:load_policy)
@@ -339,20 +339,25 @@ def ppo_flops(config, mb=MicroBatch(), lora_r=LORA_R, causal=True):
 # ---------------------------------------------------------------------------------------------
 # The README's tables
 # ---------------------------------------------------------------------------------------------
-def summary(name, mb=MicroBatch(), lora_r=LORA_R, head_chunk=128, envs=32):
+def scored_chunk(config, mb=MicroBatch()):
+    """Positions policy.py:ActorCritic._score scores at once: SCORE_CHUNK_ELEMENTS / (batch x vocabulary)."""
+    return max(1, SCORE_CHUNK_ELEMENTS // (mb.batch * Dims.of(config).vocab))
+
+
+def summary(name, mb=MicroBatch(), lora_r=LORA_R, envs=32):
     """Every figure of the README's tables for one model of MODELS, in bytes (counts in units)."""
     config = model_config(name)
     counts = parameter_counts(config, lora_r)
     state = state_bytes(counts)
-    runs = {"plain": activation_bytes(config, mb, lora_r),
-            "checkpointed": activation_bytes(config, mb, lora_r, checkpointing=True),
-            "checkpointed, chunked head": activation_bytes(config, mb, lora_r, checkpointing=True,
-                                                           head_chunk=head_chunk)}
+    chunk = scored_chunk(config, mb)
+    runs = {"whole head": activation_bytes(config, mb, lora_r),
+            "plain": activation_bytes(config, mb, lora_r, head_chunk=chunk),
+            "checkpointed": activation_bytes(config, mb, lora_r, checkpointing=True, head_chunk=chunk)}
     persistent = state["weights"] + state["adapter"] + state["adam"] + state["teacher"]
     rollout = persistent + kv_cache_bytes(config, envs, mb.seq_len)
     need = {k: max(persistent + state["gradients"] + run["peak"], rollout) for k, run in runs.items()}
     return {"counts": counts, "state": state, "runs": runs, "persistent": persistent, "rollout": rollout,
-            "need": need, "flops": ppo_flops(config, mb, lora_r)}
+            "need": need, "flops": ppo_flops(config, mb, lora_r), "chunk": chunk}
 
 
 def fits(need, capacity_gib):
@@ -360,10 +365,10 @@ def fits(need, capacity_gib):
     return capacity_gib - (need * (1 + FRAGMENTATION) + CONTEXT) / GiB
 
 
-def tables(mb=MicroBatch(), lora_r=LORA_R, head_chunk=128, envs=32):
+def tables(mb=MicroBatch(), lora_r=LORA_R, envs=32):
     """The README's two Markdown tables: the budget of each model, and which GPU fits what."""
     names = list(MODELS)
-    s = {name: summary(name, mb, lora_r, head_chunk, envs) for name in names}
+    s = {name: summary(name, mb, lora_r, envs) for name in names}
     g = lambda x: f"{x / GiB:.1f}"
     row = lambda label, f: f"| {label} | " + " | ".join(f(s[n]) for n in names) + " |"
     image_tokens = mb.grid[0] * mb.grid[1] // 4
@@ -381,21 +386,23 @@ def tables(mb=MicroBatch(), lora_r=LORA_R, head_chunk=128, envs=32):
              row("activations saved, no checkpointing: vision tower + merger",
                  lambda x: g(x["runs"]["plain"]["vision"] + x["runs"]["plain"]["merger"])),
              row("... language model", lambda x: g(x["runs"]["plain"]["language"])),
-             row(f"... log-probs head ({mb.batch} x {mb.scored} tokens x vocabulary, float32)",
+             row(f"... log-probs head, whole answers at once ({mb.batch} x {mb.scored} tokens x vocabulary, float32)",
+                 lambda x: g(x["runs"]["whole head"]["head"])),
+             row("... log-probs head in chunks (policy.py: hidden states kept, logits rebuilt in backward)",
                  lambda x: g(x["runs"]["plain"]["head"])),
-             row(f"activations at the peak, no checkpointing ({HEAD_COPIES} float32 logits copies)",
-                 lambda x: g(x["runs"]["plain"]["peak"])),
-             row("... with checkpointing", lambda x: g(x["runs"]["checkpointed"]["peak"])),
-             row(f"... with checkpointing and log-probs in chunks of {head_chunk} tokens",
-                 lambda x: g(x["runs"]["checkpointed, chunked head"]["peak"])),
+             row(f"activations at the peak, no checkpointing, whole head ({HEAD_COPIES} float32 logits copies)",
+                 lambda x: g(x["runs"]["whole head"]["peak"])),
+             row("... chunked head (positions per chunk)",
+                 lambda x: f"{g(x['runs']['plain']['peak'])} ({x['chunk']})"),
+             row("... chunked head and checkpointing (train.py's default for a real model)",
+                 lambda x: g(x["runs"]["checkpointed"]["peak"])),
              row(f"rollout: KV cache of {envs} x {mb.seq_len} tokens", lambda x: g(x["rollout"] - x["persistent"])),
              row("**needed, no checkpointing**", lambda x: g(x["need"]["plain"])),
              row("**needed, checkpointing**", lambda x: g(x["need"]["checkpointed"])),
-             row("**needed, checkpointing, chunked log-probs**", lambda x: g(x["need"]["checkpointed, chunked head"])),
              row("PPO forward + backward of the micro-batch, TFLOP (LoRA share)",
                  lambda x: f"{x['flops']['total'] / 1e12:.0f} ({x['flops']['lora'] / x['flops']['total']:.0%})"),
              ""]
-    short = {"plain": "", "checkpointed": " + ckpt", "checkpointed, chunked head": " + ckpt + chunks"}
+    short = {"plain": "", "checkpointed": " + ckpt"}
     columns = [(n, k) for n in names for k in short]
     lines += ["| GPU: GiB to spare (negative: short) | " + " | ".join(f"{n.split('-')[-1]}{short[k]}"
                                                                        for n, k in columns) + " |",

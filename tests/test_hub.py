@@ -195,3 +195,19 @@ def test_train_runs_on_the_tiny_qwen25(tiny_dir, hub_dir, tmp_path, guidance):
                         "--gradient-checkpointing", "on", "--max-new-tokens", "8")
     assert all(k in rows[-1] for k in METRICS + ["first_log_ratio_max"])
     assert rows[0]["first_log_ratio_max"] < 1e-3  # float32 on CPU: the first ratio is 1
+
+
+def test_qwen3_vl_loads_samples_and_scores_targets_like_answers(tiny_dir):
+    """transformers 5 has Qwen3-VL (16 px patches, DeepStack, interleaved M-RoPE): the same code
+    loads it as a hub checkpoint, samples from it and scores SFT targets on the shared prompt
+    exactly as it scores the same text given as the agent's answer."""
+    policy = perturbed(load_policy(tiny_model(tiny_dir, architecture="qwen3_vl"), envs.action_span,
+                                   lora_r=8, lora_alpha=16))
+    assert policy.model.get_base_model().config.model_type == "qwen3_vl" and policy.image_size == 128
+    encoded = observations(policy, 2)
+    target = policy.answer_ids(envs.format_answer("current 2, target 4", "+"))
+    with torch.no_grad():
+        responses, texts = policy.generate(encoded, temperature=1.0, max_new_tokens=8)
+        as_targets = policy(encoded, responses, 1.0, targets=[target, target])["target_logprobs"].sum(1)
+        as_answers = policy(encoded, [target, target], 1.0)["logprobs"].sum(1)
+    assert len(texts) == 2 and torch.allclose(as_targets, as_answers, atol=1e-4)

@@ -230,4 +230,4 @@ def test_the_script_prints_both_tables(capsys):
     assert "**needed, checkpointing**" in out
     for label, _ in memory.GPUS:  # one row per GPU, a cell per model and setting
         row = next(line for line in out.splitlines() if line.startswith(f"| {label} |"))
-        assert row.count("fits") + row.count("no,") == 6
+        assert row.count("fits") + row.count("no,") == 4
