@@ -11,7 +11,7 @@ last-layer hidden state of the last prompt token, sharing the LoRA backbone with
 
 Adapters by name: "policy" is trained; "teacher" (GTR-Turbo's merged checkpoint, teacher.py) is
 a frozen second adapter on the SAME base weights, switched in with `use_adapter("teacher")`, so
-the teacher costs one extra LoRA (a few MB), not a second copy of the model (§6).
+the teacher costs one extra LoRA adapter, not a second copy of the model (§6).
 
 Which characters of an answer are its action is the answer format's business, not the
 model's: `action_span(text) -> (start, end) or None` is passed in (envs.action_span for the

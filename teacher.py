@@ -137,6 +137,8 @@ class Teacher:
     def sft_targets(self, policy, batch, game):
         """§4.2: the teacher answers every observation of the rollout; an unparseable answer is
         resampled at rising temperatures (x1.1 up to 0.9, 20 tries) and dropped after the last.
+        Sampled from the teacher's plain softmax at that temperature, without the reference's top-k 5
+        and repetition penalty 1.2, which tax the tokens a JSON answer repeats (docs/ALGORITHM.md §6).
         The agent's own action replaces the teacher's, so only the teacher's thoughts are imitated;
         with --guide-tokens all the teacher's own action stays: its whole answer is imitated.
 
