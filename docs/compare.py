@@ -18,6 +18,8 @@ figure whose file names are --name with .md and .png added:
     python docs/compare.py --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
     python docs/compare.py --methods none --envs gtr/NumberLine-v0 --updates 60 --eval-episodes 128 \
         --out runs/ppo --name ppo_numberline     # PPO only over 3 seeds (README, "What made PPO learn")
+    python docs/compare.py --envs gtr/NumberLine-v0 --methods kl,sma --variants "sma=kl --merge-weights sma"
+                                               # an ablation: each variant is a method with its flags
 
 Finished runs (their final eval line written) are kept, so an interrupted comparison continues
 where it stopped.
@@ -44,7 +46,9 @@ class CompareArgs:
     envs: str = "gtr/NumberLine-v0,gtr/EZPoints-v0"
     """comma-separated environments"""
     methods: str = "none,sft,kl"
-    """comma-separated --guidance values"""
+    """comma-separated --guidance values, or names of --variants"""
+    variants: str = ""
+    """ablations: 'name=guidance flags...' separated by ';', e.g. 'sma=kl --merge-weights sma; static=kl --merge-every 0'"""
     seeds: int = 3
     """seeds per method and environment (0, 1, ...)"""
     updates: int = 25
@@ -67,6 +71,27 @@ class CompareArgs:
     """do not train; report the runs already in --out"""
 
 
+def variants(args):
+    """{name: (guidance, [train.py flags])} of --variants."""
+    parsed = {}
+    for spec in filter(str.strip, args.variants.split(";")):
+        name, _, command = spec.partition("=")
+        guidance, *flags = command.split()
+        if not name.strip() or guidance not in METHODS:
+            sys.exit(f"--variants: {spec.strip()!r} must read 'name=guidance flags...' with a guidance among "
+                     f"{', '.join(METHODS)}")
+        parsed[name.strip()] = (guidance, flags)
+    return parsed
+
+
+def label(args, method):
+    """A method's name in tables and figures: the paper's, or the variant's flags."""
+    if method in METHODS:
+        return METHODS[method]
+    guidance, flags = variants(args)[method]
+    return f"{METHODS[guidance]}, {' '.join(flags)}"
+
+
 def run_dir(args, env, method, seed):
     """OUT/<env>/<method>/seed<N>; method "warm" is the seed's shared warm start."""
     return os.path.join(args.out, env.split("/")[-1], method, f"seed{seed}")
@@ -87,8 +112,9 @@ def train(args, env, method, seed, threads):
         updates, cmd = 0, common + ["--updates", "0", *args.warmup_flags.split()]
     else:
         init = os.path.join(run_dir(args, env, "warm", seed), "checkpoint", "adapters", "policy")
-        updates, cmd = args.updates, common + ["--guidance", method, "--init", init, "--warmup-sft-steps", "0",
-                                               "--updates", str(args.updates), *args.train_flags.split()]
+        guidance, flags = variants(args).get(method, (method, []))
+        updates, cmd = args.updates, common + ["--guidance", guidance, "--init", init, "--warmup-sft-steps", "0",
+                                               "--updates", str(args.updates), *args.train_flags.split(), *flags]
     if finished(path, updates):
         return path
     os.makedirs(path, exist_ok=True)
@@ -179,7 +205,7 @@ def report(args, envs, methods):
                        for i in (0, len(runs[0][0]) // 2, len(runs[0][0]) - 1)]
             seconds = mean_se([sum(r["time_rollout"] + r["time_update"] + r["time_merge"] for r in rows) / len(rows)
                                for rows, _ in runs])
-            lines.append(f"| {env.split('/')[-1]} | {METHODS[method]} | {len(seeds)} | {start[0]:.3f} +- {start[1]:.3f} | "
+            lines.append(f"| {env.split('/')[-1]} | {label(args, method)} | {len(seeds)} | {start[0]:.3f} +- {start[1]:.3f} | "
                          f"**{final[0]:.3f} +- {final[1]:.3f}** | {ret[0]:.2f} +- {ret[1]:.2f} | "
                          f"{pair(success)} | {pair(valid)} | {pair(grounding)} | {pair(diversity)} | "
                          f"{' / '.join(f'{e:.3f}' for e in entropy)} | "
@@ -187,7 +213,7 @@ def report(args, envs, methods):
             curves[env, method] = runs
             for i, s in enumerate(seeds):
                 loss = warm[s][0][0]["warmup_loss_after"]
-                per_seed.append(f"| {env.split('/')[-1]} | {METHODS[method]} | {s} | {loss:.3f} | "
+                per_seed.append(f"| {env.split('/')[-1]} | {label(args, method)} | {s} | {loss:.3f} | "
                                 f"{warm[s][1][-1]['eval_success_rate']:.3f} | {finals[method][i]:.3f} | "
                                 f"{success[i][0]:.3f} / {success[i][1]:.3f} | {valid[i][0]:.3f} / {valid[i][1]:.3f} | "
                                 f"{grounding[i][0]:.3f} / {grounding[i][1]:.3f} | "
@@ -226,7 +252,7 @@ def plot(args, envs, methods, curves):
                 per_seed = [smooth([r.get(key) for r in rows]) for rows, _ in runs]
                 mean = [mean_se(v)[0] for v in zip(*per_seed)]
                 se = [0.0 if math.isnan(s) else s for s in (mean_se(v)[1] for v in zip(*per_seed))]
-                line, = axes[row][col].plot(steps, mean, label=METHODS[method])
+                line, = axes[row][col].plot(steps, mean, label=label(args, method))
                 axes[row][col].fill_between(steps, [m - s for m, s in zip(mean, se)],
                                             [m + s for m, s in zip(mean, se)], color=line.get_color(), alpha=0.2)
         axes[0][col].set_title(env.split("/")[-1])
@@ -244,9 +270,9 @@ def plot(args, envs, methods, curves):
 
 def main(args):
     envs, methods = args.envs.split(","), args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in variants(args)]
     if unknown:
-        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join([*METHODS, *variants(args)])}")
     if not args.report_only:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         pairs = [(env, seed) for seed in range(args.seeds) for env in envs]

@@ -65,7 +65,8 @@ def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
              ("train.py", ["--gamma", "1.5"], "--gamma: 1.5 is not valid; it must be in [0, 1]"),
              ("train.py", ["--model", "./nope"], "--model './nope': no such folder"),
              ("bench.py", ["--repeats", "0"], "--repeats: 0 is not valid"),
-             ("docs/compare.py", ["--jobs", "0"], "--jobs: 0 is not valid")]
+             ("docs/compare.py", ["--jobs", "0"], "--jobs: 0 is not valid"),
+             ("docs/compare.py", ["--variants", "x=gpt4"], "--variants: 'x=gpt4' must read")]
     for script, flags, message in cases:
         result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", str(tmp_path / "run")],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
