@@ -3,7 +3,9 @@
     python bench.py --lora-r 8 --lora-alpha 16     # tiny model, CPU: the table the targets are for
     python bench.py --lora-r 8 --lora-alpha 16 --json   # the same as one JSON object
     python bench.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --max-new-tokens 128
-Every flag of train.py applies (the update measured is train.py's), plus --repeats and --json.
+    python bench.py --model random-qwen2.5-vl-7b --device cuda --micro-batch-size 4 --num-envs 16 \
+        --max-new-tokens 256 --warmup-sft-steps 0 --generation-envs 1,8,32    # the paper's size, no download
+Every flag of train.py applies (the update measured is train.py's), plus the benchmark's own.
 
 Ratios (targets on a 2-core CPU with the tiny model at LoRA rank 8 in brackets; at rank 128 the
 tiny model's adapter outweighs the model itself, so memory and merge ratios say nothing there):
@@ -19,6 +21,14 @@ tiny model's adapter outweighs the model itself, so memory and merge ratios say 
                            full model would add                                            [<= 0.05]
 On CUDA memory is the measured peak of an update; on CPU it is counted: parameters, gradients
 and Adam moments of the training process (activations are not counted on CPU).
+Figures (absolute, for one device):
+  generation_tokens_per_s_N  answer tokens per second of one batched generate over N prompts
+                             (--generation-envs)
+  seconds_ppo_update         the PPO epochs of one update alone; seconds_teacher_kl the teacher's
+                             KL pass over the rollout
+  ppo_mfu                    model FLOPs of those PPO epochs (docs/memory.py:ppo_flops, a
+                             Qwen2.5-VL with LoRA on a frozen base) over seconds x the device's
+                             peak bf16 FLOP/s (--peak-tflops; looked up for known GPUs)
 """
 
 import dataclasses
@@ -46,12 +56,33 @@ class BenchArgs(Args):
     """measurements per quantity; the median is reported"""
     json: bool = False
     """print one JSON object instead of a table"""
+    generation_envs: str = ""
+    """comma-separated numbers of prompts for the generation throughput, e.g. 1,8,32 (empty: skip)"""
+    peak_tflops: float = 0.0
+    """the device's peak dense bf16 TFLOP/s for the MFU (0: look it up by GPU name; none on CPU)"""
+
+
+# Dense bf16 peak TFLOP/s of GPUs by a part of their name (the vendors' data sheets, SXM parts).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
 
 
 def timed(fn):
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def ppo_epoch_flops(policy, batch, args):
+    """Model FLOPs of one PPO epoch over the rollout: docs/memory.py:ppo_flops of micro-batches of
+    the rollout's mean prompt and answer lengths and its image grid (padding not counted)."""
+    from docs.memory import MicroBatch, ppo_flops
+    prompt = statistics.mean(len(e["input_ids"]) for e in batch.encoded)
+    answer = statistics.mean(len(r) for r in batch.responses)
+    _, height, width = batch.encoded[0]["image_grid_thw"][0].tolist()
+    per_sample = ppo_flops(policy.model.get_base_model().config,
+                           MicroBatch(batch=1, seq_len=round(prompt + answer), grid=(height, width), scored=round(answer)),
+                           args.lora_r)["total"]
+    return per_sample * len(batch.responses)
 
 
 def main(args):
@@ -78,6 +109,18 @@ def main(args):
                                                               args.max_new_tokens))
                                  for _ in range(args.repeats))
     results["rollout_speedup"] = t_single / t_batched  # same number of env steps in both
+
+    # ---- Generation throughput: one batched generate over N prompts ------------------------------
+    for n in [int(n) for n in args.generation_envs.split(",") if n]:
+        games = [env.unwrapped for env in make_envs(n)]
+        encoded = policy.encode([env.reset(seed=i)[0] for i, env in enumerate(games)], [g.prompt() for g in games])
+        tokens, seconds = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            responses, _ = policy.generate(encoded, args.temperature, args.max_new_tokens)
+            seconds.append(time.perf_counter() - start)
+            tokens.append(sum(len(r) for r in responses))
+        results[f"generation_tokens_per_s_{n}"] = statistics.median(t / s for t, s in zip(tokens, seconds))
 
     # ---- Memory: what the teacher adapter adds --------------------------------------------------
     def update_with(guidance):
@@ -121,6 +164,20 @@ def main(args):
     results["kl_over_none"] = update_time["kl"] / update_time["none"]
     results["sft_over_none"] = update_time["sft"] / update_time["none"]
 
+    # ---- The PPO epochs alone, the teacher's KL pass alone, and the update's MFU ------------------
+    batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens)
+    teacher.args = dataclasses.replace(args, guidance="kl", teacher="")
+    results["seconds_teacher_kl"] = statistics.median(teacher.guide(policy, batch, batched.envs[0].unwrapped).seconds
+                                                      for _ in range(args.repeats))
+    every_epoch = dataclasses.replace(args, guidance="none", target_kl=0.0)  # no early stop: a known amount of work
+    ppo_seconds = statistics.median(timed(lambda: ppo_update(policy, trainable, optimizer, batch, None, every_epoch))
+                                    for _ in range(args.repeats))
+    results["seconds_ppo_update"] = ppo_seconds
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
+                                     and k in torch.cuda.get_device_name(device)), 0.0)
+    if peak and policy.model.get_base_model().config.model_type == "qwen2_5_vl":
+        results["ppo_mfu"] = ppo_epoch_flops(policy, batch, args) * args.ppo_epochs / ppo_seconds / (peak * 1e12)
+
     # ---- Merge: one TIES + EMA teacher update over one PPO update --------------------------------
     merge_time = statistics.median(timed(lambda: teacher.merge(policy, 1)) for _ in range(5))
     results["merge_fraction"] = merge_time / update_time["none"]
@@ -133,16 +190,21 @@ def main(args):
     if args.json:
         print(json.dumps(results))
         return results
+    for name in [k for k in results if k.startswith("generation_tokens_per_s")] + ["ppo_mfu"]:
+        if name in results:
+            print(f"{name}: {results[name]:.4g}")
     targets = {"rollout_speedup": ">= 3", "kl_over_none": "<= 1.3", "sft_over_none": "<= 1.6",
                "merge_fraction": "<= 0.01", "teacher_memory_overhead": "<= 0.05", "second_copy_overhead": ""}
     print(f"\n{'ratio':<26}{'value':>10}   target (2-core CPU, tiny model)")
     for name, target in targets.items():
         print(f"{name:<26}{results[name]:>10.4f}   {target}")
-    print(f"\nseconds per update: none {update_time['none']:.2f}, kl {update_time['kl']:.2f}, "
+    print(f"\nPPO epochs alone {results['seconds_ppo_update']:.2f} s, the teacher's KL pass {results['seconds_teacher_kl']:.2f} s")
+    print(f"seconds per update: none {update_time['none']:.2f}, kl {update_time['kl']:.2f}, "
           f"sft {update_time['sft']:.2f}; per merge {merge_time:.4f}; memory {results['memory_method']}; "
           f"{args.steps_per_update} env steps per update on {device}")
     return results
 
 
 if __name__ == "__main__":
-    main(parse_dataclass(BenchArgs, sys.argv[1:], __doc__, choices=CHOICES, ranges=RANGES | {"repeats": "positive"}))
+    main(parse_dataclass(BenchArgs, sys.argv[1:], __doc__, choices=CHOICES,
+                         ranges=RANGES | {"repeats": "positive", "peak_tflops": "non-negative"}))

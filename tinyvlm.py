@@ -14,6 +14,7 @@ Use:
     policy = load_policy(folder)
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +33,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # train.py's --model names of the tiny models, and their architectures.
 TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
+# --model names of the paper's model sizes with random weights (docs/memory.py:model_config), and
+# their docs/memory.py names: speed and memory on a GPU with nothing to download (bench.py).
+RANDOM_MODELS = {"random-qwen2.5-vl-3b": "Qwen2.5-VL-3B", "random-qwen2.5-vl-7b": "Qwen2.5-VL-7B"}
 
 # A minimal Qwen-style chat template (real checkpoints ship their own).
 CHAT_TEMPLATE = (
@@ -81,6 +85,46 @@ def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, architecture="qwen2
             shutil.rmtree(staging)
     if distributed:
         torch.distributed.barrier()
+    return path
+
+
+def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=None):
+    """Folder of a real-size Qwen2.5-VL with random bfloat16 weights, built on `device` on first use.
+
+    For speed and memory measurements only (bench.py): the sizes are the real model's, the
+    tokenizer and chat template the tiny Qwen2.5-VL's (its special tokens' ids replace Qwen's in
+    the config), the image processor Qwen's own (a 300 px frame makes 110 image tokens). The
+    output head still spans Qwen's 152k-token vocabulary; ids beyond the tokenizer's are never
+    sampled. `text` and `vision` override sub-config fields (a test builds a small one).
+    """
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from docs.memory import model_config
+    overrides = json.dumps([text, vision], sort_keys=True)  # in the folder's name, hashed: names have a length limit
+    path = os.path.abspath(os.path.join(cache_dir, name + ("-" + hashlib.sha1(overrides.encode()).hexdigest()[:10]
+                                                           if text or vision else "")))
+    distributed = dist.is_available() and dist.is_initialized()
+    if not os.path.exists(os.path.join(path, "config.json")) and (not distributed or dist.get_rank() == 0):
+        tiny = tiny_model(cache_dir, architecture="qwen2_5_vl")
+        ids = {t: AutoTokenizer.from_pretrained(tiny).convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        token_ids = dict(bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+        config = model_config(RANDOM_MODELS[name], text=token_ids | (text or {}), vision=vision, **token_ids,
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        staging = tempfile.mkdtemp(prefix=".building-", dir=cache_dir)
+        with torch.device(device), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(staging)
+        for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.json"):
+            shutil.copy(os.path.join(tiny, file), staging)
+        Qwen2VLImageProcessorPil().save_pretrained(staging)  # Qwen's defaults: CLIP mean and std, 14 px patches
+        _set_processor_class(staging, "Qwen2_5_VLProcessor")
+        os.rename(staging, path)
+    if distributed:
+        dist.barrier()
     return path
 
 
@@ -213,13 +257,18 @@ def _hub_layout(path, model, processor, processor_class):
     for leftover in ("chat_template.jinja", "processor_config.json"):
         if os.path.exists(os.path.join(path, leftover)):
             os.remove(os.path.join(path, leftover))
-    config_file = os.path.join(path, "preprocessor_config.json")
-    with open(config_file) as f:
-        saved = json.load(f)
-    with open(config_file, "w") as f:
-        json.dump(saved | {"processor_class": processor_class}, f, indent=2)
+    _set_processor_class(path, processor_class)
     with open(os.path.join(path, "chat_template.json"), "w") as f:
         json.dump({"chat_template": processor.chat_template}, f, indent=2)
     eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.tokenizer.pad_token_id]
     model.generation_config.update(**QWEN_SAMPLING_DEFAULTS, eos_token_id=eos, pad_token_id=eos[1])
     model.generation_config.save_pretrained(path)
+
+
+def _set_processor_class(path, processor_class):
+    """Name the processor in preprocessor_config.json, as hub checkpoints do."""
+    config_file = os.path.join(path, "preprocessor_config.json")
+    with open(config_file) as f:
+        saved = json.load(f)
+    with open(config_file, "w") as f:
+        json.dump(saved | {"processor_class": processor_class}, f, indent=2)

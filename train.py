@@ -47,7 +47,7 @@ from ppo import (accumulated_step, cosine_lr, explained_variance, gae, gradient_
 from report import RunLog, all_mean, check_extras, log_update, run_evaluation
 from rollout import Rollout
 from teacher import Teacher
-from tinyvlm import TINY_MODELS, tiny_model
+from tinyvlm import RANDOM_MODELS, TINY_MODELS, random_model, tiny_model
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Args:
     env: str = "gtr/NumberLine-v0"
     """gymnasium id of the environment (gtr/NumberLine-v0, gtr/EZPoints-v0, gtr/Points24-v0, gtr/Blackjack-v0)"""
     model: str = "tiny"
-    """hub id or folder of a Qwen2-VL / Qwen2.5-VL checkpoint, or 'tiny' / 'tiny-qwen2.5-vl' (built offline)"""
+    """hub id or folder of a Qwen2(.5)-VL checkpoint; built offline: tiny, tiny-qwen2.5-vl, tiny-qwen3-vl, random-qwen2.5-vl-3b/7b"""
     guidance: str = "kl"
     """teacher guidance: none (RL4VLM PPO), sft (docs/ALGORITHM.md §4.2) or kl (§4.3)"""
     num_envs: int = 8
@@ -221,10 +221,10 @@ def setup_distributed(device):
 
 
 def build_policy(args, device, adapter_path=None):
-    """The actor-critic of --model (a tiny model is built on first use) with the LoRA flags."""
+    """The actor-critic of --model (tiny and random-weight models are built on first use) with the LoRA flags."""
     tiny = args.model in TINY_MODELS
     model = tiny_model(seed=args.seed, image_size=args.image_size or 112, architecture=TINY_MODELS[args.model]) \
-        if tiny else args.model
+        if tiny else random_model(args.model, device=device) if args.model in RANDOM_MODELS else args.model
     return load_policy(model, envs.action_span, device=device, thought_coef=args.thought_coef,
                        image_size=args.image_size or None, adapter_path=adapter_path, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,

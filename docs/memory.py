@@ -59,14 +59,16 @@ FRAGMENTATION = 0.1  # share added for the caching allocator's fragmentation and
                      # temporaries (gradients of one layer's activations), which are not saved tensors
 
 
-def model_config(name):
-    """The transformers Qwen2_5_VLConfig of one of MODELS, built without a download."""
+def model_config(name, text=None, vision=None, **tokens):
+    """The transformers Qwen2_5_VLConfig of one of MODELS, built without a download. `text` and
+    `vision` override fields of the two sub-configs, `tokens` the special tokens' ids."""
     from transformers import Qwen2_5_VLConfig
     spec = MODELS[name]
     text = spec["text"] | dict(tie_word_embeddings=spec["tie_word_embeddings"], max_position_embeddings=128000,
-                               rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24]))
-    return Qwen2_5_VLConfig(text_config=text, vision_config=VISION | dict(out_hidden_size=spec["out_hidden_size"]),
-                            tie_word_embeddings=spec["tie_word_embeddings"])
+                               rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])
+                               ) | (text or {})
+    return Qwen2_5_VLConfig(text_config=text, vision_config=VISION | dict(out_hidden_size=spec["out_hidden_size"]) | (vision or {}),
+                            tie_word_embeddings=spec["tie_word_embeddings"], **tokens)
 
 
 @dataclass(frozen=True)

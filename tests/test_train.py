@@ -132,15 +132,25 @@ def test_warm_start_lowers_held_out_sft_loss(make_policy):
 
 
 def test_bench_smoke(tiny_dir):
-    """bench.py runs end to end with tiny sizes and reports every ratio (no timing asserted)."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json", "--num-envs", "2",
+    """bench.py runs end to end and reports every ratio and figure (no timing asserted), here on
+    a small random Qwen2.5-VL built like the paper-size ones (tinyvlm.py:random_model), so that
+    the MFU's FLOP count runs too (with a made-up peak)."""
+    from tinyvlm import random_model
+    model = random_model("random-qwen2.5-vl-3b", tiny_dir, text=dict(
+        num_hidden_layers=1, vocab_size=2048, hidden_size=256, intermediate_size=512, num_attention_heads=2,
+        num_key_value_heads=1), vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                                            fullatt_block_indexes=[0], out_hidden_size=256))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json", "--model", model, "--num-envs", "2",
                              "--steps-per-update", "4", "--max-new-tokens", "8", "--warmup-sft-steps", "2",
-                             "--repeats", "1", "--lora-r", "8", "--lora-alpha", "16", "--minibatch-size", "4"], cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
-                            timeout=300)
+                             "--repeats", "1", "--lora-r", "8", "--lora-alpha", "16", "--minibatch-size", "4",
+                             "--generation-envs", "1,2", "--peak-tflops", "1"],
+                            cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ratios = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ["rollout_speedup", "kl_over_none", "sft_over_none", "merge_fraction", "teacher_memory_overhead"]:
-        assert ratios[key] > 0
+    for key in ["rollout_speedup", "kl_over_none", "sft_over_none", "merge_fraction", "teacher_memory_overhead",
+                "generation_tokens_per_s_1", "generation_tokens_per_s_2", "seconds_ppo_update",
+                "seconds_teacher_kl", "ppo_mfu"]:
+        assert ratios[key] > 0, key
 
 
 @pytest.mark.parametrize("guide_tokens", ["thought", "all"])
