@@ -8,10 +8,15 @@ same `from_pretrained` path as a real checkpoint. The choices that let it learn 
 pictures (white maps to 0, a large output-head init, the image size) are explained in
 docs/TINY_MODEL.md.
 
+Each family of environments (envs.FAMILIES: the card games, the household) gets its own tiny
+model, its tokenizer trained on that family's text only: a family's prompts stay short, and
+adding an environment to one family never changes another's model.
+
 Use:
     from tinyvlm import tiny_model
     folder = tiny_model("tiny-vlm", seed=0, image_size=112)   # builds on first use, then cached
     policy = load_policy(folder)
+    tiny_model("tiny-vlm", family="household")                # Household's and ALFWorld's
 """
 
 import json
@@ -39,21 +44,32 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112):
-    """Folder of the tiny model for (seed, image size), built on first use.
+# Expert steps per deal whose prompts the tokenizer reads. A card game's prompt hardly changes in
+# an episode (its state is in the picture), and its tiny model has always read the first step's
+# only; a household prompt carries the last feedback and the admissible commands, which change
+# at every step, so the tokenizer reads whole episodes.
+CORPUS_STEPS = {"cards": 1, "household": 60}
+
+
+def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, family="cards"):
+    """Folder of the tiny model for (family, seed, image size), built on first use.
 
     The image processor is built for one size (min = max pixels), so the size is part of the
-    folder's name. Under torchrun rank 0 builds (transformers saves weights on rank 0 only) and
-    the other ranks wait at a barrier.
+    folder's name, and so is the family but for the card games', whose folder keeps the name it
+    had before families existed (seed0-112px). Under torchrun rank 0 builds (transformers saves
+    weights on rank 0 only) and the other ranks wait at a barrier.
     """
-    path = os.path.abspath(os.path.join(cache_dir, f"seed{seed}-{image_size}px"))
+    if family not in envs.FAMILIES:
+        raise ValueError(f"unknown environment family {family!r}; the families are {sorted(envs.FAMILIES)}.")
+    prefix = "" if family == "cards" else f"{family}-"
+    path = os.path.abspath(os.path.join(cache_dir, f"{prefix}seed{seed}-{image_size}px"))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not os.path.exists(os.path.join(path, "config.json")) and (not distributed or torch.distributed.get_rank() == 0):
         # Build aside, then rename: other processes never see a half-written folder; the build
         # is deterministic, so whichever process's rename wins is fine.
         os.makedirs(os.path.dirname(path), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(path))
-        build_tiny_model(staging, seed=seed, image_size=image_size)
+        build_tiny_model(staging, seed=seed, image_size=image_size, family=family)
         try:
             os.rename(staging, path)
         except OSError:
@@ -63,20 +79,24 @@ def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112):
     return path
 
 
-def tokenizer_corpus():
-    """Text the tiny tokenizer is trained on: every environment's prompts and expert answers."""
+def tokenizer_corpus(family="cards"):
+    """Text the tiny tokenizer is trained on: the family's environments' prompts and expert answers."""
     corpus = []
-    for env_id in envs.ENV_IDS:
+    for env_id in envs.FAMILIES[family]:
         env = gym.make(env_id).unwrapped
         for seed in range(40):
             env.reset(seed=seed)
-            thoughts, action = env.expert()
-            corpus += [env.prompt(), envs.format_answer(thoughts, env.actions[action])]
+            for _ in range(CORPUS_STEPS[family]):
+                thoughts, action = env.expert()
+                corpus += [env.prompt(), envs.format_answer(thoughts, env.actions[action])]
+                _, _, terminated, truncated, _ = env.step(action)
+                if terminated or truncated:
+                    break
         corpus += [envs.format_answer("", a) for a in env.actions]
     return corpus
 
 
-def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024):
+def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024, family="cards"):
     """Build a small random Qwen2-VL, its tokenizer and image processor, and save them to `path`.
 
     The image normalisation maps white to 0 (mean 1, std 0.5): with CLIP's mean and std the
@@ -93,7 +113,7 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(tokenizer_corpus(), trainer)
+    bpe.train_from_iterator(tokenizer_corpus(family), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", padding_side="left")
     tokenizer.chat_template = CHAT_TEMPLATE
