@@ -92,6 +92,7 @@ LAMP, DESK = "desklamp 1", "desk 1"
 FOOD_AND_DISHES = ("apple", "potato", "mug")
 # The appliance of each treatment, and the state it gives an object.
 TREATMENTS = {"clean": ("sink 1", "clean"), "heat": ("microwave 1", "hot"), "cool": ("fridge 1", "cool")}
+OPPOSITE = {"hot": "cool", "cool": "hot"}  # heating undoes cooling and the reverse; cleaning lasts
 
 # ALFWorld's task types: (objects they take, the state a placed object needs, how many).
 TASKS = {
@@ -326,7 +327,7 @@ class HouseholdEnv(VisualTextEnv):
             return f"You put the {obj} {'in' if receptacle in INSIDE else 'on'} the {receptacle}."
         if verb in TREATMENTS:
             state = TREATMENTS[verb][1]
-            self.states[obj] = (self.states[obj] - {"hot", "cool"}) | {state}
+            self.states[obj] = (self.states[obj] - {OPPOSITE.get(state)}) | {state}
             return f"You {verb} the {obj} using the {receptacle}."
         if verb == "use":
             self.lamp_on = not self.lamp_on
