@@ -19,6 +19,8 @@ NumberLine also ``max_position`` (default 5). The answer format helpers are re-e
 """
 import gymnasium
 
+from . import alfworld_env
+from .alfworld_env import ALFWorldEnv
 from .blackjack import BlackjackEnv
 from .common import action_span, extract_thoughts, format_answer, parse_action
 from .ez_points import EZPointsEnv
@@ -48,10 +50,14 @@ FAMILY_OF = {env_id: family for family, ids in FAMILIES.items() for env_id in id
 ENV_DEFAULTS = dict.fromkeys(("gtr/Household-v0", "gtr/ALFWorld-v0"),
                              {"thought_coef": 0.2, "format_reward": 5.0, "format_penalty": -5.0})
 
-for _env_id, _cls in ENV_CLASSES.items():
+# What an environment needs beyond requirements.txt: a function giving None, or one line saying
+# what to install (train.py checks it before anything runs).
+REQUIREMENTS = {"gtr/ALFWorld-v0": alfworld_env.missing_requirement}
+
+for _env_id, _cls in ENV_CLASSES.items() | {("gtr/ALFWorld-v0", ALFWorldEnv)}:
     if _env_id not in gymnasium.registry:  # importing twice (e.g. a reload) must not warn
         gymnasium.register(id=_env_id, entry_point=_cls)
 
 __all__ = ["ENV_IDS", "ENV_CLASSES", "FAMILIES", "FAMILY_OF", "ENV_DEFAULTS", "NumberLineEnv", "EZPointsEnv",
-           "Points24Env", "BlackjackEnv", "HouseholdEnv", "format_answer", "parse_action",
+           "Points24Env", "BlackjackEnv", "HouseholdEnv", "ALFWorldEnv", "REQUIREMENTS", "format_answer", "parse_action",
            "extract_thoughts", "action_span"]
