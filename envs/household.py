@@ -209,7 +209,7 @@ class HouseholdEnv(VisualTextEnv):
         return task_type, what, target
 
     def _draw_objects(self) -> dict:
-        task_type, what, target = self.task
+        _, what, target = self.task
         where = {}
         for obj in OBJECTS:  # an object of the goal's kind never starts where the goal wants it
             allowed = [r for r in RECEPTACLES if not (kind(obj) == what and r == target)]
