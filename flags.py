@@ -36,10 +36,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message}\n")
 
 
-def parse_dataclass(cls, argv=None, description=None, choices=None, ranges=None):
+def parse_dataclass(cls, argv=None, description=None, choices=None, ranges=None, defaults=None):
     """Command-line flags from a dataclass's fields; each field's docstring is its --help text.
     `choices` ({field: valid values}) and `ranges` ({field: a key of RANGES}) make the parser
-    refuse anything else, naming the flag, its value and what is valid."""
+    refuse anything else, naming the flag, its value and what is valid. `defaults` ({field:
+    value}) replaces fields' defaults, e.g. per environment: a flag given explicitly still wins."""
     helps = {}
     for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass adds fields
         body = ast.parse(inspect.getsource(klass)).body[0].body
@@ -52,6 +53,7 @@ def parse_dataclass(cls, argv=None, description=None, choices=None, ranges=None)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             parser.add_argument(flag, type=f.type, default=f.default, help=text, choices=(choices or {}).get(f.name))
+    parser.set_defaults(**(defaults or {}))
     args = cls(**vars(parser.parse_args(argv)))
     for name, valid in (ranges or {}).items():
         value = getattr(args, name)

@@ -23,18 +23,23 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+import envs
 from envs import extract_thoughts, thought_diversity, thought_grounding
 from rollout import evaluate
 
 
 def check_extras(args):
-    """--tensorboard and --wandb need optional packages: say which, before anything runs."""
+    """--tensorboard, --wandb and --env gtr/ALFWorld-v0 need optional packages (and ALFWorld its
+    game files): say which, before anything runs."""
     for package in ("tensorboard", "wandb"):
         try:
             if getattr(args, package):
                 importlib.import_module(package)
         except ImportError:
             sys.exit(f"--{package} needs the {package} package, an optional extra: pip install {package}")
+    missing = envs.REQUIREMENTS[args.env]() if args.env in envs.REQUIREMENTS else None
+    if missing:
+        sys.exit(missing)
 
 
 class RunLog:

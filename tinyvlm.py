@@ -8,10 +8,15 @@ same `from_pretrained` path as a real checkpoint. The choices that let it learn 
 pictures (white maps to 0, a large output-head init, the image size) are explained in
 docs/TINY_MODEL.md.
 
+Each family of environments (envs.FAMILIES: the card games, the household) gets its own tiny
+model, its tokenizer trained on that family's text only: a family's prompts stay short, and
+adding an environment to one family never changes another's model.
+
 Use:
     from tinyvlm import tiny_model
     folder = tiny_model("tiny-vlm", seed=0, image_size=112)   # builds on first use, then cached
     policy = load_policy(folder)
+    tiny_model("tiny-vlm", family="household")                # Household's and ALFWorld's
 """
 
 import hashlib
@@ -61,16 +66,27 @@ QWEN_CHAT_TEMPLATE = (
 # Sampling fields of Qwen2(.5)-VL-Instruct's generation_config.json (eos and pad ids aside).
 QWEN_SAMPLING_DEFAULTS = dict(do_sample=True, repetition_penalty=1.05, temperature=0.1, top_k=1, top_p=0.001)
 
-def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, architecture="qwen2_vl"):
-    """Folder of the tiny model for (architecture, seed, image size), built on first use.
+# Expert steps per deal whose prompts the tokenizer reads. A card game's prompt hardly changes in
+# an episode (its state is in the picture), and its tiny model has always read the first step's
+# only; a household prompt carries the last feedback and the admissible commands, which change
+# at every step, so the tokenizer reads whole episodes.
+CORPUS_STEPS = {"cards": 1, "household": 60}
+
+
+def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, family="cards", architecture="qwen2_vl"):
+    """Folder of the tiny model for (environment family, architecture, seed, image size), built on first use.
 
     The image processor is built for one size (min = max pixels), so the size is part of the
-    folder's name. Under torchrun rank 0 builds (transformers saves weights on rank 0 only) and
-    the other ranks wait at a barrier.
+    folder's name, and so is the family but for the card games', whose folder keeps the name it
+    had before families existed (seed0-112px). Under torchrun rank 0 builds (transformers saves
+    weights on rank 0 only) and the other ranks wait at a barrier.
     """
+    if family not in envs.FAMILIES:
+        raise ValueError(f"unknown environment family {family!r}; the families are {sorted(envs.FAMILIES)}.")
     if architecture not in ARCHITECTURES:
         raise ValueError(f"tiny model architecture {architecture!r}: expected one of {ARCHITECTURES}")
-    name = f"seed{seed}-{image_size}px" + ("" if architecture == "qwen2_vl" else f"-{architecture}")
+    prefix = "" if family == "cards" else f"{family}-"
+    name = f"{prefix}seed{seed}-{image_size}px" + ("" if architecture == "qwen2_vl" else f"-{architecture}")
     path = os.path.abspath(os.path.join(cache_dir, name))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not os.path.exists(os.path.join(path, "config.json")) and (not distributed or torch.distributed.get_rank() == 0):
@@ -78,7 +94,7 @@ def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, architecture="qwen2
         # is deterministic, so whichever process's rename wins is fine.
         os.makedirs(os.path.dirname(path), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(path))
-        build_tiny_model(staging, seed=seed, image_size=image_size, architecture=architecture)
+        build_tiny_model(staging, seed=seed, image_size=image_size, family=family, architecture=architecture)
         try:
             os.rename(staging, path)
         except OSError:
@@ -128,21 +144,27 @@ def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=Non
     return path
 
 
-def tokenizer_corpus():
-    """Text the tiny tokenizer is trained on: every environment's prompts and expert answers."""
+def tokenizer_corpus(family="cards"):
+    """Text the tiny tokenizer is trained on: the family's environments' prompts and expert answers."""
     corpus = []
-    for env_id in envs.ENV_IDS:
+    for env_id in envs.FAMILIES[family]:
         env = gym.make(env_id).unwrapped
         for seed in range(40):
             env.reset(seed=seed)
-            thoughts, action = env.expert()
-            corpus += [env.prompt(), envs.format_answer(thoughts, env.actions[action])]
+            for _ in range(CORPUS_STEPS[family]):
+                thoughts, action = env.expert()
+                corpus += [env.prompt(), envs.format_answer(thoughts, env.actions[action])]
+                _, _, terminated, truncated, _ = env.step(action)
+                if terminated or truncated:
+                    break
         corpus += [envs.format_answer("", a) for a in env.actions]
     return corpus
 
 
-def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024, architecture="qwen2_vl"):
-    """Build a small random VLM, its tokenizer and image processor, and save them to `path`.
+def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024, family="cards",
+                     architecture="qwen2_vl"):
+    """Build a small random VLM, its tokenizer (trained on `family`'s environments) and image
+    processor, and save them to `path`.
 
     architecture "qwen2_vl" (the default tiny model), "qwen2_5_vl" (a Qwen2.5-VL with its own
     vision tower: RMSNorm, gated MLP, window attention in some blocks, full attention in the
@@ -167,7 +189,7 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(tokenizer_corpus() + ([SYSTEM_PROMPT] if hub_layout else []), trainer)
+    bpe.train_from_iterator(tokenizer_corpus(family) + ([SYSTEM_PROMPT] if hub_layout else []), trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", padding_side="left")
     chat_template = QWEN_CHAT_TEMPLATE if hub_layout else CHAT_TEMPLATE

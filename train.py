@@ -53,7 +53,7 @@ from tinyvlm import RANDOM_MODELS, TINY_MODELS, random_model, tiny_model
 @dataclass
 class Args:
     env: str = "gtr/NumberLine-v0"
-    """gymnasium id of the environment (gtr/NumberLine-v0, gtr/EZPoints-v0, gtr/Points24-v0, gtr/Blackjack-v0)"""
+    """gymnasium id: gtr/NumberLine-v0, gtr/EZPoints-v0, gtr/Points24-v0, gtr/Blackjack-v0, gtr/Household-v0, gtr/ALFWorld-v0"""
     model: str = "tiny"
     """hub id or folder of a Qwen2(.5)-VL checkpoint; built offline: tiny, tiny-qwen2.5-vl, tiny-qwen3-vl, random-qwen2.5-vl-3b/7b"""
     guidance: str = "kl"
@@ -80,11 +80,11 @@ class Args:
     max_new_tokens: int = 64
     """longest answer in tokens (paper: 256)"""
     thought_coef: float = 0.5
-    """lambda: weight of the thought tokens in the action log-prob (0.5 card games, 0.2 ALFWorld)"""
+    """lambda: weight of the thought tokens in the action log-prob (0.5 card games; 0.2 Household, ALFWorld)"""
     format_reward: float = 3.0
-    """reward for an answer that parses, added after GAE (0 here and in --format-penalty: off)"""
+    """reward for an answer that parses, added after GAE (0 here and in --format-penalty: off; Household: 5)"""
     format_penalty: float = -2.0
-    """reward for an answer that does not parse"""
+    """reward for an answer that does not parse (Household, ALFWorld: -5)"""
     unparsed_action: str = "random"
     """what an unparsed answer plays: random (the reference) or penalty (the env's illegal-move penalty)"""
     # PPO (docs/ALGORITHM.md §3)
@@ -199,6 +199,8 @@ def parse_args(argv=None):
     """Train.py's flags, checked: stop early, with the fix in the message, on flags that would
     fail deep inside a library."""
     args = parse_dataclass(Args, argv, __doc__, choices=CHOICES, ranges=RANGES)
+    if args.env in envs.ENV_DEFAULTS:  # lambda and the format reward of the paper's ALFWorld runs (README)
+        args = parse_dataclass(Args, argv, __doc__, choices=CHOICES, ranges=RANGES, defaults=envs.ENV_DEFAULTS[args.env])
     if args.env not in gym.registry:
         sys.exit(f"--env {args.env!r} is not a registered gymnasium id; bundled: {', '.join(envs.ENV_IDS)}")
     if args.steps_per_update % args.num_envs:
@@ -223,8 +225,9 @@ def setup_distributed(device):
 def build_policy(args, device, adapter_path=None):
     """The actor-critic of --model (tiny and random-weight models are built on first use) with the LoRA flags."""
     tiny = args.model in TINY_MODELS
-    model = tiny_model(seed=args.seed, image_size=args.image_size or 112, architecture=TINY_MODELS[args.model]) \
-        if tiny else random_model(args.model, device=device) if args.model in RANDOM_MODELS else args.model
+    model = (tiny_model(seed=args.seed, image_size=args.image_size or 112, family=envs.FAMILY_OF.get(args.env, "cards"),
+                        architecture=TINY_MODELS[args.model]) if tiny
+             else random_model(args.model, device=device) if args.model in RANDOM_MODELS else args.model)
     return load_policy(model, envs.action_span, device=device, thought_coef=args.thought_coef,
                        image_size=args.image_size or None, adapter_path=adapter_path, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import BlackjackEnv, EZPointsEnv, NumberLineEnv, Points24Env
+from . import BlackjackEnv, EZPointsEnv, HouseholdEnv, NumberLineEnv, Points24Env
 
 
 def sample_frames(image_size: int = 300) -> dict:
-    """{name: RGB array} for a typical mid-episode state of each game."""
+    """{name: RGB array} for a typical mid-episode state of each environment."""
     frames = {}
     env = NumberLineEnv(image_size=image_size)
     frames["NumberLine"] = env.reset(options={"position": 2, "target": 4})[0]
@@ -26,6 +26,14 @@ def sample_frames(image_size: int = 300) -> dict:
     frames["Points24"] = obs
     env = BlackjackEnv(image_size=image_size)
     frames["Blackjack"] = env.reset(seed=0, options={"player": [1, 7, 3], "dealer": [13, 5]})[0]
+    env = HouseholdEnv(image_size=image_size)
+    env.reset(seed=0, options={"task": {"type": "pick_heat_then_place_in_recep", "object": "potato", "target": "table 1"},
+                               "objects": {"apple 1": "countertop 1", "potato 1": "fridge 1", "mug 1": "table 1",
+                                           "book 1": "desk 1", "cd 1": "drawer 1", "cd 2": "countertop 1"}})
+    for command in ["go to fridge 1", "open fridge 1", "take potato 1 from fridge 1", "go to microwave 1",
+                    "heat potato 1 with microwave 1"]:
+        obs = env.step(env.actions.index(command))[0]
+    frames["Household"] = obs
     return frames
 
 

@@ -421,6 +421,7 @@ class VisualTextEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
     actions: list[str] = []
+    action_count: int | None = None  # the action space's size when not len(actions) (ALFWorld's growing vocabulary)
 
     def __init__(self, image_size: int = 300, render_mode: str | None = None):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 32:
@@ -430,7 +431,7 @@ class VisualTextEnv(gym.Env):
         self.image_size = image_size
         self.render_mode = render_mode
         self.observation_space = gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)
-        self.action_space = gym.spaces.Discrete(len(self.actions))
+        self.action_space = gym.spaces.Discrete(self.action_count or len(self.actions))
 
     def parse(self, text: str) -> int | None:
         """Action id named in a model's answer, or None (see ``parse_action``)."""

@@ -85,7 +85,7 @@ def parenthesized_solutions(values, target=24, limit=2):
 
 
 def test_registered_and_spaces():
-    assert ENV_IDS == ["gtr/NumberLine-v0", "gtr/EZPoints-v0", "gtr/Points24-v0", "gtr/Blackjack-v0"]
+    assert ENV_IDS == ["gtr/NumberLine-v0", "gtr/EZPoints-v0", "gtr/Points24-v0", "gtr/Blackjack-v0", "gtr/Household-v0"]
     for env_id in ENV_IDS:
         env = gym.make(env_id, image_size=64)
         obs, _ = env.reset(seed=0)
