@@ -175,6 +175,12 @@ class ALFWorldEnv(VisualTextEnv):
         self.feedback = "Nothing happens."
         return self._finish_step(self.inadmissible_penalty)
 
+    def facts(self) -> list[str]:
+        """The object the goal names ("put a clean mug in cabinet": mug), which a thought about this
+        task names (docs/ALGORITHM.md §4.5); the whole goal where no article introduces one."""
+        match = re.search(r"\b(?:a|an|some|two|the)\s+(?:clean |hot |cool |heated |cooled )?(\w+)", self.goal)
+        return [match.group(1) if match else self.goal or "task"]
+
     def _finish_step(self, reward: float):
         self.steps += 1
         truncated = not self.won and self.steps >= self.max_steps

@@ -263,6 +263,13 @@ class HouseholdEnv(VisualTextEnv):
         self.feedback = "Nothing happens."
         return self._finish_step(self.inadmissible_penalty)
 
+    def facts(self) -> list[str]:
+        """The kind of object the agent deals with now: the one it holds, else the one its goal asks
+        for (docs/ALGORITHM.md §4.5). A thought that has stopped looking at the state names the
+        same object whatever it holds and whatever the task."""
+        task_type, what, _ = self.task
+        return [kind(self.holding) if self.holding is not None else what]
+
     def _finish_step(self, reward: float):
         self.steps += 1
         terminated = self._goal_met()
@@ -390,9 +397,9 @@ class HouseholdEnv(VisualTextEnv):
             if here != goal_place:
                 return f"I have the {what}, so I go to the {kind(goal_place)}", ("go to", None, goal_place)
             if task_type == LOOK:
-                return "I hold it at the desk, so I switch the lamp on", ("use", None, LAMP)
+                return f"I hold the {what} at the desk, so I switch the lamp on", ("use", None, LAMP)
             if not self._reachable(here):
-                return f"the {kind(here)} is closed, so I open it", ("open", None, here)
+                return f"the {kind(here)} is closed, so I open it for the {what}", ("open", None, here)
             return f"I put the {what} {place_phrase(here)}", ("put", held, here)
         if held is not None:  # the wrong thing in hand: put it down first
             if not self._reachable(here):

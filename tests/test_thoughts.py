@@ -32,7 +32,7 @@ def visited_states(env_id, count, seed=0):
 def test_expert_thoughts_are_grounded_and_diverse(env_id):
     states = visited_states(env_id, 300)
     assert all(thought_grounding(thoughts, facts) == 1.0 for facts, thoughts in states)
-    assert len({tuple(facts) for facts, _ in states}) > 5
+    assert len({tuple(facts) for facts, _ in states}) >= 5  # Household has five kinds of object
     assert thought_diversity([t for _, t in states], [tuple(f) for f, _ in states]) == 1.0
 
 
