@@ -269,10 +269,10 @@ def plot(args, envs, methods, curves):
 
 
 def main(args):
-    envs, methods = args.envs.split(","), args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS and m not in variants(args)]
+    envs, methods, named = args.envs.split(","), args.methods.split(","), variants(args)  # checks --variants
+    unknown = [m for m in methods if m not in METHODS and m not in named]
     if unknown:
-        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join([*METHODS, *variants(args)])}")
+        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join([*METHODS, *named])}")
     if not args.report_only:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         pairs = [(env, seed) for seed in range(args.seeds) for env in envs]

@@ -93,7 +93,9 @@ def test_sampling_ignores_the_checkpoint_generation_config(hub_dir, tmp_path):
     assert sum(p.values()) == pytest.approx(1.0, abs=1e-4)
 
     greedy, _ = policy.generate(prompt * 4, temperature=0, max_new_tokens=1)
-    assert all(int(g[0]) == max(p, key=p.get) for g in greedy)
+    # The most likely token (up to rounding between batch shapes: a near-tie may flip); sampling at
+    # the checkpoint's temperature 5 would pick unlikely ones.
+    assert len({int(g[0]) for g in greedy}) == 1 and p[int(greedy[0][0])] >= max(p.values()) - 1e-3
 
     torch.manual_seed(1)
     n = 512
