@@ -3,7 +3,8 @@
 Hub checkpoints differ from what transformers 5 saves (preprocessor_config.json, chat_template.json,
 Qwen's sampling defaults in generation_config.json) and real models run in bfloat16 with a 152k
 vocabulary; these tests check that loading, on-policy sampling, scoring precision and memory
-hold up there (issue "Real checkpoints and GPUs"; docs/ALGORITHM.md §2, §6).
+hold up there (issue "Real checkpoints and GPUs"; docs/ALGORITHM.md §2, §6). train.py's guided smoke
+runs (tests/test_train.py) train on it.
 """
 import json
 import math
@@ -16,7 +17,6 @@ import torch
 
 import envs
 from policy import load_policy
-from test_train import METRICS, run_train
 from tinyvlm import tiny_model
 
 
@@ -188,15 +188,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_memo
         assert torch.allclose(plain[key].float(), recomputed[key].float(), atol=1e-5), key
     assert torch.allclose(plain_grads, recomputed_grads, atol=1e-4)
     assert recomputed_bytes < 0.5 * plain_bytes
-
-
-@pytest.mark.parametrize("guidance", ["kl", "sft"])
-def test_train_runs_on_the_tiny_qwen25(tiny_dir, hub_dir, tmp_path, guidance):
-    # Short answers: the untrained teacher never parses, so SFT guidance makes all its 20 tries.
-    rows, _ = run_train(tiny_dir, tmp_path / "run", "--guidance", guidance, "--model", "tiny-qwen2.5-vl",
-                        "--gradient-checkpointing", "on", "--max-new-tokens", "8")
-    assert all(k in rows[-1] for k in METRICS + ["first_log_ratio_max"])
-    assert rows[0]["first_log_ratio_max"] < 1e-3  # float32 on CPU: the first ratio is 1
 
 
 def test_qwen3_vl_loads_samples_and_scores_targets_like_answers(tiny_dir):
