@@ -105,6 +105,7 @@ def log_update(metrics, batch, guidance, logs, counters, recent, world):
            "thought_diversity": all_mean([diversity] if diversity == diversity else [], world),
            "teacher_kl": all_mean(guidance.teacher_kl.flatten().tolist(), world) if guidance else float("nan"),
            "teacher_parse_rate": all_mean([guidance.parse_rate], world) if guidance else float("nan"),
+           "teacher_samples": all_mean([guidance.samples], world) if guidance else float("nan"),
            **{k: all_mean([v], world) for k, v in logs.items()}}
     if row["episodes"]:
         recent.append((row["success_rate"] * row["episodes"], row["episodes"]))

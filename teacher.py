@@ -46,6 +46,7 @@ class Guidance:
     sft_targets: list | None        # T*N teacher answers as token ids, or None where none parsed
     parse_rate: float               # share of observations with a parsed teacher answer (SFT)
     seconds: float
+    samples: float = float("nan")   # teacher answers sampled per observation, retries included (SFT)
 
 
 class Teacher:
@@ -104,14 +105,14 @@ class Teacher:
         """The teacher's guidance for one rollout; `game` (an unwrapped environment) parses answers."""
         start = time.perf_counter()
         shape = batch.old_logprobs.shape  # [T, N]
-        kl, targets, parse_rate = torch.zeros(shape), None, float("nan")
+        kl, targets, parse_rate, samples = torch.zeros(shape), None, float("nan"), float("nan")
         if self.args.guidance == "kl":
             kl = self.kl_penalties(policy, batch).reshape(shape)
         else:
-            targets = self.sft_targets(policy, batch, game)
-            parse_rate = sum(t is not None for t in targets) / len(targets)
+            targets, sampled = self.sft_targets(policy, batch, game)
+            parse_rate, samples = sum(t is not None for t in targets) / len(targets), sampled / len(targets)
         return Guidance(teacher_kl=kl, sft_targets=targets, parse_rate=parse_rate,
-                        seconds=time.perf_counter() - start)
+                        seconds=time.perf_counter() - start, samples=samples)
 
     def kl_penalties(self, policy, batch):
         """§4.3: per step, KL_hat = mean over thought tokens (every token with --guide-tokens
@@ -148,11 +149,12 @@ class Teacher:
         as trying one temperature after another, in far fewer model calls. Observations go in
         chunks of --num-envs, the rollout's own generate batch.
 
-        Returns one target per observation: token ids of the answer, or None.
+        Returns one target per observation (token ids of the answer, or None) and the number of
+        answers sampled, retries included (the cost).
         """
         temperatures = retry_temperatures()
         actions = batch.actions.flatten().long().tolist()
-        targets = [None] * len(batch.encoded)
+        targets, sampled = [None] * len(batch.encoded), 0
         chunk = self.args.num_envs
         with policy.use_adapter("teacher"):
             for first in range(0, len(batch.encoded), chunk):
@@ -163,6 +165,7 @@ class Teacher:
                     rows = [(i, temperatures[tried + j]) for i in pending for j in range(width)]
                     _, texts = policy.generate([batch.encoded[i] for i, _ in rows], [t for _, t in rows],
                                                self.args.max_new_tokens)
+                    sampled += len(rows)
                     for (i, _), text in zip(rows, texts):  # rows of one i are in rising temperature
                         thoughts, teacher_action = extract_thoughts(text), game.parse(text)
                         if targets[i] is not None or thoughts is None or teacher_action is None:
@@ -174,4 +177,4 @@ class Teacher:
                         targets[i] = policy.answer_ids(format_answer(thoughts, action))
                     pending = [i for i in pending if targets[i] is None]
                     tried += width
-        return targets
+        return targets, sampled

@@ -176,8 +176,9 @@ def report(args, envs, methods):
     lines = ["| environment | method | seeds | success after warm start | final success | final return | "
              "train success: first / last quarter | format valid: first / last quarter | "
              "thought grounding: first / last quarter | thought diversity: first / last quarter | "
-             "entropy: first / middle / last update | s per update |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "entropy: first / middle / last update | s per update | teacher: parsed / answers sampled per observation | "
+             "final success minus the first method's, paired over seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     per_seed = ["| environment | method | seed | warm start: held-out SFT loss | success after warm start | "
                 "final success | train success: first / last quarter | format valid: first / last quarter | "
                 "thought grounding: first / last quarter | thought diversity: first / last quarter |",
@@ -203,13 +204,17 @@ def report(args, envs, methods):
             diversity = [quarters(rows, "thought_diversity") for rows, _ in runs]
             entropy = [mean_se([rows[i]["entropy"] for rows, _ in runs])[0]
                        for i in (0, len(runs[0][0]) // 2, len(runs[0][0]) - 1)]
-            seconds = mean_se([sum(r["time_rollout"] + r["time_update"] + r["time_merge"] for r in rows) / len(rows)
-                               for rows, _ in runs])
+            seconds = mean_se([sum(r["time_rollout"] + r["time_teacher"] + r["time_update"] + r["time_merge"]
+                                   for r in rows) / len(rows) for rows, _ in runs])
+            parsed = mean_se([r.get("teacher_parse_rate") for rows, _ in runs for r in rows])[0]
+            sampled = mean_se([r.get("teacher_samples") for rows, _ in runs for r in rows])[0]
+            # The methods of a seed share its warm start: their difference per seed is the sharp measure.
+            paired = mean_se([f - b for f, b in zip(finals[method], finals[methods[0]])])
             lines.append(f"| {env.split('/')[-1]} | {label(args, method)} | {len(seeds)} | {start[0]:.3f} +- {start[1]:.3f} | "
                          f"**{final[0]:.3f} +- {final[1]:.3f}** | {ret[0]:.2f} +- {ret[1]:.2f} | "
                          f"{pair(success)} | {pair(valid)} | {pair(grounding)} | {pair(diversity)} | "
                          f"{' / '.join(f'{e:.3f}' for e in entropy)} | "
-                         f"{seconds[0]:.1f} |")
+                         f"{seconds[0]:.1f} | {parsed:.3f} / {sampled:.2f} | {paired[0]:+.3f} +- {paired[1]:.3f} |")
             curves[env, method] = runs
             for i, s in enumerate(seeds):
                 loss = warm[s][0][0]["warmup_loss_after"]

@@ -146,7 +146,8 @@ def test_sft_targets_keep_the_teacher_action_only_when_guiding_every_token():
                   thought_tokens=None)
     for guide_tokens, expected in (("thought", ["-", "+"]), ("all", ["+", "+"])):
         teacher = Teacher(ScriptedTeacher(), Args(guidance="sft", guide_tokens=guide_tokens, num_envs=2))
-        targets = teacher.sft_targets(ScriptedTeacher(), batch, game)
+        targets, sampled = teacher.sft_targets(ScriptedTeacher(), batch, game)
+        assert sampled == 2  # the scripted teacher parses at its first try
         assert [json.loads(t)["action"] for t in targets] == expected
         assert all(json.loads(t)["thoughts"] == "current 1, target 3, so I move up" for t in targets)
 
