@@ -18,7 +18,7 @@ model's: `action_span(text) -> (start, end) or None` is passed in (envs.action_s
 bundled games), so the masks agree with the parser that reads the action.
 
 Use:
-    policy = load_policy(folder_or_hub_id, action_span=envs.action_span)
+    policy = load_policy(folder_or_hub_id, action_span=envs.action_span)   # loader.py
     batch = policy.encode(images, prompts)            # list of per-sample model inputs
     ids, texts = policy.generate(batch, temperature=0.2, max_new_tokens=64)
     out = policy(batch, ids)                          # logprobs, masks, seq_logprob, value
@@ -26,10 +26,7 @@ Use:
 """
 
 import contextlib
-import json
-import math
 import os
-import re
 
 import numpy as np
 import torch
@@ -45,61 +42,6 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 # Positions x vocabulary entries scored at once (`ActorCritic._score`): 128 MB per float32 copy,
 # e.g. 55 positions of 4 answers at Qwen's 152k vocabulary.
 SCORE_CHUNK_ELEMENTS = 2 ** 25
-
-
-def image_only_processor_class(base=None):
-    """A Qwen2(.5)-VL processor without its video processor.
-
-    transformers' video processors need torchvision, which has no CPU build on some machines;
-    this project feeds images only, so the processor is rebuilt from its image processor and
-    tokenizer when the full `AutoProcessor` cannot be loaded.
-    """
-    if base is None:
-        from transformers import Qwen2VLProcessor as base
-
-    class ImageOnlyProcessor(base):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    return ImageOnlyProcessor
-
-
-def load_processor(path):
-    """The model's processor, loaded with `from_pretrained`.
-
-    Without torchvision transformers cannot build Qwen's video processor, and so no processor
-    at all; the processor is then rebuilt from what every checkpoint ships: the class that
-    transformers maps the config's model type to, the image processor (`preprocessor_config.json`
-    on the hub, `processor_config.json` when saved by transformers 5), the tokenizer and the
-    chat template (`chat_template.jinja`, `chat_template.json` or the tokenizer's own).
-    """
-    import transformers
-    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
-    try:
-        return AutoProcessor.from_pretrained(path)
-    except (OSError, ImportError, ValueError) as error:
-        if "video" not in str(error).lower():
-            raise
-    model_type = AutoConfig.from_pretrained(path).model_type
-    processor_class = getattr(transformers, PROCESSOR_MAPPING_NAMES.get(model_type) or "", None)
-    if processor_class is None:
-        raise ValueError(f"transformers knows no processor for model type {model_type!r}")
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    return image_only_processor_class(processor_class)(
-        image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=tokenizer,
-        chat_template=_chat_template(path) or tokenizer.chat_template)
-
-
-def _chat_template(path):
-    """The chat template a checkpoint ships beside its tokenizer, or None."""
-    from transformers.utils import cached_file
-    for name in ("chat_template.jinja", "chat_template.json"):
-        file = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
-        if file:
-            with open(file) as f:
-                return f.read() if name.endswith(".jinja") else json.load(f)["chat_template"]
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,84 +425,3 @@ class ActorCritic(nn.Module):
         self.model.save_pretrained(folder, selected_adapters=list(adapters))
         # The critic travels with the policy adapter (peft puts a named adapter in folder/<name>).
         torch.save(self.value_head.state_dict(), os.path.join(folder, "policy", "value_head.pt"))
-
-
-def _lora_targets(model, vision):
-    """Names of the linear layers to adapt: the language model's, and optionally the vision tower's."""
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or "lm_head" in name:
-            continue
-        in_vision = "visual" in name or "vision" in name
-        if (in_vision and vision) or (not in_vision and "language_model" in name):
-            names.append(name)
-    return names
-
-
-def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=None, adapter_path=None,
-                lora_r=128, lora_alpha=256, lora_dropout=0.05, lora_vision=True, lora_targets="",
-                gradient_checkpointing=False, dtype=None):
-    """Load a Qwen2(.5)-VL (hub id or folder), wrap it with a LoRA "policy" adapter and a value head.
-
-    `dtype`: the weights' dtype (default float32 on CPU, bfloat16 on GPU); the base is frozen. `adapter_path` resumes a saved policy
-    (its LoRA config wins over the lora_* arguments). LoRA (docs/ALGORITHM.md §2): rank lora_r,
-    scaling lora_alpha / lora_r, on every linear layer of the language model and, with
-    `lora_vision`, of the vision tower; `lora_targets` (comma-separated module-name suffixes)
-    replaces that choice. `gradient_checkpointing`: every decoder and vision block recomputes
-    its activations in backward instead of keeping them (docs/ALGORITHM.md §6).
-    """
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForImageTextToText, GenerationConfig
-
-    looks_like_hub_id = re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) and not model.startswith(".")
-    if not os.path.isdir(model) and not looks_like_hub_id:
-        raise FileNotFoundError(f"--model {model!r}: no such folder. Pass a local folder of a "
-                                "Qwen2-VL / Qwen2.5-VL checkpoint, a hub id, or 'tiny'.")
-    dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    try:
-        base = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
-        processor = load_processor(model)
-    except ValueError as error:
-        raise ValueError(f"--model {model!r} is not an image-text-to-text model that transformers "
-                         f"can load ({error}). Use a Qwen2-VL or Qwen2.5-VL checkpoint.") from None
-    except OSError as error:
-        hint = ("A checkpoint folder needs config.json, the weights, the tokenizer files and "
-                "preprocessor_config.json." if os.path.isdir(model) else "With no network, pass a local folder "
-                "(or set HF_HUB_OFFLINE=1 with the model in the cache), or use --model tiny.")
-        raise OSError(f"--model {model!r} could not be loaded: {error}\n{hint}") from None
-    tokenizer = processor.tokenizer
-    missing = [t for t in ("<|im_end|>", "<|image_pad|>") if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
-    if missing or len(tokenizer) > base.get_output_embeddings().weight.shape[0]:
-        raise ValueError(f"--model {model!r}: its tokenizer ({len(tokenizer)} tokens) does not fit the model "
-                         f"(missing {missing or 'nothing'}); is the folder's tokenizer.json the model's own?")
-    base.requires_grad_(False)
-    # Only the checkpoint's stop and padding ids are kept: its sampling settings (top-k, top-p,
-    # repetition penalty, do_sample) would make generate sample off-policy wherever a call
-    # leaves a field unset (ActorCritic.generate sets them all as well).
-    shipped = base.generation_config
-    base.generation_config = GenerationConfig(eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id,
-                                              bos_token_id=shipped.bos_token_id)
-    if not isinstance(base.get_output_embeddings(), nn.Linear):
-        raise ValueError(f"--model {model!r}: the output head is not a plain linear layer; ActorCritic scores "
-                         "tokens from its weight in float32")
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, which a frozen base lacks.
-        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable  # renamed in 5.x
-        enable({"use_reentrant": False})
-    if adapter_path:
-        peft_model = PeftModel.from_pretrained(base, adapter_path, adapter_name="policy", is_trainable=True)
-    else:
-        targets = [t.strip() for t in lora_targets.split(",") if t.strip()] or _lora_targets(base, lora_vision)
-        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
-        peft_model = get_peft_model(base, config, adapter_name="policy")
-    size = getattr(processor.image_processor, "size", None)  # transformers 5: pixel counts as edges
-    pixels = getattr(size, "shortest_edge", None)
-    if image_size is None and pixels and pixels == getattr(size, "longest_edge", None):
-        # A processor built for one size (the tiny model's) shrinks a 300 px frame below that
-        # size by its own rounding (112 -> 84, 56 -> 28 px); resize to it ourselves
-        # (docs/TINY_MODEL.md).
-        image_size = math.isqrt(pixels)
-    policy = ActorCritic(peft_model, processor, action_span, thought_coef=thought_coef, image_size=image_size)
-    if adapter_path and os.path.exists(os.path.join(adapter_path, "value_head.pt")):
-        policy.value_head.load_state_dict(torch.load(os.path.join(adapter_path, "value_head.pt")))
-    return policy.to(device)

@@ -3,7 +3,7 @@
 Nothing can be downloaded where this project's tests run, so `--model tiny` (train.py's
 default) builds a Qwen2-VL of about 0.8 M parameters: a byte-level BPE tokenizer trained on the
 environments' prompts and expert answers, seeded random weights, and an image processor built
-for one image size. It is saved to a folder and loaded back by `policy.load_policy` through the
+for one image size. It is saved to a folder and loaded back by `loader.load_policy` through the
 same `from_pretrained` path as a real checkpoint. The choices that let it learn to read the
 pictures (white maps to 0, a large output-head init, the image size) are explained in
 docs/TINY_MODEL.md.
@@ -29,7 +29,7 @@ import gymnasium as gym
 import torch
 
 import envs
-from policy import image_only_processor_class
+from loader import image_only_processor_class
 
 # Qwen's special tokens, which the tiny tokenizer must know.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -102,6 +102,14 @@ def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, family="cards", arc
     if distributed:
         torch.distributed.barrier()
     return path
+
+
+def offline_model(name, family="cards", seed=0, image_size=112, device="cpu"):
+    """Folder of the offline model `name` (TINY_MODELS, RANDOM_MODELS), built on first use; None for
+    any other name (a hub id or a folder)."""
+    if name in TINY_MODELS:
+        return tiny_model(seed=seed, image_size=image_size, family=family, architecture=TINY_MODELS[name])
+    return random_model(name, device=device) if name in RANDOM_MODELS else None
 
 
 def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=None):

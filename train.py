@@ -19,9 +19,8 @@ Run (a tiny offline VLM is built on first use; nothing is downloaded):
     torchrun --nproc_per_node=2 train.py              # one process per CPU core or GPU
     python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --steps-per-update 1024 --max-new-tokens 256 \
         --temperature 0.2 --lr 1e-5 --micro-batch-size 4     # the paper's sizes
-Outputs in --out: config.json, metrics.jsonl (one JSON object per update), eval.jsonl,
-checkpoint/ (checkpoint.py; adapters in checkpoint/adapters), and with --tensorboard or --wandb
-the same numbers there (report.py).
+Outputs in --out: config.json, metrics.jsonl (one JSON object per update), eval.jsonl, checkpoint/
+(checkpoint.py), and with --tensorboard or --wandb the same numbers there (report.py).
 """
 
 import collections
@@ -41,13 +40,13 @@ import envs
 from demonstrations import warm_start
 from distill import KL_ESTIMATORS, kl_penalized_advantages, sft_loss
 from flags import parse_dataclass
-from policy import load_policy
+from loader import load_policy
 from ppo import (accumulated_step, cosine_lr, explained_variance, gae, gradient_norms, minibatches,
                  normalize_advantages, policy_loss, value_loss, variance_shares)
 from report import RunLog, all_mean, check_extras, log_update, run_evaluation
 from rollout import Rollout
 from teacher import Teacher
-from tinyvlm import RANDOM_MODELS, TINY_MODELS, random_model, tiny_model
+from tinyvlm import TINY_MODELS, offline_model
 
 
 @dataclass
@@ -152,8 +151,7 @@ class Args:
     teacher: str = ""
     """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
     init: str = ""
-    """start from this saved policy adapter folder, e.g. a warm start's OUT/checkpoint/adapters/policy
-    (add --warmup-sft-steps 0 to start RL from it directly)"""
+    """start from this saved policy adapter, e.g. a warm start's OUT/checkpoint/adapters/policy (and --warmup-sft-steps 0)"""
     # SFT warm start on the environments' expert demonstrations (the paper starts RL from SFT)
     warmup_sft_steps: int = 200
     """optimizer steps of SFT on expert demonstrations before RL (0: none)"""
@@ -196,8 +194,7 @@ RANGES = {**dict.fromkeys(("num_envs", "steps_per_update", "max_new_tokens", "te
 
 
 def parse_args(argv=None):
-    """Train.py's flags, checked: stop early, with the fix in the message, on flags that would
-    fail deep inside a library."""
+    """Train.py's flags, checked: stop early, with the fix in the message, on flags that would fail deep in a library."""
     args = parse_dataclass(Args, argv, __doc__, choices=CHOICES, ranges=RANGES)
     if args.env in envs.ENV_DEFAULTS:  # lambda and the format reward of the paper's ALFWorld runs (README)
         args = parse_dataclass(Args, argv, __doc__, choices=CHOICES, ranges=RANGES, defaults=envs.ENV_DEFAULTS[args.env])
@@ -223,16 +220,13 @@ def setup_distributed(device):
 
 
 def build_policy(args, device, adapter_path=None):
-    """The actor-critic of --model (tiny and random-weight models are built on first use) with the LoRA flags."""
-    tiny = args.model in TINY_MODELS
-    model = (tiny_model(seed=args.seed, image_size=args.image_size or 112, family=envs.FAMILY_OF.get(args.env, "cards"),
-                        architecture=TINY_MODELS[args.model]) if tiny
-             else random_model(args.model, device=device) if args.model in RANDOM_MODELS else args.model)
-    return load_policy(model, envs.action_span, device=device, thought_coef=args.thought_coef,
+    """The actor-critic of --model (an offline one, tinyvlm.py, is built on first use) with the LoRA flags."""
+    model = offline_model(args.model, envs.FAMILY_OF.get(args.env, "cards"), args.seed, args.image_size or 112, device)
+    return load_policy(model or args.model, envs.action_span, device=device, thought_coef=args.thought_coef,
                        image_size=args.image_size or None, adapter_path=adapter_path, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,
                        lora_targets=args.lora_targets,
-                       gradient_checkpointing={"on": True, "off": False, "auto": not tiny}[args.gradient_checkpointing])
+                       gradient_checkpointing={"on": True, "off": False, "auto": args.model not in TINY_MODELS}[args.gradient_checkpointing])
 
 
 def main(args):
@@ -245,8 +239,7 @@ def main(args):
     except (OSError, ValueError) as error:  # a --model that cannot be loaded: its message, no traceback
         sys.exit(str(error))
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    # DDP broadcasts rank 0's weights (LoRA init, value head) to every rank at construction and
-    # all-reduces gradients in backward; everything else below runs on the bare module.
+    # DDP broadcasts rank 0's weights to every rank and all-reduces gradients; the rest runs on the bare module.
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     optimizer = torch.optim.Adam(trainable, lr=args.lr)
     runner, counters = None, {"update": 0, "env_steps": 0, "merges": 0}
@@ -282,8 +275,7 @@ def main(args):
                        initial=counters["update"], total=args.updates):
         for group in optimizer.param_groups:
             group["lr"] = lr = cosine_lr(update - 1, args.lr_updates or args.updates, args.lr, args.lr_min)
-        # Rollouts, teacher passes and PPO passes all run in eval mode (no LoRA dropout): with
-        # dropout the ratio to the rollout's log-probs would differ from 1 before any step.
+        # Rollouts, teacher and PPO passes run in eval mode: LoRA dropout would make the first ratio differ from 1.
         policy.eval()
         start = time.perf_counter()
         # ---- 1. Rollout (rollout.py, docs/ALGORITHM.md §3) ----------------------------------------
@@ -321,13 +313,11 @@ def main(args):
 def advantages_and_returns(batch, guidance, args):
     """The policy's advantages and the critic's targets, [T*N] each, plus their diagnostics.
 
-    §3: the format reward b is added to a step's advantage after GAE; §4.3: so is the teacher's
-    KL penalty, A' = A - beta * KL_hat. The critic learns the environment's return only
-    (--value-target env): had it learned r + b as the reference's does, V(s') would carry every
-    future format bonus (up to 3 / (1 - 0.9) = 30), so ending an episode, by winning too, would
-    forfeit more than a win pays (README, "What made PPO learn"). --value-target shaped is the
-    reference's way, for comparison.
-    """
+    §3: the format reward b is added to a step's advantage after GAE; §4.3: so is the teacher's KL
+    penalty, A' = A - beta * KL_hat. The critic learns the environment's return only: a V(s') that
+    carried every future format bonus (up to 3 / (1 - 0.9) = 30) would make ending an episode, by
+    winning too, forfeit more than a win pays (README, "What made PPO learn"; --value-target shaped
+    is the reference's way)."""
     env_advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
                                   batch.truncated, args.gamma, args.gae_lambda)  # [T, N]
     advantages = env_advantages + batch.format_rewards  # [T, N]
@@ -350,7 +340,6 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args, after_epoch=N
     logs = collections.defaultdict(list)
 
     loss_of = lambda idx: micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs)
-
     world = dist.get_world_size() if dist.is_initialized() else 1
 
     def within_kl(first):
@@ -381,9 +370,8 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args, after_epoch=N
 
 def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs):
     """PPO loss (+ the SFT loss on the teacher's thoughts) of one micro-batch, in ONE model call."""
-    # The agent's answers are scored at the sampling temperature (§2). SFT guidance: the teacher's answers are
-    # scored in the same call, as a second continuation of each prompt, at temperature 1 as a standard SFT loss
-    # does (the reference's). None where the teacher parsed no answer for any of these observations.
+    # Answers scored at the sampling temperature (§2); SFT guidance: the teacher's answers in the same call, a second
+    # continuation of each prompt, at temperature 1 (the reference's). None where no teacher answer parsed here.
     sft_targets = [targets[i] for i in idx] if targets and any(targets[i] is not None for i in idx) else None
     out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx], args.temperature,
                 targets=sft_targets)

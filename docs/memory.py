@@ -1,7 +1,7 @@
 """Memory and FLOPs of the PPO update at the paper's size, computed rather than measured.
 
 The paper trains Qwen2.5-VL-3B and -7B with LoRA rank 128; this repository adapts every linear
-layer of the language model and of the vision tower (`policy.py:_lora_targets`) and keeps the
+layer of the language model and of the vision tower (`loader.py:_lora_targets`) and keeps the
 GTR-Turbo teacher as a second adapter on the same weights (docs/ALGORITHM.md §6). This script
 counts, for both models, the bytes of the weights, the adapters, Adam's state and the teacher,
 the activations of one PPO micro-batch with and without gradient checkpointing, the rollout's
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from policy import SCORE_CHUNK_ELEMENTS, _lora_targets  # noqa: E402  (the repository root is not a package)
+from loader import _lora_targets  # noqa: E402
+from policy import SCORE_CHUNK_ELEMENTS  # noqa: E402  (the repository root is not a package)
 
 GiB = 2 ** 30
-ACT = 2      # bytes of an activation: the base model runs in bfloat16 on a GPU (policy.py:load_policy)
+ACT = 2      # bytes of an activation: the base model runs in bfloat16 on a GPU (loader.py:load_policy)
 ADAPTER = 4  # bytes of a LoRA weight: peft's autocast_adapter_dtype=True keeps adapters in float32,
              # and casts each LoRA input to float32 before lora_A: that copy is what lora_A saves
 HEAD_COPIES = 7  # float32 [scored tokens, vocab] tensors alive at once in policy.forward's scoring:
@@ -142,7 +143,7 @@ class Dims:
 def parameter_counts(config, lora_r=LORA_R):
     """{"model", "lora", "value_head"}: exact parameter counts. The model is instantiated on the
     meta device (shapes, no memory); LoRA adds r * (in + out) per adapted linear layer (A is
-    r x in, B is out x r, no bias), on the layers `policy.py:_lora_targets` picks with the
+    r x in, B is out x r, no bias), on the layers `loader.py:_lora_targets` picks with the
     vision tower included, as load_policy does by default."""
     from transformers import AutoModelForImageTextToText
     with torch.device("meta"):

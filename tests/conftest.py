@@ -17,7 +17,7 @@ def tiny_dir(tmp_path_factory):
 def make_policy(tiny_dir):
     """Factory for fresh policies on the tiny model (small LoRA rank keeps tests fast)."""
     import envs
-    from policy import load_policy
+    from loader import load_policy
     from tinyvlm import tiny_model
 
     def make(**kwargs):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import envs
-from policy import load_policy
+from loader import load_policy
 from tinyvlm import tiny_model
 
 

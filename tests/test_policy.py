@@ -7,7 +7,8 @@ import torch
 
 import envs
 from envs import action_span
-from policy import load_policy, thought_action_masks
+from loader import load_policy
+from policy import thought_action_masks
 from tinyvlm import tiny_model
 
 ANSWER = '{"thoughts": "current 2, target 4, so I move up", "action": "+"}'
