@@ -93,5 +93,6 @@ def sft_loss(logprobs, mask):
 
 def retry_temperatures(start=0.2, factor=1.1, cap=0.9, max_tries=20):
     """Sampling temperatures of the teacher's successive tries until its answer parses
-    (docs/ALGORITHM.md §4.2): start, start*factor, start*factor^2, ... capped at `cap`."""
-    return [min(start * factor**i, cap) for i in range(max_tries)]
+    (docs/ALGORITHM.md §4.2): start, start*factor, start*factor^2, ... capped at `cap`
+    (a start above the cap stays at the start)."""
+    return [min(start * factor**i, max(cap, start)) for i in range(max_tries)]

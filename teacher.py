@@ -52,8 +52,8 @@ class Guidance:
 class Teacher:
     """The teacher adapter of a guided run. Reads these fields of train.py's Args: guidance,
     teacher, merge, merge_weights, ema_alpha, ties_density, merge_space, merge_every,
-    merge_snapshot, seed, kl_estimator, guide_tokens, temperature, max_new_tokens,
-    micro_batch_size, num_envs."""
+    merge_snapshot, seed, kl_estimator, guide_tokens, temperature, teacher_temperature,
+    max_new_tokens, micro_batch_size, num_envs."""
 
     def __init__(self, policy, args):
         self.args = args
@@ -152,7 +152,7 @@ class Teacher:
         Returns one target per observation (token ids of the answer, or None) and the number of
         answers sampled, retries included (the cost).
         """
-        temperatures = retry_temperatures()
+        temperatures = retry_temperatures(self.args.teacher_temperature)
         actions = batch.actions.flatten().long().tolist()
         targets, sampled = [None] * len(batch.encoded), 0
         chunk = self.args.num_envs

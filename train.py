@@ -132,6 +132,8 @@ class Args:
     """per-token KL estimator: clip (paper), abs, k3, forward"""
     sft_coef: float = 1.0
     """weight of the SFT loss on the teacher's thoughts"""
+    teacher_temperature: float = 0.2
+    """first temperature of the teacher's SFT answers, x1.1 per retry (paper: 0.2; scored at 1, §4.2)"""
     guide_tokens: str = "thought"
     """tokens the teacher guides: thought (the paper) or all (ablation: KL on every token, SFT on the whole answer)"""
     merge: str = "ties"
@@ -185,7 +187,7 @@ CHOICES = {"guidance": ("none", "sft", "kl"), "merge": ("ties", "linear", "dare"
            "merge_snapshot": ("update", "epoch"), "gradient_checkpointing": ("auto", "on", "off")}
 RANGES = {**dict.fromkeys(("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip", "max_grad_norm",
                            "ppo_epochs", "minibatch_size", "micro_batch_size", "lr", "lora_r", "lora_alpha",
-                           "warmup_lr", "warmup_batch_size", "save_every"), "positive"),
+                           "warmup_lr", "warmup_batch_size", "save_every", "teacher_temperature"), "positive"),
           **dict.fromkeys(("updates", "seed", "thought_coef", "vf_coef", "target_kl", "lr_min", "lr_updates", "kl_coef",
                            "sft_coef", "warmup_sft_steps", "eval_episodes", "eval_every"), "non-negative"),
           **dict.fromkeys(("gamma", "gae_lambda"), "in [0, 1]"), **dict.fromkeys(("ema_alpha", "ties_density"), "in (0, 1]"),
@@ -246,8 +248,7 @@ def main(args):
     if resume:  # runner stays None when the run had another number of processes
         runner, counters = checkpoint.load(resume, optimizer, rank, world)
     if runner is None:
-        # Each rank plays its own environments with distinct seeds (resumed on another number of
-        # processes: seeds offset by the update, so the deals are not those of the run's start).
+        # Distinct seeds per rank, offset by the update when resumed on another number of processes.
         runner = Rollout([gym.make(args.env) for _ in range(args.num_envs)], unparsed_action=args.unparsed_action,
                          seed=args.seed + 1000 * rank + 7919 * counters["update"])
     if args.eval_only:
@@ -259,8 +260,7 @@ def main(args):
             metrics.write(row)
         if args.eval_episodes:
             run_evaluation(policy, args, rank, world, 0, metrics)  # the level RL has to rise above
-    # The teacher is attached after the warm start, so the warm start is the same whatever the
-    # guidance: the methods of one seed start RL from the same policy.
+    # Attached after the warm start, so the warm start is the same whatever the guidance (a seed's methods share it).
     teacher = Teacher(policy, args) if args.guidance != "none" else None
     if teacher and resume:
         teacher.load(policy, os.path.join(resume, "adapters"), counters)

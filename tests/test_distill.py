@@ -113,3 +113,4 @@ def test_retry_temperatures():
     # 0.2 * 1.1**15 = 0.835 < 0.9 <= 0.2 * 1.1**16 = 0.919
     assert temps[15] == pytest.approx(0.2 * 1.1**15) and temps[16] == 0.9
     assert len(retry_temperatures(max_tries=3)) == 3
+    assert retry_temperatures(1.0, max_tries=3) == [1.0, 1.0, 1.0]  # a start above the cap stays
