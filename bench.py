@@ -26,6 +26,8 @@ Figures (absolute, for one device):
                              (--generation-envs)
   seconds_ppo_update         the PPO epochs of one update alone; seconds_teacher_kl the teacher's
                              KL pass over the rollout
+  first_log_ratio_max        the largest |log pi - log pi_old| of PPO's first mini-batch, before
+                             any step: the scoring's rounding (bf16), which --target-kl sees
   ppo_mfu                    model FLOPs of those PPO epochs (docs/memory.py:ppo_flops, a
                              Qwen2.5-VL with LoRA on a frozen base) over seconds x the device's
                              peak bf16 FLOP/s (--peak-tflops; looked up for known GPUs)
@@ -46,7 +48,8 @@ from demonstrations import warm_start
 from flags import parse_dataclass
 from rollout import Rollout
 from teacher import Teacher
-from train import CHOICES, RANGES, Args, build_policy, ppo_update, setup_distributed
+from train import (CHOICES, RANGES, Args, build_policy, ppo_update, resolve_warmup,
+                   setup_distributed)
 
 
 @dataclass
@@ -60,6 +63,8 @@ class BenchArgs(Args):
     """comma-separated numbers of prompts for the generation throughput, e.g. 1,8,32 (empty: skip)"""
     peak_tflops: float = 0.0
     """the device's peak dense bf16 TFLOP/s for the MFU (0: look it up by GPU name; none on CPU)"""
+    dtype: str = "auto"
+    """the model's weights: auto (float32 on CPU, bfloat16 on GPU), bfloat16 or float32"""
 
 
 # Dense bf16 peak TFLOP/s of GPUs by a part of their name (the vendors' data sheets, SXM parts).
@@ -89,7 +94,7 @@ def main(args):
     _, _, device = setup_distributed(args.device)
     torch.manual_seed(0)
     try:
-        policy = build_policy(args, device)
+        policy = build_policy(args, device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     except (OSError, ValueError) as error:  # a --model that cannot be loaded: its message, no traceback
         sys.exit(str(error))
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -170,6 +175,11 @@ def main(args):
     results["seconds_teacher_kl"] = statistics.median(teacher.guide(policy, batch, batched.envs[0].unwrapped).seconds
                                                       for _ in range(args.repeats))
     every_epoch = dataclasses.replace(args, guidance="none", target_kl=0.0)  # no early stop: a known amount of work
+    # Before the first step the ratio is 1 up to how the scoring rounds: the rollout scores its
+    # answers in batches of --num-envs, PPO in shuffled micro-batches with other padding.
+    results["first_log_ratio_max"] = ppo_update(policy, trainable, optimizer, batch, None,
+                                                every_epoch)["first_log_ratio_max"]
+    batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens)
     ppo_seconds = statistics.median(timed(lambda: ppo_update(policy, trainable, optimizer, batch, None, every_epoch))
                                     for _ in range(args.repeats))
     results["seconds_ppo_update"] = ppo_seconds
@@ -198,7 +208,9 @@ def main(args):
     print(f"\n{'ratio':<26}{'value':>10}   target (2-core CPU, tiny model)")
     for name, target in targets.items():
         print(f"{name:<26}{results[name]:>10.4f}   {target}")
-    print(f"\nPPO epochs alone {results['seconds_ppo_update']:.2f} s, the teacher's KL pass {results['seconds_teacher_kl']:.2f} s")
+    print(f"\nPPO epochs alone {results['seconds_ppo_update']:.2f} s, the teacher's KL pass "
+          f"{results['seconds_teacher_kl']:.2f} s; first |log ratio| {results['first_log_ratio_max']:.4f} "
+          f"(clip {args.clip})")
     print(f"seconds per update: none {update_time['none']:.2f}, kl {update_time['kl']:.2f}, "
           f"sft {update_time['sft']:.2f}; per merge {merge_time:.4f}; memory {results['memory_method']}; "
           f"{args.steps_per_update} env steps per update on {device}")
@@ -206,5 +218,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_dataclass(BenchArgs, sys.argv[1:], __doc__, choices=CHOICES,
-                         ranges=RANGES | {"repeats": "positive", "peak_tflops": "non-negative"}))
+    # train.py's auto warm start too: a tiny model warm-starts, a real one does not.
+    ranges = RANGES | {"repeats": "positive", "peak_tflops": "non-negative"}
+    choices = CHOICES | {"dtype": ("auto", "bfloat16", "float32")}
+    args = parse_dataclass(BenchArgs, sys.argv[1:], __doc__, choices=choices, ranges=ranges)
+    main(resolve_warmup(args))

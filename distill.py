@@ -75,20 +75,23 @@ def kl_penalized_advantages(advantages, kl, beta=1.0):
     return advantages - beta * kl.detach()
 
 
-def sft_loss(logprobs, mask):
+def sft_loss(logprobs, mask, tokens=None):
     """Negative log-likelihood of the teacher's thought tokens (docs/ALGORITHM.md §4.2 L_SFT), scalar.
 
     `logprobs` [B, L] are the POLICY's log-probs of the teacher's answer tokens; `mask` [B, L]
     marks the tokens imitated: the thought tokens, which leaves out the action tokens (the
     agent's own action, substituted into the teacher's answer). Every token is imitated with
     --guide-tokens all, and in the warm start's SFT on demonstrations.
-    The paper writes a per-sequence sum; this averages over all masked tokens of the batch,
-    like a standard SFT loss, so that c_sft does not depend on how long the thoughts are.
+    The paper writes a per-sequence sum; this averages over the masked tokens, like a standard
+    SFT loss, so that c_sft does not depend on how long the thoughts are. `tokens`: divide by
+    this count instead of the masked tokens here, e.g. those of a whole mini-batch when its
+    gradient is accumulated over micro-batches (so the split changes memory, not the loss).
     Zero, still attached to the graph, when the mask is empty.
     """
     mask = mask.bool()
     nll = -torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum()
-    return nll / mask.sum().clamp(min=1).to(nll.dtype)
+    count = mask.sum().clamp(min=1) if tokens is None else tokens
+    return nll / torch.as_tensor(count, dtype=nll.dtype, device=nll.device)
 
 
 def retry_temperatures(start=0.2, factor=1.1, cap=0.9, max_tries=20):

@@ -27,6 +27,8 @@ RANGES = {
     "greater than 1": lambda v: v > 1,
     "0 (the model's own) or at least 28": lambda v: v == 0 or v >= 28,
     "-1 (the sampling temperature) or non-negative": lambda v: v == -1 or v >= 0,
+    "-1 (the sampling temperature) or positive": lambda v: v == -1 or v > 0,
+    "-1 (auto) or non-negative": lambda v: v == -1 or v >= 0,
 }
 
 

@@ -191,10 +191,15 @@ def lora_pairs(state_dict: StateDict) -> dict[str, tuple[str, str]]:
 
 
 @torch.no_grad()
-def update_teacher(teacher: StateDict | None, policy: StateDict, k: int, scheme: str = "ema",
-                   alpha: float = 0.5, method: str = "ties", density: float = 0.8, seed: int = 0,
-                   space: str = "factors") -> StateDict:
-    """One incremental teacher update (docs/ALGORITHM.md §4.1): merge({policy, teacher}, {w_new, w_old}).
+def update_teacher(teacher: StateDict | None, policy: StateDict | list[StateDict], k: int,
+                   scheme: str = "ema", alpha: float = 0.5, method: str = "ties",
+                   density: float = 0.8, seed: int = 0, space: str = "factors") -> StateDict:
+    """One teacher update (docs/ALGORITHM.md §4.1): merge({policy, teacher}, {w_new, w_old}).
+
+    `policy` is the new checkpoint, or a list of snapshots of it: the reference's code saves
+    one after each of the 4 PPO epochs and merges them with the old teacher in ONE call, the
+    snapshots sharing w_new equally (EMA: alpha/4 each, 1 - alpha for the old teacher).
+    Without a teacher the snapshots are merged alone, at equal weights.
 
     space="factors" merges every tensor as it is; for LoRA that merges the A and B factors
     separately, like the reference (peft's add_weighted_adapter). That is an approximation:
@@ -206,17 +211,21 @@ def update_teacher(teacher: StateDict | None, policy: StateDict, k: int, scheme:
     alpha/r, which is the same for both inputs and every operator here commutes with a positive
     scale, so it cancels. Tensors outside LoRA pairs (modules_to_save, value head) merge as they are.
     """
+    snapshots = policy if isinstance(policy, list) else [policy]
     w_new, w_old = teacher_weights(k, scheme, alpha)
+    inputs = snapshots + [teacher]  # the old teacher last
+    weights = [w_new / len(snapshots)] * len(snapshots) + [w_old]
     if teacher is None or w_old == 0.0:
-        # No previous teacher (or SMA's first merge): the teacher is a copy of the checkpoint,
-        # not a TIES merge of one input, which would trim it.
-        return {n: t.detach().clone() for n, t in policy.items()}
-    inputs, weights = [policy, teacher], [w_new, w_old]
+        inputs, weights = snapshots, [1.0 / len(snapshots)] * len(snapshots)
+    if len(inputs) == 1:
+        # One checkpoint and no previous teacher (or SMA's first merge): the teacher is a copy
+        # of it, not a TIES merge of one input, which would trim it.
+        return {n: t.detach().clone() for n, t in snapshots[0].items()}
     if space == "factors":
         return merge(inputs, weights, method, density, seed)
     if space != "delta":
         raise ValueError(f"unknown merge space {space!r}; expected 'factors' or 'delta'")
-    pairs = lora_pairs(policy)
+    pairs = lora_pairs(snapshots[0])
     if not pairs:
         raise ValueError("space='delta' needs LoRA keys ('...lora_A.weight' / '...lora_B.weight'), found none")
     _check_inputs(inputs, weights, method, density, None)
@@ -229,9 +238,10 @@ def update_teacher(teacher: StateDict | None, policy: StateDict, k: int, scheme:
     for i, (prefix, (a_key, b_key)) in enumerate(pairs.items()):
         deltas = [{prefix: sd[b_key].float() @ sd[a_key].float()} for sd in inputs]  # [out, in] each
         merged_delta = merge(deltas, weights, method, density, seed + i)[prefix]  # [out, in]
-        rank = policy[a_key].shape[0]
+        rank = snapshots[0][a_key].shape[0]
         u, s, vh = torch.linalg.svd(merged_delta, full_matrices=False)  # [out, m], [m], [m, in]
         root_s = s[:rank].sqrt()  # [r]
-        merged[b_key] = (u[:, :rank] * root_s).to(policy[b_key].dtype)  # B' = U_r sqrt(S_r) [out, r]
-        merged[a_key] = (root_s[:, None] * vh[:rank]).to(policy[a_key].dtype)  # A' = sqrt(S_r) V_r^T [r, in]
+        dtype = snapshots[0][a_key].dtype
+        merged[b_key] = (u[:, :rank] * root_s).to(dtype)  # B' = U_r sqrt(S_r) [out, r]
+        merged[a_key] = (root_s[:, None] * vh[:rank]).to(dtype)  # A' = sqrt(S_r) V_r^T [r, in]
     return merged

@@ -123,8 +123,9 @@ class ActorCritic(nn.Module):
         valid = [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]
         return list(dict.fromkeys(valid))
 
-    def _masks(self, ids):
-        """thought_action_masks, remembered: PPO scores every response once per epoch."""
+    def masks(self, ids):
+        """thought_action_masks of one answer's token ids (a tuple), remembered: PPO scores
+        every response once per epoch."""
         if ids not in self._mask_cache:
             if len(self._mask_cache) > 65536:
                 self._mask_cache.clear()
@@ -365,7 +366,7 @@ class ActorCritic(nn.Module):
         masks = torch.zeros((3, len(sequences), width), dtype=torch.bool)
         for i, s in enumerate(sequences):
             span = slice(width - len(s), width) if right else slice(0, len(s))
-            thought, action = self._masks(tuple(s.tolist()))
+            thought, action = self.masks(tuple(s.tolist()))
             masks[0, i, span], masks[1, i, span], masks[2, i, span] = True, thought, action
         return tuple(m.to(self.device) for m in masks)
 

@@ -4,13 +4,16 @@ docs/ALGORITHM.md §4. The teacher is a second, frozen LoRA adapter ("teacher") 
 own base model. Its whole life is here:
   start   pi_T^(0) = the policy RL starts from (the warm-started one)              (§4.1)
   merge   after an update k: pi_T^(k) = merge({pi^(k), pi_T^(k-1)}), TIES with
-          EMA or SMA weights (merge.py); --merge-snapshot epoch: after every PPO
-          epoch instead (the reference's code); --merge-every 0: never              (§4.1)
+          EMA or SMA weights (merge.py); --merge-snapshot epoch: the update's 4
+          epoch snapshots share pi^(k)'s weight (the reference's code);
+          --merge-every 0: never                                                    (§4.1)
   guide   KL:  the teacher scores the agent's own thought tokens (forward passes only);
-               the per-step KL estimate is subtracted from that step's advantage    (§4.3)
-          SFT: the teacher answers each observation (resampled at rising
-               temperatures until it parses); the agent's action replaces the
-               teacher's, and PPO adds the NLL of the teacher's thoughts            (§4.2)
+               the per-step KL estimate is subtracted from that step's advantage;
+               an answer that does not parse gets KL 100, as in the reference   (§4.3)
+          SFT: the teacher answers each observation whose agent answer parsed
+               (resampled at rising temperatures until it parses); the agent's
+               action replaces the teacher's, and PPO adds the NLL of the
+               teacher's thoughts                                                   (§4.2)
           --guide-tokens all: the action tokens too (KL over every token; SFT on the
                teacher's whole answer, its own action kept), the paper's ablation   (§4.3)
   save / resume   its weights travel in the checkpoint as a peft adapter folder.
@@ -25,7 +28,7 @@ Use (train.py):
     teacher = Teacher(policy, args)        # attaches the adapter
     teacher.start(policy)                  # pi_T^(0)
     guidance = teacher.guide(policy, batch, game)     # after each rollout
-    teacher.merge(policy, update, moment)  # after each PPO epoch and each update
+    teacher.merge(policy, update, snapshots)  # after each update (snapshots: one per epoch)
 """
 
 import os
@@ -44,16 +47,17 @@ class Guidance:
     """What the teacher says about one rollout ([T, N] tensors, lists flat in (t, n) order)."""
     teacher_kl: torch.Tensor        # per-step KL estimate (KL guidance; zeros under SFT)
     sft_targets: list | None        # T*N teacher answers as token ids, or None where none parsed
-    parse_rate: float               # share of observations with a parsed teacher answer (SFT)
+    parse_rate: float               # share of the teacher's answers that parsed, of those asked (SFT)
     seconds: float
     samples: float = float("nan")   # teacher answers sampled per observation, retries included (SFT)
+    sft_tokens: list | None = None  # T*N: how many tokens of each answer the SFT loss imitates
 
 
 class Teacher:
     """The teacher adapter of a guided run. Reads these fields of train.py's Args: guidance,
-    teacher, merge, merge_weights, ema_alpha, ties_density, merge_space, merge_every,
-    merge_snapshot, seed, kl_estimator, guide_tokens, temperature, teacher_temperature,
-    max_new_tokens, micro_batch_size, num_envs."""
+    teacher, merge, merge_weights, ema_alpha, ties_density, merge_space, merge_every, seed,
+    kl_estimator, kl_temperature, unparsed_kl, guide_tokens, sft_unparsed, temperature,
+    teacher_temperature, max_new_tokens, micro_batch_size, num_envs."""
 
     def __init__(self, policy, args):
         self.args = args
@@ -73,21 +77,25 @@ class Teacher:
             self.weights = policy.adapter_state("policy")
             policy.load_adapter_state(self.weights, "teacher")
 
-    def merge(self, policy, update, moment="update"):
+    def merge(self, policy, update, snapshots=()):
         """pi_T^(k) = merge({pi_theta^(k), pi_T^(k-1)}, {w_new, w_old}) in every --merge-every-th
-        update (§4.1; never with --merge-every 0: the static teacher pi_T^(0)). train.py calls it
-        after each PPO epoch (`moment` "epoch") and after the update ("update"); it merges at the
-        moment --merge-snapshot names, and k counts the snapshots merged. Deterministic (DARE is
+        update (§4.1; never with --merge-every 0: the static teacher pi_T^(0)); k counts merges.
+        train.py calls it after each update. `snapshots`: the policy adapter's states after
+        each PPO epoch of this update (--merge-snapshot epoch, the reference's scheme): they
+        share w_new, and the first such merge holds the snapshots alone, as the reference's
+        does; otherwise the policy as it is now is the new checkpoint. Deterministic (DARE is
         seeded by the merge count), so every rank gets the same teacher. Returns the seconds it
         took (0 when it did not merge)."""
         a = self.args
-        if self.fixed or moment != a.merge_snapshot or not a.merge_every or update % a.merge_every:
+        if self.fixed or not a.merge_every or update % a.merge_every:
             return 0.0
         start = time.perf_counter()
         self.merges += 1
-        self.weights = update_teacher(self.weights, policy.adapter_state("policy"), self.merges,
-                                      scheme=a.merge_weights, alpha=a.ema_alpha, method=a.merge,
-                                      density=a.ties_density, seed=a.seed + self.merges, space=a.merge_space)
+        checkpoints = list(snapshots) or policy.adapter_state("policy")
+        previous = None if snapshots and self.merges == 1 else self.weights
+        self.weights = update_teacher(previous, checkpoints, self.merges, scheme=a.merge_weights,
+                                      alpha=a.ema_alpha, method=a.merge, density=a.ties_density,
+                                      seed=a.seed + self.merges, space=a.merge_space)
         policy.load_adapter_state(self.weights, "teacher")
         return time.perf_counter() - start
 
@@ -105,35 +113,59 @@ class Teacher:
         """The teacher's guidance for one rollout; `game` (an unwrapped environment) parses answers."""
         start = time.perf_counter()
         shape = batch.old_logprobs.shape  # [T, N]
-        kl, targets, parse_rate, samples = torch.zeros(shape), None, float("nan"), float("nan")
+        kl, targets, sft_tokens = torch.zeros(shape), None, None
+        parse_rate, samples = float("nan"), float("nan")
         if self.args.guidance == "kl":
             kl = self.kl_penalties(policy, batch).reshape(shape)
         else:
-            targets, sampled = self.sft_targets(policy, batch, game)
-            parse_rate, samples = sum(t is not None for t in targets) / len(targets), sampled / len(targets)
-        return Guidance(teacher_kl=kl, sft_targets=targets, parse_rate=parse_rate,
-                        seconds=time.perf_counter() - start, samples=samples)
+            targets, sampled, asked = self.sft_targets(policy, batch, game)
+            parse_rate = sum(t is not None for t in targets) / asked if asked else float("nan")
+            sft_tokens = [self.guided_tokens(policy, t) for t in targets]
+            samples = sampled / len(targets)
+        return Guidance(teacher_kl=kl, sft_targets=targets, sft_tokens=sft_tokens,
+                        parse_rate=parse_rate, seconds=time.perf_counter() - start, samples=samples)
+
+    def guided_tokens(self, policy, target):
+        """How many tokens of an SFT target (token ids or None) its loss imitates: the thought
+        tokens, or all with --guide-tokens all."""
+        if target is None:
+            return 0
+        if self.args.guide_tokens == "all":
+            return len(target)
+        return int(policy.masks(tuple(target.tolist()))[0].sum())
 
     def kl_penalties(self, policy, batch):
         """§4.3: per step, KL_hat = mean over thought tokens (every token with --guide-tokens
-        all) of clip(log pi - log pi_T, 0, 10), with pi's log-probs those of sampling time and
-        pi_T's from teacher forward passes over the agent's OWN answers (no generation),
-        --micro-batch-size at a time. Returns [T*N]."""
+        all) of clip(log pi - log pi_T, 0, 10), pi_T's log-probs from teacher forward passes over
+        the agent's OWN answers (no generation), --micro-batch-size at a time. Both policies are
+        scored at --kl-temperature: 1 (raw logits, the reference's) needs a second policy pass;
+        at the sampling temperature the rollout's log-probs are reused. A step whose answer does
+        not parse gets KL_hat = --unparsed-kl (the reference's 100), not a score of its tokens.
+        Returns [T*N]."""
+        a = self.args
+        temperature = a.temperature if a.kl_temperature < 0 else a.kl_temperature
         kl = []
-        size = self.args.micro_batch_size
-        with policy.use_adapter("teacher"):
-            for i in range(0, len(batch.responses), size):
-                responses = batch.responses[i:i + size]
-                teacher = policy(batch.encoded[i:i + size], responses, self.args.temperature)
-                width = teacher["logprobs"].shape[1]
-                agent = torch.zeros_like(teacher["logprobs"])  # [B, width], right-aligned like teacher's
-                for row, logprobs in enumerate(batch.token_logprobs[i:i + size]):
+        for i in range(0, len(batch.responses), a.micro_batch_size):
+            encoded = batch.encoded[i:i + a.micro_batch_size]
+            responses = batch.responses[i:i + a.micro_batch_size]
+            with policy.use_adapter("teacher"):
+                teacher = policy(encoded, responses, temperature)
+            width = teacher["logprobs"].shape[1]
+            if temperature == a.temperature:  # the log-probs the answers were sampled with
+                agent = torch.zeros_like(teacher["logprobs"])  # [B, width], right-aligned
+                for row, logprobs in enumerate(batch.token_logprobs[i:i + len(responses)]):
                     agent[row, width - len(logprobs):] = logprobs.to(agent.device)
-                guided = teacher["response_mask"]  # [B, width]
-                if self.args.guide_tokens == "thought":
-                    guided = guided & teacher["thought_mask"]
-                kl.append(kl_estimate(agent, teacher["logprobs"], guided, self.args.kl_estimator).cpu())
-        return torch.cat(kl)
+            else:
+                agent = policy(encoded, responses, temperature)["logprobs"]  # [B, width]
+            guided = teacher["response_mask"]  # [B, width]
+            if a.guide_tokens == "thought":
+                guided = guided & teacher["thought_mask"]
+            kl.append(kl_estimate(agent, teacher["logprobs"], guided, a.kl_estimator).cpu())
+        kl = torch.cat(kl)  # [T*N]
+        if a.unparsed_kl > 0:
+            parsed = batch.format_valid.flatten().bool()  # [T*N]
+            kl = torch.where(parsed, kl, torch.full_like(kl, a.unparsed_kl))
+        return kl
 
     def sft_targets(self, policy, batch, game):
         """§4.2: the teacher answers every observation of the rollout; an unparseable answer is
@@ -142,6 +174,9 @@ class Teacher:
         and repetition penalty 1.2, which tax the tokens a JSON answer repeats (docs/ALGORITHM.md §6).
         The agent's own action replaces the teacher's, so only the teacher's thoughts are imitated;
         with --guide-tokens all the teacher's own action stays: its whole answer is imitated.
+        Where the agent's own answer did not parse there is no target and no teacher answer (the
+        reference); --sft-unparsed teacher asks the teacher there too and substitutes the action
+        that was played (a random one, or the teacher's own under --unparsed-action penalty).
 
         Retries are batched: a round samples each pending observation at its next few
         temperatures in one generate call (per-row temperatures) and keeps the lowest-temperature
@@ -149,16 +184,19 @@ class Teacher:
         as trying one temperature after another, in far fewer model calls. Observations go in
         chunks of --num-envs, the rollout's own generate batch.
 
-        Returns one target per observation (token ids of the answer, or None) and the number of
-        answers sampled, retries included (the cost).
+        Returns one target per observation (token ids of the answer, or None), the number of
+        answers sampled, retries included (the cost), and the number of observations asked.
         """
         temperatures = retry_temperatures(self.args.teacher_temperature)
         actions = batch.actions.flatten().long().tolist()
+        parsed = batch.format_valid.flatten().bool().tolist()
+        # The reference gives an answer that does not parse no target (and asks no teacher).
+        asked = [i for i in range(len(batch.encoded)) if parsed[i] or self.args.sft_unparsed == "teacher"]
         targets, sampled = [None] * len(batch.encoded), 0
         chunk = self.args.num_envs
         with policy.use_adapter("teacher"):
-            for first in range(0, len(batch.encoded), chunk):
-                pending, tried = list(range(first, min(first + chunk, len(batch.encoded)))), 0
+            for first in range(0, len(asked), chunk):
+                pending, tried = asked[first:first + chunk], 0
                 while pending and tried < len(temperatures):
                     # Fill about one batch of rows: pending observations x their next temperatures.
                     width = min(max(1, chunk // len(pending)), len(temperatures) - tried)
@@ -177,4 +215,4 @@ class Teacher:
                         targets[i] = policy.answer_ids(format_answer(thoughts, action))
                     pending = [i for i in pending if targets[i] is None]
                     tried += width
-        return targets, sampled
+        return targets, sampled, len(asked)

@@ -1,5 +1,5 @@
 """The ablation flags of GTR-Turbo's teacher do what they claim: a static teacher (--merge-every 0),
-one snapshot per PPO epoch (--merge-snapshot epoch) and guiding the action tokens as well
+the reference's merge of the PPO epochs' snapshots (--merge-snapshot epoch) and guiding the action tokens as well
 (--guide-tokens all). docs/ALGORITHM.md §4.1, §4.3. (--merge-weights, --merge and
 --kl-estimator are tested in test_merge.py and test_distill.py.)"""
 import contextlib
@@ -60,46 +60,58 @@ def test_static_teacher_keeps_the_warm_start(make_policy):
         warm_start = teacher_state(policy)
         for update in (1, 2, 3):
             perturb(policy)
-            teacher.merge(policy, update, "epoch")
-            teacher.merge(policy, update, "update")
+            teacher.merge(policy, update)
         unchanged = all(torch.equal(warm_start[k], v) for k, v in policy.adapter_state("teacher").items())
         assert unchanged == (merge_every == 0)
         assert teacher.merges == 3 * merge_every
 
 
-def test_merge_snapshot_picks_the_moment(make_policy):
-    """The teacher merges at the moment --merge-snapshot names, and only then."""
+def test_epoch_snapshots_are_merged_with_the_reference_weights(make_policy):
+    """--merge-snapshot epoch: one merge per update of the epoch snapshots, each at alpha/4, and the
+    old teacher at 1 - alpha (EMA); the first merge holds the 4 snapshots alone, at 1/4 each. With the
+    linear operator the teacher is that weighted mean exactly."""
     torch.manual_seed(0)
-    for snapshot, merging in (("update", "update"), ("epoch", "epoch")):
-        policy = make_policy()
-        teacher = Teacher(policy, Args(merge_snapshot=snapshot))
-        teacher.start(policy)
-        perturb(policy)
-        other = "epoch" if merging == "update" else "update"
-        assert teacher.merge(policy, 1, other) == 0.0 and teacher.merges == 0
-        assert teacher.merge(policy, 1, merging) > 0.0 and teacher.merges == 1
+    policy = make_policy()
+    teacher = Teacher(policy, Args(merge_snapshot="epoch", merge="linear", ema_alpha=0.5))
+    teacher.start(policy)
+    expected = None
+    for update in (1, 2):
+        snapshots = []
+        for _ in range(4):
+            perturb(policy)
+            snapshots.append(policy.adapter_state("policy"))
+        teacher.merge(policy, update, snapshots)
+        mean = {k: sum(s[k] for s in snapshots) / 4 for k in snapshots[0]}
+        expected = mean if expected is None else {k: 0.5 * mean[k] + 0.5 * expected[k] for k in mean}
+        merged = policy.adapter_state("teacher")
+        assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in expected)
+    assert teacher.merges == 2
 
 
-def test_ppo_update_calls_after_epoch_once_per_epoch(make_policy):
-    """--merge-snapshot epoch: ppo_update hands over a snapshot after every epoch (3 epochs of 2 mini-batches:
-    3 calls after 2, 4 and 6 steps); an early stop after the first step ends with one call there."""
+def test_ppo_update_keeps_a_snapshot_per_epoch(make_policy):
+    """--merge-snapshot epoch: ppo_update keeps the policy adapter after every epoch (3 epochs of 2
+    mini-batches: 3 snapshots, after 2, 4 and 6 steps); an early stop after the first step ends
+    with one snapshot there."""
     torch.manual_seed(0)
     policy = make_policy()
     policy.eval()
     batch = rollout_of(policy)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     args = Args(guidance="none", temperature=1.0, ppo_epochs=3, minibatch_size=2, micro_batch_size=2, target_kl=0.0)
-    steps_at_call = []
+    start = policy.adapter_state("policy")
+    snapshots = []
     optimizer = torch.optim.Adam(trainable, lr=1e-3)
-    logs = ppo_update(policy, trainable, optimizer, batch, None, args,
-                      after_epoch=lambda: steps_at_call.append(optimizer.state[trainable[0]]["step"].item()))
-    assert steps_at_call == [2, 4, 6] and logs["optimizer_steps"] == 6
+    logs = ppo_update(policy, trainable, optimizer, batch, None, args, snapshots)
+    assert len(snapshots) == 3 and logs["optimizer_steps"] == 6
+    assert torch.equal(snapshots[-1][next(iter(start))], policy.adapter_state("policy")[next(iter(start))])
+    moved = [not all(torch.equal(a[k], b[k]) for k in a) for a, b in zip([start] + snapshots, snapshots)]
+    assert all(moved)  # each epoch's snapshot differs from the one before
 
-    steps_at_call = []
+    snapshots = []
     optimizer = torch.optim.Adam(trainable, lr=1e-2)
-    logs = ppo_update(policy, trainable, optimizer, rollout_of(policy), None, Args(**vars(args) | {"target_kl": 1e-7}),
-                      after_epoch=lambda: steps_at_call.append(optimizer.state[trainable[0]]["step"].item()))
-    assert logs["optimizer_steps"] == 1 and steps_at_call == [1]
+    logs = ppo_update(policy, trainable, optimizer, rollout_of(policy), None,
+                      Args(**vars(args) | {"target_kl": 1e-7}), snapshots)
+    assert logs["optimizer_steps"] == 1 and len(snapshots) == 1
 
 
 def test_thought_only_kl_ignores_the_action_tokens(make_policy):
@@ -142,21 +154,21 @@ def test_sft_targets_keep_the_teacher_action_only_when_guiding_every_token():
     game = envs.NumberLineEnv()
     batch = Batch(encoded=[None, None], responses=[], token_logprobs=[], old_logprobs=torch.zeros(1, 2),
                   values=None, next_values=None, rewards=None, format_rewards=None, terminated=None,
-                  truncated=None, format_valid=None, actions=torch.tensor([[0.0, 1.0]]), entropy=None,
+                  truncated=None, format_valid=torch.ones(1, 2), actions=torch.tensor([[0.0, 1.0]]), entropy=None,
                   thought_tokens=None)
     for guide_tokens, expected in (("thought", ["-", "+"]), ("all", ["+", "+"])):
         teacher = Teacher(ScriptedTeacher(), Args(guidance="sft", guide_tokens=guide_tokens, num_envs=2))
-        targets, sampled = teacher.sft_targets(ScriptedTeacher(), batch, game)
+        targets, sampled, _ = teacher.sft_targets(ScriptedTeacher(), batch, game)
         assert sampled == 2  # the scripted teacher parses at its first try
         assert [json.loads(t)["action"] for t in targets] == expected
         assert all(json.loads(t)["thoughts"] == "current 1, target 3, so I move up" for t in targets)
 
 
 def test_train_runs_the_ablations_end_to_end(tiny_dir, tmp_path):
-    """--merge-snapshot epoch with 2 PPO epochs merges 2 snapshots per update (4 after 2 updates), with
+    """--merge-snapshot epoch with 2 PPO epochs merges once per update (2 after 2 updates), with
     --guide-tokens all; --merge-every 0 merges none."""
     from test_train import run_train
-    for flags, merges in ((["--merge-snapshot", "epoch", "--guide-tokens", "all", "--target-kl", "0"], 4),
+    for flags, merges in ((["--merge-snapshot", "epoch", "--guide-tokens", "all", "--target-kl", "0"], 2),
                           (["--merge-every", "0"], 0)):
         out = tmp_path / f"run{merges}"
         rows, _ = run_train(tiny_dir, out, "--guidance", "kl", "--ppo-epochs", "2", *flags)
