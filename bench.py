@@ -28,6 +28,8 @@ Figures (absolute, for one device):
                              KL pass over the rollout
   first_log_ratio_max        the largest |log pi - log pi_old| of PPO's first mini-batch, before
                              any step: the scoring's rounding (bf16), which --target-kl sees
+  critic_adapter_over_shared time of a PPO-only update with --critic adapter (the critic's own
+                             prompt pass per rollout step and per micro-batch) over the shared head
   ppo_mfu                    model FLOPs of those PPO epochs (docs/memory.py:ppo_flops, a
                              Qwen2.5-VL with LoRA on a frozen base) over seconds x the device's
                              peak bf16 FLOP/s (--peak-tflops; looked up for known GPUs)
@@ -48,7 +50,7 @@ from demonstrations import warm_start
 from flags import parse_dataclass
 from rollout import Rollout
 from teacher import Teacher
-from train import (CHOICES, RANGES, Args, build_policy, ppo_update, resolve_warmup,
+from train import (CHOICES, RANGES, Args, actor_critic_optimizer, build_policy, ppo_update, resolve_warmup,
                    setup_distributed)
 
 
@@ -98,7 +100,7 @@ def main(args):
     except (OSError, ValueError) as error:  # a --model that cannot be loaded: its message, no traceback
         sys.exit(str(error))
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=args.lr)
+    optimizer = actor_critic_optimizer(policy, args)
     if args.warmup_sft_steps:  # so that answers parse (else SFT's teacher retries dominate)
         warm_start(policy, policy, trainable, args, rank=0, world=1)
     policy.eval()  # rollouts and PPO passes run without dropout, as in train.py
@@ -136,7 +138,7 @@ def main(args):
         if guidance != "none":
             teacher.args = run
             advice = teacher.guide(policy, batch, batched.envs[0].unwrapped)
-        ppo_update(policy, trainable, optimizer, batch, advice, run)
+        ppo_update(policy, optimizer, batch, advice, run)
 
     base_bytes = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if "lora_" not in n
                      and not n.startswith("value_head"))
@@ -177,10 +179,10 @@ def main(args):
     every_epoch = dataclasses.replace(args, guidance="none", target_kl=0.0)  # no early stop: a known amount of work
     # Before the first step the ratio is 1 up to how the scoring rounds: the rollout scores its
     # answers in batches of --num-envs, PPO in shuffled micro-batches with other padding.
-    results["first_log_ratio_max"] = ppo_update(policy, trainable, optimizer, batch, None,
+    results["first_log_ratio_max"] = ppo_update(policy, optimizer, batch, None,
                                                 every_epoch)["first_log_ratio_max"]
     batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens)
-    ppo_seconds = statistics.median(timed(lambda: ppo_update(policy, trainable, optimizer, batch, None, every_epoch))
+    ppo_seconds = statistics.median(timed(lambda: ppo_update(policy, optimizer, batch, None, every_epoch))
                                     for _ in range(args.repeats))
     results["seconds_ppo_update"] = ppo_seconds
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
@@ -192,6 +194,16 @@ def main(args):
     merge_time = statistics.median(timed(lambda: teacher.merge(policy, 1)) for _ in range(5))
     results["merge_fraction"] = merge_time / update_time["none"]
 
+    # ---- The critic's own adapter: one more prompt-only pass per rollout step and micro-batch ----
+    if args.critic == "adapter":
+        seconds = {"shared": [], "adapter": []}  # the same model; "shared" skips the critic's pass
+        for _ in range(args.repeats):  # interleaved, so drift hits both alike
+            for critic in seconds:
+                policy.critic = critic
+                seconds[critic].append(timed(lambda: update_with("none")))
+        results["critic_adapter_over_shared"] = (statistics.median(seconds["adapter"])
+                                                 / statistics.median(seconds["shared"]))
+
     results.update({"seconds_per_update_none": update_time["none"], "seconds_per_update_kl": update_time["kl"],
                     "seconds_per_update_sft": update_time["sft"], "seconds_per_merge": merge_time,
                     "device": str(device), "model": args.model, "num_envs": args.num_envs,
@@ -200,7 +212,8 @@ def main(args):
     if args.json:
         print(json.dumps(results))
         return results
-    for name in [k for k in results if k.startswith("generation_tokens_per_s")] + ["ppo_mfu"]:
+    figures = [k for k in results if k.startswith("generation_tokens_per_s")]
+    for name in figures + ["ppo_mfu", "critic_adapter_over_shared"]:
         if name in results:
             print(f"{name}: {results[name]:.4g}")
     targets = {"rollout_speedup": ">= 3", "kl_over_none": "<= 1.3", "sft_over_none": "<= 1.6",

@@ -1,7 +1,7 @@
 """Checkpoints and resume: everything a run needs to continue exactly, written atomically.
 
 A checkpoint (OUT/checkpoint) holds:
-  adapters/    the policy and teacher LoRA adapters in peft's format
+  adapters/    the policy, teacher and (--critic adapter) critic LoRA adapters in peft's format
                (`PeftModel.from_pretrained(base, "OUT/checkpoint/adapters/policy")`), and the
                value head next to the policy adapter;
   trainer.pt   optimizer state and counters (update, environment steps, teacher merges);
@@ -77,7 +77,7 @@ def save(out, policy, optimizer, runner, counters, rank, world):
     final, staging = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        adapters = [name for name in ("policy", "teacher") if name in policy.model.peft_config]
+        adapters = [name for name in ("policy", "teacher", "critic") if name in policy.model.peft_config]
         policy.save(os.path.join(staging, "adapters"), adapters=adapters)  # peft's format
         torch.save({"optimizer": optimizer.state_dict(), "world_size": world, **counters},
                    os.path.join(staging, "trainer.pt"))
@@ -113,7 +113,10 @@ def load(path, optimizer, rank, world):
     GPUs to 4), everything that all ranks share carries over, and the per-rank state cannot:
     runner is then None (the caller deals the environments afresh) and a warning says so.
     """
-    trainer = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    # Rank 0 saved the optimizer state from its own GPU: unmapped, every rank would restore it onto
+    # that GPU (and a machine without one could not read it). load_state_dict moves each tensor
+    # to its parameter's device.
+    trainer = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(trainer.pop("optimizer"))
     saved_world = trainer.pop("world_size", world)
     if saved_world != world:

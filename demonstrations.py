@@ -68,7 +68,7 @@ def warm_start(model, policy, trainable, args, rank, world):
 
     for _ in tqdm(range(args.warmup_sft_steps), disable=rank != 0, desc="warm start"):
         demos = list(itertools.islice(demonstrations, args.warmup_batch_size))
-        accumulated_step(loss_of, demos, args.micro_batch_size, optimizer, trainable, 1.0, model=model)
+        accumulated_step(loss_of, demos, args.micro_batch_size, optimizer, [(trainable, 1.0)], model=model)
     loss_after = demonstration_loss(policy, held_out, args.micro_batch_size)
     if rank == 0:
         tqdm.write(f"warm start: held-out SFT loss {loss_before:.3f} -> {loss_after:.3f} "

@@ -90,14 +90,15 @@ def _lora_targets(model, vision):
 
 def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=None, adapter_path=None,
                 lora_r=128, lora_alpha=256, lora_dropout=0.05, lora_vision=True, lora_targets="",
-                gradient_checkpointing=False, dtype=None):
+                gradient_checkpointing=False, dtype=None, critic="shared", answer_opening=None):
     """Load a Qwen2(.5)-VL (hub id or folder), wrap it with a LoRA "policy" adapter and a value head.
 
     `dtype`: the weights' dtype (default float32 on CPU, bfloat16 on GPU); the base is frozen. `adapter_path` resumes a saved policy
     (its LoRA config wins over the lora_* arguments). LoRA (docs/ALGORITHM.md §2): rank lora_r,
     scaling lora_alpha / lora_r, on every linear layer of the language model and, with
     `lora_vision`, of the vision tower; `lora_targets` (comma-separated module-name suffixes)
-    replaces that choice. `gradient_checkpointing`: every decoder and vision block recomputes
+    replaces that choice. `critic` and `answer_opening`: ActorCritic's; a saved critic adapter
+    next to `adapter_path` (`.../adapters/critic`) is loaded too. `gradient_checkpointing`: every decoder and vision block recomputes
     its activations in backward instead of keeping them (docs/ALGORITHM.md §6).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -109,7 +110,14 @@ def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=N
                                 "Qwen2-VL / Qwen2.5-VL checkpoint, a hub id, or 'tiny'.")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     try:
-        base = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
+        # Straight onto the process's device (a single-device map needs accelerate, which peft
+        # requires): a checkpoint in another dtype, e.g. a float32 SFT one, is then not converted
+        # in host memory, a full bfloat16 copy per process (a bfloat16 one is memory-mapped either
+        # way). Without use_kernels=False, transformers would swap in the hub's kernels for a GPU
+        # map: fetched over the network, and those for activations are registered for inference,
+        # while PPO takes gradients in eval mode.
+        base = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype, use_kernels=False,
+                                                           device_map=torch.device(device))
         processor = load_processor(model)
     except ValueError as error:
         raise ValueError(f"--model {model!r} is not an image-text-to-text model that transformers "
@@ -151,7 +159,14 @@ def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=N
         # size by its own rounding (112 -> 84, 56 -> 28 px); resize to it ourselves
         # (docs/TINY_MODEL.md).
         image_size = math.isqrt(pixels)
-    policy = ActorCritic(peft_model, processor, action_span, thought_coef=thought_coef, image_size=image_size)
+    policy = ActorCritic(peft_model, processor, action_span, thought_coef=thought_coef, image_size=image_size,
+                         critic=critic, answer_opening=answer_opening)
+    critic_path = os.path.join(os.path.dirname(adapter_path or ""), "critic")
+    if critic == "adapter" and adapter_path and os.path.exists(critic_path):
+        from peft.utils import load_peft_weights
+        policy.load_adapter_state(load_peft_weights(critic_path, device="cpu"), "critic")
     if adapter_path and os.path.exists(os.path.join(adapter_path, "value_head.pt")):
-        policy.value_head.load_state_dict(torch.load(os.path.join(adapter_path, "value_head.pt")))
+        # Saved from a GPU: unmapped, it lands on the saving process's GPU, or fails without one.
+        state = torch.load(os.path.join(adapter_path, "value_head.pt"), map_location="cpu")
+        policy.value_head.load_state_dict(state)
     return policy.to(device)

@@ -81,9 +81,11 @@ class _SampleLogits:
 class ActorCritic(nn.Module):
     """A peft-wrapped VLM (actor) with an MLP value head (critic) on the last prompt token."""
 
-    def __init__(self, model, processor, action_span, thought_coef=0.5, image_size=None):
+    def __init__(self, model, processor, action_span, thought_coef=0.5, image_size=None,
+                 critic="shared", answer_opening=None):
         super().__init__()
         self.action_span = action_span          # answer text -> (start, end) of its action, or None
+        self.critic = critic                    # what the value head reads: see `_value`
         self.model = model                      # peft.PeftModel with adapter "policy"
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -93,6 +95,21 @@ class ActorCritic(nn.Module):
         # docs/ALGORITHM.md §2: hidden -> 1024 -> 512 -> 1, kept in float32 whatever the backbone's dtype.
         self.value_head = nn.Sequential(nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
                                         nn.ReLU(), nn.Linear(512, 1))
+        # Running mean and variance of the critic's targets (--value-norm): the head predicts
+        # (V - mean) / std, so returns of +-10 and of +-1 are the same regression. Saved with it.
+        self.value_head.register_buffer("return_mean", torch.zeros(()))
+        self.value_head.register_buffer("return_var", torch.ones(()))
+        self.value_head.register_buffer("return_count", torch.zeros(()))
+        # The first token of an answer that keeps the format (`{"` of `{"thoughts": ...`): its
+        # probability at the first answer position falls before answers stop parsing.
+        self.opening_id = None
+        if answer_opening:
+            self.opening_id = self.tokenizer(answer_opening, add_special_tokens=False)["input_ids"][0]
+        if critic == "adapter":
+            # The critic's own LoRA adapter on the same frozen base: its gradient never reaches
+            # the policy adapter (verl's and OpenRLHF's separate critic, at one adapter's cost).
+            model.add_adapter("critic", model.peft_config["policy"])
+            self._activate("policy")
         self.register_buffer("suppressed", self._suppressed_ids(), persistent=False)
         self._mask_cache = {}  # response token ids -> (thought_mask, action_mask)
         # transformers' layers that can recompute their activations in backward (ActorCritic.train).
@@ -192,8 +209,18 @@ class ActorCritic(nn.Module):
                                   max_new_tokens=max_new_tokens, eos_token_id=stop,
                                   pad_token_id=self.tokenizer.pad_token_id)
         processor = _SampleLogits(self.suppressed, None if greedy else temperatures)
-        output = self.model.generate(**batch, generation_config=config,
-                                     logits_processor=LogitsProcessorList([processor]))
+        # Layers marked as training for gradient checkpointing (see `train`) are unmarked while
+        # sampling: transformers before 5.24 drops the key-value cache of a marked layer even
+        # without a gradient, which makes generating n tokens cost O(n^2) passes.
+        marked = [layer for layer in self._checkpoint_layers if layer.training]
+        for layer in marked:
+            layer.training = False
+        try:
+            output = self.model.generate(**batch, generation_config=config,
+                                         logits_processor=LogitsProcessorList([processor]))
+        finally:
+            for layer in marked:
+                layer.training = True
         generated = output[:, batch["input_ids"].shape[1]:].cpu()  # [batch, new_tokens]
         responses = []
         for row in generated:
@@ -242,10 +269,15 @@ class ActorCritic(nn.Module):
         logprobs = logprobs.masked_fill(~response_mask, 0.0)  # [batch, width]
         # log pi(a|o) = lambda * sum_thought log p + sum_action log p
         seq_logprob = sequence_logprob(logprobs, thought_mask, action_mask, self.thought_coef)  # [batch]
-        value = self.value_head(hidden[rows, last_prompt].float()).squeeze(-1)  # [batch]
+        value = self._value(encoded, hidden[rows, last_prompt])  # [batch]
         out = {"logprobs": logprobs, "entropy": entropy, "response_mask": response_mask,
                "thought_mask": thought_mask, "action_mask": action_mask,
                "seq_logprob": seq_logprob, "value": value}
+        if self.opening_id is not None:
+            with torch.no_grad():  # logged, never optimised
+                first = self._score(hidden[rows, last_prompt][:, None], torch.full_like(
+                    rows, self.opening_id)[:, None], temperature)[0]  # [batch, 1]
+            out["opening_logprob"] = first[:, 0]  # [batch]
         if reuse_prompt:
             out |= self._score_targets(targets, batch, agent_pass, positions, last_prompt)
         elif targets is not None:
@@ -372,19 +404,73 @@ class ActorCritic(nn.Module):
 
     def value(self, encoded):
         """V(s) of observations alone (for bootstrapping truncated episodes)."""
+        if self.critic == "adapter":
+            return self._value(encoded, None)
         batch = self._collate(encoded)
         hidden = self.model.get_base_model().model(**batch).last_hidden_state  # [batch, seq, hidden]
-        return self.value_head(hidden[:, -1].float()).squeeze(-1)
+        return self._value(encoded, hidden[:, -1])
+
+    def _value(self, encoded, prompt_state):
+        """V(s) [batch] from the last prompt token's hidden state: the policy pass's own
+        (`prompt_state` [batch, hidden]) with --critic shared, the reference's design; the same
+        state with its gradient stopped (detached), so the value loss cannot move the policy;
+        or a pass of the prompts through the critic's own adapter (adapter)."""
+        if self.critic == "adapter":
+            with self._critic_adapter():
+                hidden = self.model.get_base_model().model(**self._collate(encoded)).last_hidden_state
+            prompt_state = hidden[:, -1]  # [batch, hidden], left padding: the last prompt token
+        elif self.critic == "detached":
+            prompt_state = prompt_state.detach()
+        normalized = self.value_head(prompt_state.float()).squeeze(-1)  # [batch]
+        return self.denormalize(normalized)
+
+    def normalize(self, values):
+        """(V - mean) / std of the critic's running return statistics: its regression's scale."""
+        return (values - self.value_head.return_mean) / self.value_head.return_var.sqrt()
+
+    def denormalize(self, normalized):
+        return normalized * self.value_head.return_var.sqrt() + self.value_head.return_mean
+
+    @torch.no_grad()
+    def update_return_stats(self, mean, var, count):
+        """Merge one batch's return statistics (its mean, variance and size) into the running
+        ones (Chan et al.'s parallel update), for --value-norm."""
+        head = self.value_head
+        old_mean, old_var, old_count = (head.return_mean.double(), head.return_var.double(),
+                                        head.return_count.double())
+        total = old_count + count
+        delta = mean - old_mean
+        head.return_var.copy_((old_var * old_count + var * count + delta ** 2 * old_count * count / total)
+                              / total)
+        head.return_mean.copy_(old_mean + delta * count / total)
+        head.return_count.copy_(total)
 
     # -- adapters -----------------------------------------------------------------------------
+    def _activate(self, name):
+        """Make adapter `name` the one forward passes use. peft's set_adapter also freezes every
+        other adapter; the trained ones (policy, critic) are unfrozen again here."""
+        self.model.set_adapter(name, inference_mode=name not in ("policy", "critic"))
+        for adapter in ("policy", "critic"):
+            for p in self.adapter_parameters(adapter).values():
+                p.requires_grad_(True)
+
     @contextlib.contextmanager
     def use_adapter(self, name):
         """Run forward passes / generation with another (frozen) adapter, e.g. the teacher."""
-        self.model.set_adapter(name, inference_mode=True)
+        self._activate(name)
         try:
             yield self
         finally:
-            self.model.set_adapter("policy")  # re-enables gradients of the policy adapter only
+            self._activate("policy")
+
+    @contextlib.contextmanager
+    def _critic_adapter(self):
+        """The critic's passes (--critic adapter), with its gradient."""
+        self._activate("critic")
+        try:
+            yield
+        finally:
+            self._activate("policy")
 
     def add_teacher(self, path=None, name="teacher"):
         """A second, frozen adapter: a saved one (`path`, peft format) or, by default, one with the
@@ -393,7 +479,7 @@ class ActorCritic(nn.Module):
             self.model.load_adapter(path, adapter_name=name, is_trainable=False)
         else:
             self.model.add_adapter(name, self.model.peft_config["policy"])
-        self.model.set_adapter("policy")
+        self._activate("policy")
         for n, p in self.model.named_parameters():
             if f".{name}." in n:
                 p.requires_grad_(False)
@@ -406,6 +492,10 @@ class ActorCritic(nn.Module):
         (`...lora_A.weight`, the adapter name left out), so any adapter's state fits any other."""
         marker = f".{name}."
         return {n.replace(marker, "."): p for n, p in self.model.named_parameters() if marker in n and "lora_" in n}
+
+    def critic_parameters(self):
+        """The critic's own weights: the value head, and the critic adapter (--critic adapter)."""
+        return list(self.value_head.parameters()) + list(self.adapter_parameters("critic").values())
 
     def adapter_state(self, name="policy"):
         """A copy of one adapter's weights: the input of merge.py."""

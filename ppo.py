@@ -19,8 +19,8 @@ Usage (one update):
     pg, stats = policy_loss(lp, old_lp, adv[idx])
     loss = pg + 0.5 * value_loss(v, ret.flatten()[idx])
     for minibatch, ends_epoch in minibatches(len(adv), epochs=4, size=128):
-        grad_norm, stepped = accumulated_step(loss_of_indices, minibatch, 8, optimizer, params, 0.01,
-                                              may_step=lambda: approx_kl_so_far <= 1.5 * target_kl)
+        norms, stepped = accumulated_step(loss_of_indices, minibatch, 8, optimizer, [(params, 0.01)],
+                                          may_step=lambda: approx_kl_so_far <= 1.5 * target_kl)
     explained_variance(values, returns)                 # diagnostics an RL engineer reads,
     gradient_norms({"policy": pg, "value": vf}, lora)   # with variance_shares and policy_loss's stats
 """
@@ -28,6 +28,7 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
 
 
 def gae(rewards, values, next_values, terminated, truncated, gamma=0.9, lam=0.95):
@@ -59,8 +60,26 @@ def gae(rewards, values, next_values, terminated, truncated, gamma=0.9, lam=0.95
 
 def normalize_advantages(advantages, eps=1e-8):
     """Zero mean, unit std over the whole batch (§3), so the step size of the policy
-    loss does not depend on the scale of the rewards."""
-    return (advantages - advantages.mean()) / (advantages.std() + eps)
+    loss does not depend on the scale of the rewards.
+
+    Under torch.distributed (world > 1) the batch is every process's samples, as in the
+    reference, which normalises the rollout gathered from all its processes: statistics per
+    process would scale one advantage differently on each process, and a process whose
+    environments all won would see its best answers pushed down. A collective then: every
+    process calls it. The std is Tensor.std's (Bessel's correction over all samples).
+    """
+    # Count, sum and sum of squares in float64: the variance is a difference of two large sums.
+    values = advantages.detach().double().flatten().cpu()  # [B]
+    moments = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64),
+                           values.sum(), (values ** 2).sum()])  # [3]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            moments = moments.cuda()
+        dist.all_reduce(moments)
+    count, total, squares = moments.cpu()  # float64 scalars
+    mean = total / count
+    std = ((squares - total * mean).clamp(min=0.0) / (count - 1)).sqrt()
+    return ((advantages - mean) / (std + eps)).to(advantages.dtype)
 
 
 def policy_loss(logprobs, old_logprobs, advantages, clip=0.1, ratio_guard=10.0, max_log_ratio=20.0):
@@ -144,19 +163,21 @@ def minibatches(samples, epochs, size):
             yield order[start:start + size], start + size >= samples
 
 
-def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, params, max_grad_norm,
-                     may_step=None, model=None):
+def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, clip_groups, may_step=None,
+                     model=None):
     """One optimizer step over a mini-batch of sample indices, its gradient accumulated over
     micro-batches (the reference's gradient accumulation; the micro-batch size is a memory
     setting only). `micro_batch_loss(indices)` returns that micro-batch's mean loss.
 
-    The gradient norm is clipped to `max_grad_norm` (0.01 in the reference). A step whose
-    gradient norm is not finite is skipped: one NaN would poison the weights for good (and, in
-    GTR-Turbo, the teacher merged from them). `may_step()`, asked once the gradient is in, can
-    veto the step (early stopping on the KL to the rollout policy). `model`: a
-    DistributedDataParallel module (or anything with `no_sync`) whose gradients are averaged
-    over processes once per step, in the last micro-batch's backward, instead of in every
-    backward. Returns (norm before clipping, stepped?).
+    `clip_groups` [(params, max_norm), ...]: each group's gradient norm is clipped on its own,
+    the actor's to 0.01 as in the reference, the critic's to its own bound, so that neither
+    spends the other's budget. A step whose gradient norm is not finite is skipped: one NaN
+    would poison the weights for good (and, in GTR-Turbo, the teacher merged from them).
+    `may_step()`, asked once the gradient is in, can veto the step (early stopping on the KL to
+    the rollout policy). `model`: a DistributedDataParallel module (or anything with `no_sync`)
+    whose gradients are averaged over processes once per step, in the last micro-batch's
+    backward, instead of in every backward. Returns (norms before clipping, one per group;
+    stepped?).
     """
     optimizer.zero_grad(set_to_none=True)
     starts = range(0, len(minibatch), micro_batch_size)
@@ -165,12 +186,13 @@ def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, p
         accumulating = start != starts[-1] and hasattr(model, "no_sync")
         with model.no_sync() if accumulating else contextlib.nullcontext():
             (micro_batch_loss(idx) * len(idx) / len(minibatch)).backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    if not torch.isfinite(grad_norm) or (may_step is not None and not may_step()):
+    norms = [torch.nn.utils.clip_grad_norm_(params, max_norm) for params, max_norm in clip_groups]
+    finite = all(torch.isfinite(norm) for norm in norms)
+    if not finite or (may_step is not None and not may_step()):
         optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item(), False
+        return [norm.item() for norm in norms], False
     optimizer.step()
-    return grad_norm.item(), True
+    return [norm.item() for norm in norms], True
 
 
 def cosine_lr(update, total_updates, lr, lr_min=1e-9):

@@ -100,6 +100,9 @@ def log_update(metrics, batch, guidance, logs, counters, recent, world):
            "episodes": int(round(all_mean([len(episodes)], world) * world)),
            "format_valid": all_mean(batch.format_valid.flatten().tolist(), world),
            "entropy": all_mean(batch.entropy.flatten().tolist(), world),
+           # The format's opening token at the first answer position: it falls before parsing does.
+           "opening_prob": all_mean(batch.opening_prob.flatten().tolist(), world)
+           if batch.opening_prob is not None else float("nan"),
            "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),
            "thought_grounding": all_mean([thought_grounding(t, f) for t, f in zip(thoughts, batch.facts)], world),
            "thought_diversity": all_mean([diversity] if diversity == diversity else [], world),

@@ -46,6 +46,7 @@ class Batch:
     actions: torch.Tensor         # the action played (random for an unparsed answer, see _act)
     entropy: torch.Tensor         # mean per-token entropy of the response
     thought_tokens: torch.Tensor  # length of the thought part in tokens
+    opening_prob: torch.Tensor | None = None  # P(the format's first token) as the first answer token
     episodes: list = field(default_factory=list)  # finished episodes: return, length, success
     texts: list = field(default_factory=list)     # T*N answers as sampled (decoded)
     facts: list = field(default_factory=list)     # T*N facts() of the state each answer replied to
@@ -112,7 +113,7 @@ class Rollout:
         zeros = lambda: torch.zeros(steps, len(self.envs))  # [T, N]
         out = Batch(encoded=[], responses=[], token_logprobs=[], old_logprobs=zeros(), values=zeros(),
                     next_values=zeros(), rewards=zeros(), format_rewards=zeros(), terminated=zeros(),
-                    truncated=zeros(), format_valid=zeros(), actions=zeros(), entropy=zeros(),
+                    truncated=zeros(), format_valid=zeros(), actions=zeros(), entropy=zeros(), opening_prob=zeros(),
                     thought_tokens=zeros())
         self.episodes = []
         bootstrap = {}  # (t, i) -> encoded final observation of an episode truncated at step t
@@ -125,6 +126,8 @@ class Rollout:
             out.old_logprobs[t] = scored["seq_logprob"].cpu()
             out.values[t] = scored["value"].float().cpu()
             out.entropy[t] = masked_mean(scored["entropy"], mask).cpu()
+            if "opening_logprob" in scored:
+                out.opening_prob[t] = scored["opening_logprob"].exp().cpu()
             out.thought_tokens[t] = (scored["thought_mask"] & mask).sum(-1).float().cpu()
             out.encoded += encoded
             out.responses += responses

@@ -9,8 +9,8 @@ update of the loop in `main`:
   3. PPO       GAE, clipped surrogate on the lambda-weighted sequence log-prob (ppo.py)
   4. merge     every --merge-every updates the policy adapter is merged into the teacher
                adapter with TIES and EMA/SMA weights (teacher.py, merge.py, §4.1)
-Before RL, a warm start fine-tunes the policy on the environments' expert demonstrations (the
-paper starts RL from an SFT checkpoint).
+Before RL, a tiny model is warm-started by SFT on the environments' expert demonstrations (the
+paper starts RL from an SFT checkpoint: a real --model is one, and gets no warm start).
 
 Run (a tiny offline VLM is built on first use; nothing is downloaded):
     python train.py                                   # warm start + GTR-Turbo (KL) on NumberLine, ~6 min on CPU
@@ -24,6 +24,8 @@ Outputs in --out: config.json, metrics.jsonl (one JSON object per update), eval.
 """
 
 import collections
+import functools
+import gc
 import os
 import sys
 import time
@@ -97,6 +99,18 @@ class Args:
     """a sample whose ratio exceeds this uses only the clipped term (drops out of the step)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
+    value_clip: float = 0.0
+    """PPO2's clipped value loss: V kept within this of its rollout value (the reference: 0.1; 0: off)"""
+    critic: str = "shared"
+    """what the value head reads: shared (the policy's last prompt state, the reference), detached (the same, gradient stopped), adapter (its own LoRA adapter)"""
+    critic_lr: float = 3e-5
+    """Adam learning rate of the critic (value head, critic adapter), cosine-annealed like --lr"""
+    critic_max_grad_norm: float = 0.01
+    """gradient norm clip of the critic's weights, apart from the actor's --max-grad-norm"""
+    value_norm: bool = False
+    """the critic regresses returns normalised by their running mean and standard deviation"""
+    critic_warmup: int = 0
+    """the first this many updates train the critic only (the actor's learning rate is 0)"""
     value_target: str = "env"
     """critic's target: env (the environment's return) or shaped (+ format bonus and KL penalty, the reference)"""
     max_grad_norm: float = 0.01
@@ -130,8 +144,14 @@ class Args:
     """beta: weight of the teacher KL subtracted from the advantages"""
     kl_estimator: str = "clip"
     """per-token KL estimator: clip (paper), abs, k3, forward"""
+    kl_temperature: float = 1.0
+    """temperature both policies are scored at for the KL (1: raw logits, the reference; -1: --temperature)"""
+    unparsed_kl: float = 100.0
+    """KL_hat of a step whose answer does not parse (the reference: 100; 0: score its tokens as if it parsed)"""
     sft_coef: float = 1.0
     """weight of the SFT loss on the teacher's thoughts"""
+    sft_unparsed: str = "none"
+    """SFT target where the agent's answer does not parse: none (the reference) or teacher (its answer, the action played)"""
     teacher_temperature: float = 0.2
     """first temperature of the teacher's SFT answers, x1.1 per retry (paper: 0.2; scored at 1, §4.2)"""
     guide_tokens: str = "thought"
@@ -149,14 +169,15 @@ class Args:
     merge_every: int = 1
     """merge the policy into the teacher every this many updates (0: never, a static teacher: the warm start)"""
     merge_snapshot: str = "update"
-    """what is merged: update (the policy after its PPO epochs) or epoch (a snapshot after each epoch, the reference)"""
+    """what is merged: update (the policy after its PPO epochs) or epoch (the snapshots after each epoch share its weight, the reference)"""
     teacher: str = ""
     """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
     init: str = ""
-    """start from this saved policy adapter, e.g. a warm start's OUT/checkpoint/adapters/policy (and --warmup-sft-steps 0)"""
+    """start from this saved policy adapter, e.g. a warm start's OUT/checkpoint/adapters/policy"""
     # SFT warm start on the environments' expert demonstrations (the paper starts RL from SFT)
-    warmup_sft_steps: int = 200
-    """optimizer steps of SFT on expert demonstrations before RL (0: none)"""
+    warmup_sft_steps: int = -1
+    """optimizer steps of SFT on expert demonstrations before RL (0: none; -1: 200 for a tiny
+    --model without --init, else 0: a real checkpoint gets this toy warm start only when given N)"""
     warmup_lr: float = 1e-3
     """learning rate of the warm start"""
     warmup_batch_size: int = 32
@@ -184,15 +205,28 @@ class Args:
 CHOICES = {"guidance": ("none", "sft", "kl"), "merge": ("ties", "linear", "dare"), "merge_weights": ("ema", "sma"),
            "merge_space": ("factors", "delta"), "kl_estimator": KL_ESTIMATORS, "unparsed_action": ("random", "penalty"),
            "value_target": ("env", "shaped"), "device": ("auto", "cpu", "cuda"), "guide_tokens": ("thought", "all"),
-           "merge_snapshot": ("update", "epoch"), "gradient_checkpointing": ("auto", "on", "off")}
+           "merge_snapshot": ("update", "epoch"), "gradient_checkpointing": ("auto", "on", "off"),
+           "sft_unparsed": ("none", "teacher"), "critic": ("shared", "detached", "adapter")}
 RANGES = {**dict.fromkeys(("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip", "max_grad_norm",
-                           "ppo_epochs", "minibatch_size", "micro_batch_size", "lr", "lora_r", "lora_alpha",
+                           "ppo_epochs", "minibatch_size", "micro_batch_size", "lr", "lora_r", "lora_alpha", "critic_lr", "critic_max_grad_norm",
                            "warmup_lr", "warmup_batch_size", "save_every", "teacher_temperature"), "positive"),
           **dict.fromkeys(("updates", "seed", "thought_coef", "vf_coef", "target_kl", "lr_min", "lr_updates", "kl_coef",
-                           "sft_coef", "warmup_sft_steps", "eval_episodes", "eval_every"), "non-negative"),
+                           "sft_coef", "value_clip", "unparsed_kl", "critic_warmup", "eval_episodes", "eval_every"), "non-negative"),
           **dict.fromkeys(("gamma", "gae_lambda"), "in [0, 1]"), **dict.fromkeys(("ema_alpha", "ties_density"), "in (0, 1]"),
           "lora_dropout": "in [0, 1)", "ratio_guard": "greater than 1", "image_size": "0 (the model's own) or at least 28",
-          "merge_every": "non-negative", "eval_temperature": "-1 (the sampling temperature) or non-negative"}
+          "merge_every": "non-negative", "eval_temperature": "-1 (the sampling temperature) or non-negative",
+          "kl_temperature": "-1 (the sampling temperature) or positive",
+          "warmup_sft_steps": "-1 (auto) or non-negative"}
+
+
+def resolve_warmup(args):
+    """--warmup-sft-steps -1 made explicit: 200 steps for a tiny model that starts afresh (it
+    learns to read its pictures there), none for a real checkpoint, whose RL starts from its own
+    SFT (200 steps at lr 1e-3 on the bundled experts would overwrite a pretrained 7B), or from
+    an --init adapter."""
+    if args.warmup_sft_steps == -1:
+        args.warmup_sft_steps = 200 if args.model in TINY_MODELS and not args.init else 0
+    return args
 
 
 def parse_args(argv=None):
@@ -207,7 +241,7 @@ def parse_args(argv=None):
     if args.eval_only and not args.resume:
         sys.exit("--eval-only evaluates a saved run: add --resume (and --out RUN)")
     check_extras(args)
-    return args
+    return resolve_warmup(args)
 
 
 def setup_distributed(device):
@@ -221,18 +255,56 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
 
 
-def build_policy(args, device, adapter_path=None):
-    """The actor-critic of --model (an offline one, tinyvlm.py, is built on first use) with the LoRA flags."""
+def shutdown_distributed(world):
+    """Destroys torchrun's process group, after `main` has returned: the DistributedDataParallel
+    wrapper, the other holder of the group, dies with main's frame while the group is still
+    registered.
+
+    The order matters. DDP's reducer holds the group from C++ and lets go of it with the GIL
+    held; were it the last holder (the group already destroyed), gloo's destructor would wait,
+    holding the GIL, for a worker thread that needs the GIL to free its last collective's
+    tensors, and the process would never exit. Destroyed from Python, the group is freed with
+    the GIL released."""
+    if world == 1:
+        return
+    gc.collect()  # a reference cycle through the DDP wrapper would keep its reducer alive
+    dist.barrier()  # no process tears down while another still waits in a collective
+    dist.destroy_process_group()
+
+
+def build_policy(args, device, adapter_path=None, dtype=None):
+    """The actor-critic of --model (an offline one, tinyvlm.py, is built on first use) with the
+    LoRA flags; `dtype` as load_policy's (None: float32 on CPU, bfloat16 on GPU)."""
     model = offline_model(args.model, envs.FAMILY_OF.get(args.env, "cards"), args.seed, args.image_size or 112, device)
     return load_policy(model or args.model, envs.action_span, device=device, thought_coef=args.thought_coef,
                        image_size=args.image_size or None, adapter_path=adapter_path, lora_r=args.lora_r,
                        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,
-                       lora_targets=args.lora_targets,
+                       lora_targets=args.lora_targets, dtype=dtype, critic=args.critic,
+                       answer_opening=envs.ANSWER_OPENING,
                        gradient_checkpointing={"on": True, "off": False, "auto": args.model not in TINY_MODELS}[args.gradient_checkpointing])
 
 
-def main(args):
-    rank, world, device = setup_distributed(args.device)
+def actor_critic_optimizer(policy, args):
+    """Adam over two parameter groups, each with its own learning rate and gradient clip: the
+    actor (the policy adapter; the backbone the shared critic reads too) and the critic (the
+    value head, and its own adapter with --critic adapter)."""
+    critic = policy.critic_parameters()
+    actor = [p for p in policy.parameters() if p.requires_grad and all(p is not q for q in critic)]
+    return torch.optim.Adam([
+        {"params": actor, "lr": args.lr, "base_lr": args.lr, "max_grad_norm": args.max_grad_norm},
+        {"params": critic, "lr": args.critic_lr, "base_lr": args.critic_lr,
+         "max_grad_norm": args.critic_max_grad_norm}])
+
+
+def learning_rate(update, args, lr=None):
+    """The learning rate of update `update` (1-based): cosine from `lr` (--lr) at update 1 to
+    --lr-min at update --lr-updates + 1, then held (§3: the reference steps its scheduler once
+    per update)."""
+    return cosine_lr(update - 1, args.lr_updates or args.updates, lr or args.lr, args.lr_min)
+
+
+def main(args, rank, world, device):
+    """One run (or --eval-only, one evaluation) as process `rank` of `world` (setup_distributed)."""
     checkpoint.check_start(args, world)
     torch.manual_seed(args.seed + rank)
     resume = checkpoint.latest(args.out) if args.resume else None
@@ -243,7 +315,7 @@ def main(args):
     trainable = [p for p in policy.parameters() if p.requires_grad]
     # DDP broadcasts rank 0's weights to every rank and all-reduces gradients; the rest runs on the bare module.
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
-    optimizer = torch.optim.Adam(trainable, lr=args.lr)
+    optimizer = actor_critic_optimizer(policy, args)
     runner, counters = None, {"update": 0, "env_steps": 0, "merges": 0}
     if resume:  # runner stays None when the run had another number of processes
         runner, counters = checkpoint.load(resume, optimizer, rank, world)
@@ -266,6 +338,10 @@ def main(args):
         teacher.load(policy, os.path.join(resume, "adapters"), counters)
     elif teacher:
         teacher.start(policy)  # pi_T^(0): the policy RL starts from
+    if args.critic == "adapter" and not resume:
+        # The critic adapter starts as the policy RL starts from (a critic initialised from the
+        # SFT model, as verl's and OpenRLHF's are): its features already read the game.
+        policy.load_adapter_state(policy.adapter_state("policy"), "critic")
     if args.warmup_sft_steps and not resume:
         # A checkpoint at update 0: the warm-started policy can seed other runs (--init).
         checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world)
@@ -274,7 +350,10 @@ def main(args):
     for update in tqdm(range(counters["update"] + 1, args.updates + 1), disable=rank != 0, desc="updates",
                        initial=counters["update"], total=args.updates):
         for group in optimizer.param_groups:
-            group["lr"] = lr = cosine_lr(update - 1, args.lr_updates or args.updates, args.lr, args.lr_min)
+            group["lr"] = learning_rate(update, args, group["base_lr"])
+        if update <= args.critic_warmup:  # the critic learns first; the actor stands still
+            optimizer.param_groups[0]["lr"] = 0.0
+        lr = optimizer.param_groups[0]["lr"]
         # Rollouts, teacher and PPO passes run in eval mode: LoRA dropout would make the first ratio differ from 1.
         policy.eval()
         start = time.perf_counter()
@@ -285,16 +364,17 @@ def main(args):
         # ---- 2. Guide: the merged teacher's KL penalties or SFT answers (teacher.py, §4.2-4.3) -----
         guidance = teacher.guide(policy, batch, runner.envs[0].unwrapped) if teacher else None
         # ---- 3. PPO epochs on the rollout (ppo.py, §3) ----------------------------------------------
-        start, merge_seconds = time.perf_counter(), []  # step 4 runs here too with --merge-snapshot epoch
-        merge = lambda moment: merge_seconds.append(teacher.merge(policy, update, moment) if teacher else 0.0)
-        logs = ppo_update(model, trainable, optimizer, batch, guidance, args, after_epoch=lambda: merge("epoch"))
-        time_update = time.perf_counter() - start - sum(merge_seconds)
+        start = time.perf_counter()
+        # --merge-snapshot epoch: ppo_update keeps the policy adapter after each epoch for step 4.
+        snapshots = [] if teacher and args.merge_snapshot == "epoch" else None
+        logs = ppo_update(model, optimizer, batch, guidance, args, snapshots)
+        time_update = time.perf_counter() - start
         # ---- 4. Merge the new policy into the teacher (teacher.py, merge.py, §4.1) ------------------
-        merge("update")
+        time_merge = teacher.merge(policy, update, snapshots or ()) if teacher else 0.0
 
         counters["update"], counters["env_steps"] = update, counters["env_steps"] + args.steps_per_update * world
         counters["merges"] = teacher.merges if teacher else 0
-        timing = {"time_rollout": time_rollout, "time_update": time_update, "time_merge": sum(merge_seconds),
+        timing = {"time_rollout": time_rollout, "time_update": time_update, "time_merge": time_merge,
                   "time_teacher": guidance.seconds if guidance else 0.0,
                   "env_steps_per_s": args.steps_per_update * world / time_rollout, "lr": lr}
         log_update(metrics, batch, guidance, logs | timing, counters, recent, world)
@@ -306,8 +386,6 @@ def main(args):
         run_evaluation(policy, args, rank, world, counters["update"], metrics)
     if metrics:
         metrics.close()
-    if world > 1:
-        dist.destroy_process_group()
 
 
 def advantages_and_returns(batch, guidance, args):
@@ -331,16 +409,21 @@ def advantages_and_returns(batch, guidance, args):
     return normalize_advantages(advantages.flatten()), returns.flatten(), diagnostics
 
 
-def ppo_update(model, trainable, optimizer, batch, guidance, args, after_epoch=None):
-    """PPO epochs over mini-batches of one rollout (docs/ALGORITHM.md §3). Returns the logs. `after_epoch()`
-    runs after every epoch and at an early stop, if the policy stepped since it last ran (§4.1 snapshots)."""
+def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
+    """PPO epochs over mini-batches of one rollout (docs/ALGORITHM.md §3). Returns the logs.
+    `optimizer`: actor_critic_optimizer's. `snapshots`: a list that gets a copy of the policy
+    adapter after every epoch in which the policy stepped, the last one at an early stop
+    (--merge-snapshot epoch, §4.1)."""
     advantages, returns, diagnostics = advantages_and_returns(batch, guidance, args)  # [T*N] each
     old_logprobs = batch.old_logprobs.flatten()  # [T*N]
+    old_values = batch.values.flatten()  # [T*N], the value clip's anchor
     targets = guidance.sft_targets if args.guidance == "sft" else None
     logs = collections.defaultdict(list)
-
-    loss_of = lambda idx: micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    policy = model.module if world > 1 else model  # DDP wraps the policy
+    if args.value_norm:  # the running statistics of the critic's targets, over all processes
+        policy.update_return_stats(*batch_statistics(returns, world))
+    clip_groups = [(group["params"], group["max_grad_norm"]) for group in optimizer.param_groups]
 
     def within_kl(first):
         # Early stop (--target-kl): the mini-batch's approx_kl to the rollout policy, measured before this
@@ -350,14 +433,20 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args, after_epoch=N
     steps = steps_at_snapshot = 0
     for minibatch, ends_epoch in minibatches(len(old_logprobs), args.ppo_epochs, args.minibatch_size):
         first = len(logs["approx_kl"])
-        grad_norm, stepped = accumulated_step(loss_of, minibatch, args.micro_batch_size, optimizer, trainable,
-                                              args.max_grad_norm, may_step=lambda: within_kl(first), model=model)
+        # §4.2: the SFT loss is the NLL over the mini-batch's guided tokens, however it is split.
+        sft_tokens = sum(guidance.sft_tokens[i] for i in minibatch) / len(minibatch) if targets else 0.0
+        loss_of = functools.partial(micro_batch_loss, model, batch, advantages, returns, old_logprobs,
+                                    old_values, targets, sft_tokens, args, logs)  # loss_of(indices)
+        (grad_norm, critic_grad_norm), stepped = accumulated_step(
+            loss_of, minibatch, args.micro_batch_size, optimizer, clip_groups,
+            may_step=lambda: within_kl(first), model=model)
         logs["grad_norm"].append(grad_norm)
-        logs["skipped_steps"].append(not stepped and not np.isfinite(grad_norm))
+        logs["grad_norm_critic"].append(critic_grad_norm)
+        logs["skipped_steps"].append(not stepped and not np.isfinite(grad_norm + critic_grad_norm))
         steps += stepped
         stop = not within_kl(first)  # the update ends here
-        if after_epoch and (ends_epoch or stop) and steps > steps_at_snapshot:
-            after_epoch()
+        if snapshots is not None and (ends_epoch or stop) and steps > steps_at_snapshot:
+            snapshots.append(policy.adapter_state("policy"))
             steps_at_snapshot = steps
         if stop:
             break
@@ -368,8 +457,22 @@ def ppo_update(model, trainable, optimizer, batch, guidance, args, after_epoch=N
         "optimizer_steps": steps}
 
 
-def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targets, args, logs):
-    """PPO loss (+ the SFT loss on the teacher's thoughts) of one micro-batch, in ONE model call."""
+def batch_statistics(values, world):
+    """(mean, variance, count) of `values` over every process's samples, as float64 tensors."""
+    moments = torch.stack([torch.tensor(float(values.numel())), values.double().sum(),
+                           (values.double() ** 2).sum()]).double()  # [3]
+    if world > 1:
+        moments = moments.cuda() if dist.get_backend() == "nccl" else moments
+        dist.all_reduce(moments)
+    count, total, squares = moments.cpu()
+    mean = total / count
+    return mean, (squares / count - mean ** 2).clamp(min=0.0), count
+
+
+def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values, targets, sft_tokens,
+                     args, logs, idx):
+    """PPO loss (+ the SFT loss on the teacher's thoughts) of the micro-batch `idx`, in ONE model
+    call. `sft_tokens`: guided tokens per sample of the mini-batch (SFT guidance)."""
     # Answers scored at the sampling temperature (§2); SFT guidance: the teacher's answers in the same call, a second
     # continuation of each prompt, at temperature 1 (the reference's). None where no teacher answer parsed here.
     sft_targets = [targets[i] for i in idx] if targets and any(targets[i] is not None for i in idx) else None
@@ -378,7 +481,12 @@ def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targe
     device = out["value"].device
     pg_loss, stats = policy_loss(out["seq_logprob"], old_logprobs[idx].to(device), advantages[idx].to(device),
                                  args.clip, args.ratio_guard)
-    vf_loss = args.vf_coef * value_loss(out["value"], returns[idx].to(device))
+    # The critic regresses on its normalised scale (identity without --value-norm); PPO2's value
+    # clip (--value-clip) keeps V within a band around its value at rollout time.
+    policy = model.module if hasattr(model, "module") else model  # DDP wraps the policy
+    critic_loss = value_loss(policy.normalize(out["value"]), policy.normalize(returns[idx].to(device)),
+                             policy.normalize(old_values[idx].to(device)), clip=args.value_clip or None)
+    vf_loss = args.vf_coef * critic_loss
     if "grad_norm_policy_loss" not in logs:  # the update's first micro-batch, before any step
         # Policy and value losses share the LoRA backbone: if the value loss's gradient is much
         # larger, the critic's regression, not the policy gradient, is what moves it.
@@ -386,15 +494,26 @@ def micro_batch_loss(model, batch, idx, advantages, returns, old_logprobs, targe
         for name, norm in gradient_norms({"policy_loss": pg_loss, "value_loss": vf_loss}, lora).items():
             logs[f"grad_norm_{name}"].append(norm)
     loss = pg_loss + vf_loss
-    for key, value in (stats | {"policy_loss": pg_loss, "value_loss": vf_loss / args.vf_coef}).items():
+    for key, value in (stats | {"policy_loss": pg_loss, "value_loss": critic_loss}).items():
         logs[key].append(value.item())
     if sft_targets is not None:  # the teacher's thought tokens are imitated, or its whole answer (--guide-tokens all)
         guided = out["target_mask"] if args.guide_tokens == "all" else out["target_thought_mask"]
-        guidance_loss = sft_loss(out["target_logprobs"], guided)
+        # accumulated_step weights this micro-batch's loss by its share of the mini-batch's
+        # samples; dividing the NLL by sft_tokens x its samples makes the accumulated SFT term
+        # the NLL summed over the mini-batch's guided tokens, divided by their number.
+        guidance_loss = sft_loss(out["target_logprobs"], guided, tokens=sft_tokens * len(idx))
         loss = loss + args.sft_coef * guidance_loss
-        logs["sft_loss"].append(guidance_loss.item())
+        logs["sft_loss"].append(sft_loss(out["target_logprobs"], guided).item())
     return loss
 
 
+def run(argv=None):
+    """The command line: the process group (torchrun's, else a world of one) lives around `main`."""
+    args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    main(args, rank, world, device)
+    shutdown_distributed(world)  # main's frame, DDP wrapper included, is gone by now
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    run()

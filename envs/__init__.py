@@ -23,7 +23,7 @@ import gymnasium
 from . import alfworld_env
 from .alfworld_env import ALFWorldEnv
 from .blackjack import BlackjackEnv
-from .common import action_span, extract_thoughts, format_answer, parse_action, thought_diversity, thought_grounding
+from .common import ANSWER_OPENING, action_span, extract_thoughts, format_answer, parse_action, thought_diversity, thought_grounding
 from .ez_points import EZPointsEnv
 from .household import HouseholdEnv
 from .number_line import NumberLineEnv
@@ -60,5 +60,5 @@ for _env_id, _cls in ENV_CLASSES.items() | {("gtr/ALFWorld-v0", ALFWorldEnv)}:
         gymnasium.register(id=_env_id, entry_point=_cls)
 
 __all__ = ["ENV_IDS", "ENV_CLASSES", "FAMILIES", "FAMILY_OF", "ENV_DEFAULTS", "NumberLineEnv", "EZPointsEnv",
-           "Points24Env", "BlackjackEnv", "HouseholdEnv", "ALFWorldEnv", "REQUIREMENTS", "format_answer", "parse_action",
+           "Points24Env", "BlackjackEnv", "HouseholdEnv", "ALFWorldEnv", "REQUIREMENTS", "ANSWER_OPENING", "format_answer", "parse_action",
            "extract_thoughts", "action_span", "thought_grounding", "thought_diversity"]

@@ -233,6 +233,10 @@ def wrap_words(words: list[str], size: int, max_w: float) -> list[str]:
 ANSWER_INSTRUCTION = 'Answer only with JSON: {"thoughts": "...", "action": "..."}, action being one admissible action.'
 
 
+# How every answer in the format opens: its first token is the one that collapsed answers lose.
+ANSWER_OPENING = '{"thoughts": "'
+
+
 def format_answer(thoughts: str, action: str) -> str:
     """The answer format, exactly ``{"thoughts": "<thoughts>", "action": "<action>"}`` (JSON-escaped)."""
     return json.dumps({"thoughts": thoughts, "action": action})

@@ -13,7 +13,7 @@ import envs
 from policy import thought_action_masks
 from rollout import Batch
 from teacher import Teacher
-from train import Args, ppo_update
+from train import Args, actor_critic_optimizer, ppo_update
 
 ANSWERS = ['{"thoughts": "current 1, target 3, so I move up", "action": "+"}',
            '{"thoughts": "current 4, target 0, so I move down", "action": "-"}',
@@ -96,20 +96,19 @@ def test_ppo_update_keeps_a_snapshot_per_epoch(make_policy):
     policy = make_policy()
     policy.eval()
     batch = rollout_of(policy)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
     args = Args(guidance="none", temperature=1.0, ppo_epochs=3, minibatch_size=2, micro_batch_size=2, target_kl=0.0)
     start = policy.adapter_state("policy")
     snapshots = []
-    optimizer = torch.optim.Adam(trainable, lr=1e-3)
-    logs = ppo_update(policy, trainable, optimizer, batch, None, args, snapshots)
+    optimizer = actor_critic_optimizer(policy, Args(lr=1e-3))
+    logs = ppo_update(policy, optimizer, batch, None, args, snapshots)
     assert len(snapshots) == 3 and logs["optimizer_steps"] == 6
     assert torch.equal(snapshots[-1][next(iter(start))], policy.adapter_state("policy")[next(iter(start))])
     moved = [not all(torch.equal(a[k], b[k]) for k in a) for a, b in zip([start] + snapshots, snapshots)]
     assert all(moved)  # each epoch's snapshot differs from the one before
 
     snapshots = []
-    optimizer = torch.optim.Adam(trainable, lr=1e-2)
-    logs = ppo_update(policy, trainable, optimizer, rollout_of(policy), None,
+    optimizer = actor_critic_optimizer(policy, Args(lr=1e-2))
+    logs = ppo_update(policy, optimizer, rollout_of(policy), None,
                       Args(**vars(args) | {"target_kl": 1e-7}), snapshots)
     assert logs["optimizer_steps"] == 1 and len(snapshots) == 1
 

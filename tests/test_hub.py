@@ -194,6 +194,30 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_memo
     assert recomputed_bytes < 0.5 * plain_bytes
 
 
+def test_sampling_keeps_the_key_value_cache_under_gradient_checkpointing(hub_dir):
+    """Layers marked as training for gradient checkpointing are unmarked while sampling: marked,
+    transformers before 5.24 drops their cache, and each new token reruns the whole prefix. Every
+    decoder layer sees one token at a time after the prompt, and is marked again afterwards."""
+    policy = load_policy(hub_dir, envs.action_span, lora_r=8, lora_alpha=16, gradient_checkpointing=True)
+    policy.eval()
+    layers = policy._checkpoint_layers
+    assert layers and all(layer.training for layer in layers)
+    seen = []  # (marked as training?, positions) per call of the last decoder layer
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # [batch, positions, hidden]
+        seen.append((module.training, hidden.shape[1]))
+
+    hook = layers[-1].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        policy.generate(observations(policy, 2), temperature=1.0, max_new_tokens=6)
+    finally:
+        hook.remove()
+    assert len(seen) >= 2 and not any(training for training, _ in seen)
+    assert all(length == 1 for _, length in seen[1:])  # the cache holds the prefix
+    assert all(layer.training for layer in layers)
+
+
 def test_qwen3_vl_loads_samples_and_scores_targets_like_answers(tiny_dir):
     """transformers 5 has Qwen3-VL (16 px patches, DeepStack, interleaved M-RoPE): the same code
     loads it as a hub checkpoint, samples from it and scores SFT targets on the shared prompt

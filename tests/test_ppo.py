@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -51,6 +52,35 @@ def test_gae_bootstrap_only_for_truncation_and_envs_independent():
 def test_normalize_advantages():
     a = normalize_advantages(torch.tensor([1.0, 2.0, 3.0, 10.0]))
     assert abs(a.mean().item()) < 1e-6 and abs(a.std().item() - 1.0) < 1e-5
+
+
+# Each process's advantages: different sizes and scales, so statistics per process would differ.
+RANK_ADVANTAGES = [torch.tensor([3.0, 4.5, 2.0, 5.0, 3.5]),
+                   torch.tensor([-1.0, 0.5, -2.0, 0.0, -0.5, 1.0, -1.5])]  # [5], [7]
+
+
+def _normalize_on_rank(rank, port, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(normalize_advantages(RANK_ADVANTAGES[rank]), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_normalize_advantages_over_all_processes(tmp_path):
+    """Under torch.distributed each process normalises its share with the statistics of every
+    process's samples: the same numbers as normalising the concatenated batch in one process."""
+    import socket
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_normalize_on_rank, args=(port, str(tmp_path)), nprocs=2)
+    whole = normalize_advantages(torch.cat(RANK_ADVANTAGES))  # [12], one process
+    ends = [0, len(RANK_ADVANTAGES[0]), len(whole)]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.allclose(got, whole[ends[rank]:ends[rank + 1]], atol=1e-6), rank
 
 
 def test_zero_advantages_give_zero_gradient():
@@ -176,10 +206,10 @@ def test_non_finite_gradient_step_is_skipped_and_weights_are_kept():
     w = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.Adam([w], lr=0.1)
     loss = lambda idx: (w[idx] * torch.tensor([float("nan"), 1.0, 1.0])[idx]).sum()
-    norm, stepped = accumulated_step(loss, [0, 1, 2], 2, optimizer, [w], 1.0)
+    (norm,), stepped = accumulated_step(loss, [0, 1, 2], 2, optimizer, [([w], 1.0)])
     assert not stepped and not math.isfinite(norm)
     assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
-    norm, stepped = accumulated_step(lambda idx: (w[idx] ** 2).sum(), [0, 1, 2], 2, optimizer, [w], 1.0)
+    (norm,), stepped = accumulated_step(lambda idx: (w[idx] ** 2).sum(), [0, 1, 2], 2, optimizer, [([w], 1.0)])
     assert stepped and math.isfinite(norm) and (w.detach() < 1.0).all()
 
 
@@ -191,9 +221,22 @@ def test_accumulated_gradient_equals_the_whole_mini_batch():
     for micro in (5, 2):
         w = torch.nn.Parameter(torch.ones(3))
         optimizer = torch.optim.SGD([w], lr=0.0)
-        accumulated_step(lambda idx: (x[idx] @ w).pow(2).mean(), list(range(5)), micro, optimizer, [w], 1e9)
+        accumulated_step(lambda idx: (x[idx] @ w).pow(2).mean(), list(range(5)), micro, optimizer, [([w], 1e9)])
         grads.append(w.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_each_group_is_clipped_on_its_own():
+    """The actor's and the critic's gradients are clipped to their own bounds: a large critic
+    gradient does not shrink the actor's step."""
+    from ppo import accumulated_step
+    actor, critic = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([actor, critic], lr=1.0)
+    loss = lambda idx: actor.sum() * 0.003 + critic.sum() * 100.0  # grad norms 0.0042 and 141
+    norms, stepped = accumulated_step(loss, [0], 1, optimizer, [([actor], 0.01), ([critic], 1.0)])
+    assert stepped and norms[0] == pytest.approx(0.003 * 2 ** 0.5) and norms[1] == pytest.approx(100 * 2 ** 0.5)
+    assert torch.allclose(actor.detach(), torch.full((2,), -0.003))  # unclipped: under 0.01
+    assert torch.allclose(critic.detach(), torch.full((2,), -(0.5 ** 0.5)))  # clipped to norm 1
 
 
 def test_accumulation_averages_over_processes_once_per_step():
@@ -215,7 +258,7 @@ def test_accumulation_averages_over_processes_once_per_step():
 
     module = CountingModule()
     optimizer = torch.optim.SGD([module.w], lr=0.1)
-    accumulated_step(lambda idx: module.w[idx].sum(), list(range(7)), 2, optimizer, [module.w], 1.0, model=module)
+    accumulated_step(lambda idx: module.w[idx].sum(), list(range(7)), 2, optimizer, [([module.w], 1.0)], model=module)
     assert module.unsynced == 3  # micro-batches [0,1] [2,3] [4,5] accumulate; [6] synchronises
-    accumulated_step(lambda idx: module.w[idx].sum(), list(range(2)), 2, optimizer, [module.w], 1.0, model=module)
+    accumulated_step(lambda idx: module.w[idx].sum(), list(range(2)), 2, optimizer, [([module.w], 1.0)], model=module)
     assert module.unsynced == 3  # a single micro-batch always synchronises

@@ -155,7 +155,7 @@ def test_sft_loss_does_not_depend_on_the_micro_batch_split(make_policy):
         loss_of = functools.partial(micro_batch_loss, policy, batch, torch.zeros(4), torch.zeros(4),
                                     batch.old_logprobs.flatten(), batch.values.flatten(), targets,
                                     sum(tokens) / 4, args, defaultdict(list))
-        accumulated_step(loss_of, [0, 1, 2, 3], micro_batch_size, optimizer, trainable, 1e9)
+        accumulated_step(loss_of, [0, 1, 2, 3], micro_batch_size, optimizer, [(trainable, 1e9)])
         gradients.append(torch.cat([p.grad.flatten() for p in trainable]))
     assert gradients[0].norm() > 0
     assert torch.allclose(gradients[0], gradients[1], rtol=1e-4, atol=1e-7)

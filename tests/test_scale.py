@@ -14,9 +14,20 @@ TINY = ["--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--ppo-
         "--micro-batch-size", "4", "--eval-episodes", "0", "--warmup-sft-steps", "0"]
 
 
-def train(tiny_dir, *flags, launcher=(sys.executable,), check=True):
+def train(tiny_dir, *flags, launcher=(sys.executable,), check=True, timeout=400):
+    """train.py's result, under a hang guard: a run that has not exited after `timeout` seconds
+    fails the test. It runs in a session of its own, so that the guard kills every process it
+    started, torchrun's ranks too (killing torchrun alone would leave a hung rank behind)."""
     cmd = [*launcher, os.path.join(ROOT, "train.py"), *TINY, *flags]
-    result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=400)
+    with subprocess.Popen(cmd, cwd=os.path.dirname(tiny_dir), text=True, start_new_session=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"train.py did not exit within {timeout} s:\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -30,12 +41,17 @@ def updates(out):
 def test_two_processes_agree(tiny_dir, tmp_path, guidance):
     """torchrun with 2 gloo ranks: one update, then both ranks hold identical policy and teacher.
     With SFT, a short warm start makes the teacher's answers parse, so that the SFT term (the
-    teacher's answers on the shared prompts) is part of the all-reduced gradient."""
+    teacher's answers on the shared prompts) is part of the all-reduced gradient.
+
+    Both processes exit after the final evaluation, within train's hang guard: were DDP's
+    reducer to outlive the process group (train.py:shutdown_distributed), gloo's teardown would
+    deadlock, at this size in about one run of two on 2 CPU cores."""
     out = tmp_path / "ddp"
     warm = ["--warmup-sft-steps", "20", "--max-new-tokens", "32", "--lora-r", "128", "--lora-alpha", "256"] \
         if guidance == "sft" else []
     train(tiny_dir, "--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--updates", "1",
-          "--minibatch-size", "4", "--guidance", guidance, *warm,
+          "--minibatch-size", "4", "--guidance", guidance, "--eval-episodes", "2", *warm,
+          timeout=240,
           launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port=29517"))
     if guidance == "sft":
         last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
@@ -80,7 +96,7 @@ def test_resume_on_another_number_of_processes(tiny_dir, tmp_path):
     out = tmp_path / "run"
     flags = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
              "--guidance", "kl"]
-    train(tiny_dir, *flags, "--updates", "1",
+    train(tiny_dir, *flags, "--updates", "1", "--eval-episodes", "2", timeout=240,  # and exits
           launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port=29519"))
     result = train(tiny_dir, *flags, "--updates", "2", "--resume")
     assert "the environments are dealt afresh" in result.stderr
@@ -128,3 +144,64 @@ def test_warm_start_checkpoint_seeds_other_runs(tiny_dir, tmp_path):
     result = train(tiny_dir, "--out", str(tmp_path / "bad"), *flags, "--updates", "1", "--init", str(policy),
                    "--lora-r", "16", check=False)
     assert result.returncode != 0 and "--lora-r 8" in result.stderr
+
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_anywhere(tiny_dir, make_policy, tmp_path, monkeypatch):
+    """trainer.pt and the value head, written as a GPU process writes them (their tensors tagged
+    with its device), load on a machine without that GPU: onto the CPU, then each tensor moves to
+    its parameter's device. Unmapped, torch.load would restore them onto the saving device."""
+    import torch
+
+    import checkpoint
+    import envs
+    from loader import load_policy
+    from tinyvlm import tiny_model
+
+    policy = make_policy()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    for p in trainable:
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # Adam's moments: the state a resume must restore
+    checkpoint.save(str(tmp_path), policy, optimizer, None, {"update": 3}, rank=0, world=1)
+    path = checkpoint.latest(str(tmp_path))
+    # Re-written with the storage location a tensor on a GPU gets; cuda:63 is on no machine this
+    # runs on, with GPUs or without.
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:63")
+    for name in ("trainer.pt", os.path.join("adapters", "policy", "value_head.pt")):
+        file = os.path.join(path, name)
+        torch.save(torch.load(file, weights_only=False), file)
+    monkeypatch.undo()
+
+    restored = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in trainable])
+    _, counters = checkpoint.load(path, restored, rank=0, world=1)
+    saved, loaded = optimizer.state_dict()["state"], restored.state_dict()["state"]
+    assert counters["update"] == 3 and saved.keys() == loaded.keys()
+    for i in saved:
+        assert loaded[i]["exp_avg"].device.type == "cpu"
+        assert torch.equal(saved[i]["exp_avg"], loaded[i]["exp_avg"])
+    again = load_policy(tiny_model(tiny_dir), envs.action_span, lora_r=8, lora_alpha=16,
+                        adapter_path=os.path.join(path, "adapters", "policy"))
+    for mine, theirs in zip(policy.value_head.parameters(), again.value_head.parameters()):
+        assert torch.equal(mine, theirs) and theirs.device.type == "cpu"
+
+
+def test_the_base_model_loads_straight_onto_the_process_device(make_policy, monkeypatch):
+    """from_pretrained is given the process's device, so the weights are read into its memory
+    directly: not all into host memory first (16 GB per process for 7B) and then moved."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    calls, original = [], AutoModelForImageTextToText.from_pretrained
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", recorded)
+    policy = make_policy(device=torch.device("cpu"))
+    assert [call.get("device_map") for call in calls] == [torch.device("cpu")]
+    # Nor does transformers swap in the hub's kernels there (a download, and inference-only ones).
+    assert [call.get("use_kernels") for call in calls] == [False]
+    assert {p.device for p in policy.parameters()} == {torch.device("cpu")}

@@ -11,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["update", "env_steps", "success_rate", "episode_return", "episode_length", "format_valid",
            "entropy", "thought_tokens", "thought_grounding", "thought_diversity", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "lr",
+           "explained_variance", "grad_norm_critic", "opening_prob",
            "time_rollout", "time_update", "env_steps_per_s"]
 GUIDANCE_METRICS = ["teacher_kl", "sft_loss", "teacher_parse_rate", "time_teacher", "time_merge"]
 
@@ -51,11 +52,17 @@ def test_guided_smoke(tiny_dir, tmp_path, guidance):
         assert all(k in row for k in METRICS + GUIDANCE_METRICS + ["first_log_ratio_max"])
     assert rows[0]["first_log_ratio_max"] < 1e-3  # float32 on CPU: the first ratio is 1
     if guidance == "kl":
-        assert rows[0]["teacher_kl"] == 0.0          # the teacher starts as the policy itself
+        # The teacher starts as the policy itself: a parsed answer's KL is 0, one that does not
+        # parse gets the reference's 100.
+        assert rows[0]["teacher_kl"] == pytest.approx(100.0 * (1.0 - rows[0]["format_valid"]))
         assert rows[1]["teacher_kl"] >= 0.0
         assert rows[0]["time_merge"] > 0.0
     else:
-        assert 0.0 <= rows[0]["teacher_parse_rate"] <= 1.0
+        # The teacher is asked only where the agent's answer parsed (none parse in 8 tokens).
+        for row in rows:
+            asked = row["format_valid"] > 0
+            assert (row["teacher_samples"] > 0) == asked
+            assert (0.0 <= row["teacher_parse_rate"] <= 1.0) if asked else row["teacher_parse_rate"] is None
     assert os.path.exists(tmp_path / "run" / "checkpoint" / "adapters" / "teacher" / "adapter_config.json")
 
 
