@@ -26,6 +26,7 @@ Outputs in --out: config.json, metrics.jsonl (one JSON object per update), eval.
 import collections
 import functools
 import gc
+import itertools
 import os
 import sys
 import time
@@ -431,7 +432,16 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
         return not args.target_kl or all_mean(logs["approx_kl"][first:], world) <= 1.5 * args.target_kl
 
     steps = steps_at_snapshot = 0
-    for minibatch, ends_epoch in minibatches(len(old_logprobs), args.ppo_epochs, args.minibatch_size):
+    batches = minibatches(len(old_logprobs), args.ppo_epochs, args.minibatch_size)
+    if next(policy.parameters()).dtype != torch.float32:
+        # bfloat16 rounds differently in differently padded batches: the rollout's log-probs and
+        # PPO's of the same policy differ by up to 0.02 at T = 0.2 (docs/ALGORITHM.md §6), which
+        # the early stop would read as a step. Recomputed in the first epoch's own micro-batches,
+        # every ratio before the first step is exactly 1. (In float32 they agree to 1e-6.)
+        first_epoch = list(itertools.islice(batches, -(-len(old_logprobs) // args.minibatch_size)))
+        old_logprobs = recomputed_logprobs(model, batch, first_epoch, targets, args)
+        batches = itertools.chain(first_epoch, batches)
+    for minibatch, ends_epoch in batches:
         first = len(logs["approx_kl"])
         # §4.2: the SFT loss is the NLL over the mini-batch's guided tokens, however it is split.
         sft_tokens = sum(guidance.sft_tokens[i] for i in minibatch) / len(minibatch) if targets else 0.0
@@ -457,6 +467,27 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
         "optimizer_steps": steps}
 
 
+@torch.no_grad()
+def recomputed_logprobs(model, batch, first_epoch, targets, args):
+    """The sequence log-probs of the rollout's answers, [T*N], each scored in the micro-batch
+    the first PPO epoch will score it in (the same padding, the same SFT targets beside it)."""
+    logprobs = batch.old_logprobs.flatten().clone()  # [T*N]
+    for minibatch, _ in first_epoch:
+        for start in range(0, len(minibatch), args.micro_batch_size):
+            idx = minibatch[start:start + args.micro_batch_size]
+            out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx], args.temperature,
+                        targets=micro_batch_targets(targets, idx))
+            logprobs[idx] = out["seq_logprob"].float().cpu()
+    return logprobs
+
+
+def micro_batch_targets(targets, idx):
+    """The SFT targets of a micro-batch, or None where none of its samples has one."""
+    if targets is None or all(targets[i] is None for i in idx):
+        return None
+    return [targets[i] for i in idx]
+
+
 def batch_statistics(values, world):
     """(mean, variance, count) of `values` over every process's samples, as float64 tensors."""
     moments = torch.stack([torch.tensor(float(values.numel())), values.double().sum(),
@@ -475,23 +506,23 @@ def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values
     call. `sft_tokens`: guided tokens per sample of the mini-batch (SFT guidance)."""
     # Answers scored at the sampling temperature (§2); SFT guidance: the teacher's answers in the same call, a second
     # continuation of each prompt, at temperature 1 (the reference's). None where no teacher answer parsed here.
-    sft_targets = [targets[i] for i in idx] if targets and any(targets[i] is not None for i in idx) else None
+    sft_targets = micro_batch_targets(targets, idx)
     out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx], args.temperature,
                 targets=sft_targets)
     device = out["value"].device
+    policy = model.module if hasattr(model, "module") else model  # DDP wraps the policy
     pg_loss, stats = policy_loss(out["seq_logprob"], old_logprobs[idx].to(device), advantages[idx].to(device),
                                  args.clip, args.ratio_guard)
     # The critic regresses on its normalised scale (identity without --value-norm); PPO2's value
     # clip (--value-clip) keeps V within a band around its value at rollout time.
-    policy = model.module if hasattr(model, "module") else model  # DDP wraps the policy
     critic_loss = value_loss(policy.normalize(out["value"]), policy.normalize(returns[idx].to(device)),
                              policy.normalize(old_values[idx].to(device)), clip=args.value_clip or None)
     vf_loss = args.vf_coef * critic_loss
     if "grad_norm_policy_loss" not in logs:  # the update's first micro-batch, before any step
-        # Policy and value losses share the LoRA backbone: if the value loss's gradient is much
-        # larger, the critic's regression, not the policy gradient, is what moves it.
-        lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-        for name, norm in gradient_norms({"policy_loss": pg_loss, "value_loss": vf_loss}, lora).items():
+        # Their gradients on the policy adapter: with --critic shared, if the value loss's is much
+        # larger, the critic's regression, not the policy gradient, moves it (0 otherwise).
+        actor = list(policy.adapter_parameters("policy").values())
+        for name, norm in gradient_norms({"policy_loss": pg_loss, "value_loss": vf_loss}, actor).items():
             logs[f"grad_norm_{name}"].append(norm)
     loss = pg_loss + vf_loss
     for key, value in (stats | {"policy_loss": pg_loss, "value_loss": critic_loss}).items():

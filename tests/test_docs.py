@@ -5,7 +5,8 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "docs/ALGORITHM.md", "docs/TINY_MODEL.md"]
+DOCS = ["README.md", "docs/ALGORITHM.md", "docs/TINY_MODEL.md", "docs/RESULTS.md", "docs/PERFORMANCE.md",
+        "docs/household.md"]
 
 
 def defined_names(path):

@@ -7,6 +7,7 @@ import functools
 import json
 from collections import defaultdict
 
+import numpy as np
 import torch
 
 import envs
@@ -15,7 +16,7 @@ from ppo import accumulated_step, value_loss
 from rollout import Batch
 from teacher import Guidance, Teacher
 from test_ablations import ANSWERS, perturb, rollout_of
-from train import Args, advantages_and_returns, micro_batch_loss
+from train import Args, actor_critic_optimizer, advantages_and_returns, micro_batch_loss, ppo_update
 
 TEACHER_ANSWER = '{"thoughts": "current 1, target 3, so I move up", "action": "+"}'
 
@@ -160,3 +161,27 @@ def test_sft_loss_does_not_depend_on_the_micro_batch_split(make_policy):
     assert gradients[0].norm() > 0
     assert torch.allclose(gradients[0], gradients[1], rtol=1e-4, atol=1e-7)
     assert torch.allclose(gradients[0], gradients[2], rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_old_logprobs_are_recomputed_in_the_first_epochs_micro_batches(make_policy):
+    """In bfloat16 the rollout's log-probs (one batch of 8) and PPO's (micro-batches of 2, other
+    padding) differ by rounding, here by more than 0.001; recomputed in the first epoch's own
+    micro-batches, every ratio before the first step is exactly 1."""
+    torch.manual_seed(0)
+    policy = make_policy(dtype=torch.bfloat16)
+    perturb(policy, 0.05)
+    policy.eval()
+    batch = rollout_of(policy, ANSWERS + ANSWERS)
+    batch.rewards = torch.tensor([[1.0, -1.0, 0.5, -0.5] * 2])
+    batch.encoded = policy.encode([np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+                                   for i in range(8)], ["p" * (i + 1) for i in range(8)])  # 8 paddings
+    batch.responses, _ = policy.generate(batch.encoded, 0.2, 48)
+    with torch.no_grad():  # the rollout's scoring: one batch, at the sampling temperature
+        batch.old_logprobs = policy(batch.encoded, batch.responses, 0.2)["seq_logprob"].float()[None]
+        in_pairs = torch.cat([policy(batch.encoded[i:i + 2], batch.responses[i:i + 2], 0.2)["seq_logprob"]
+                              for i in range(0, 8, 2)]).float()
+    assert (in_pairs - batch.old_logprobs[0]).abs().max() > 1e-3
+    args = Args(guidance="none", temperature=0.2, ppo_epochs=1, minibatch_size=8, micro_batch_size=2,
+                target_kl=0.0, lr=1e-9, critic_lr=1e-9)
+    logs = ppo_update(policy, actor_critic_optimizer(policy, args), batch, None, args)
+    assert logs["first_log_ratio_max"] == 0.0

@@ -1,4 +1,5 @@
 """Operations: torchrun across processes, kill-and-resume, incompatible resumes, evaluation."""
+import contextlib
 import json
 import os
 import pickle
@@ -14,17 +15,36 @@ TINY = ["--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--ppo-
         "--micro-batch-size", "4", "--eval-episodes", "0", "--warmup-sft-steps", "0"]
 
 
+def descendants(pid):
+    """Ids of every process below `pid`, read from Linux's /proc (torchrun starts each rank in a
+    session of its own, so killing a process group would miss them)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the state
+        except (OSError, ValueError, IndexError):  # exited meanwhile
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found = list(children.get(pid, []))
+    for child in found:  # the list grows as the loop goes: children's children
+        found += children.get(child, [])
+    return found
+
+
 def train(tiny_dir, *flags, launcher=(sys.executable,), check=True, timeout=400):
     """train.py's result, under a hang guard: a run that has not exited after `timeout` seconds
-    fails the test. It runs in a session of its own, so that the guard kills every process it
-    started, torchrun's ranks too (killing torchrun alone would leave a hung rank behind)."""
+    fails the test, once every process it started (torchrun's ranks too) is killed; a hung rank
+    left alive would hold the output pipes open for good."""
     cmd = [*launcher, os.path.join(ROOT, "train.py"), *TINY, *flags]
-    with subprocess.Popen(cmd, cwd=os.path.dirname(tiny_dir), text=True, start_new_session=True,
+    with subprocess.Popen(cmd, cwd=os.path.dirname(tiny_dir), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            for pid in [*descendants(process.pid), process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             stdout, stderr = process.communicate()
             pytest.fail(f"train.py did not exit within {timeout} s:\n{stderr[-3000:]}")
     result = subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
