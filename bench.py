@@ -30,7 +30,7 @@ Figures (absolute, for one device):
                              any step: the scoring's rounding (bf16), which --target-kl sees
   critic_adapter_over_shared time of a PPO-only update with --critic adapter (the critic's own
                              prompt pass per rollout step and per micro-batch) over the shared head
-  ppo_mfu                    model FLOPs of those PPO epochs (docs/memory.py:ppo_flops, a
+  ppo_mfu                    model FLOPs of those PPO epochs (scripts/memory.py:ppo_flops, a
                              Qwen2.5-VL with LoRA on a frozen base) over seconds x the device's
                              peak bf16 FLOP/s (--peak-tflops; looked up for known GPUs)
 """
@@ -47,11 +47,19 @@ import torch
 
 import envs  # noqa: F401  (registers the environments)
 from demonstrations import warm_start
-from flags import parse_dataclass
+from plumbing.distributed import setup_distributed
+from plumbing.flags import parse_dataclass
 from rollout import Rollout
 from teacher import Teacher
-from train import (CHOICES, RANGES, Args, actor_critic_optimizer, build_policy, ppo_update, resolve_warmup,
-                   setup_distributed)
+from train import (
+    CHOICES,
+    RANGES,
+    Args,
+    actor_critic_optimizer,
+    build_policy,
+    ppo_update,
+    resolve_warmup,
+)
 
 
 @dataclass
@@ -80,9 +88,9 @@ def timed(fn):
 
 
 def ppo_epoch_flops(policy, batch, args):
-    """Model FLOPs of one PPO epoch over the rollout: docs/memory.py:ppo_flops of micro-batches of
+    """Model FLOPs of one PPO epoch over the rollout: scripts/memory.py:ppo_flops of micro-batches of
     the rollout's mean prompt and answer lengths and its image grid (padding not counted)."""
-    from docs.memory import MicroBatch, ppo_flops
+    from scripts.memory import MicroBatch, ppo_flops
     prompt = statistics.mean(len(e["input_ids"]) for e in batch.encoded)
     answer = statistics.mean(len(r) for r in batch.responses)
     _, height, width = batch.encoded[0]["image_grid_thw"][0].tolist()

@@ -18,7 +18,7 @@ model's: `action_span(text) -> (start, end) or None` is passed in (envs.action_s
 bundled games), so the masks agree with the parser that reads the action.
 
 Use:
-    policy = load_policy(folder_or_hub_id, action_span=envs.action_span)   # loader.py
+    policy = load_policy(folder_or_hub_id, action_span=envs.action_span)   # plumbing/loader.py
     batch = policy.encode(images, prompts)            # list of per-sample model inputs
     ids, texts = policy.generate(batch, temperature=0.2, max_new_tokens=64)
     out = policy(batch, ids)                          # logprobs, masks, seq_logprob, value

@@ -20,12 +20,12 @@ Run (a tiny offline VLM is built on first use; nothing is downloaded):
     python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --steps-per-update 1024 --max-new-tokens 256 \
         --temperature 0.2 --lr 1e-5 --micro-batch-size 4     # the paper's sizes
 Outputs in --out: config.json, metrics.jsonl (one JSON object per update), eval.jsonl, checkpoint/
-(checkpoint.py), and with --tensorboard or --wandb the same numbers there (report.py).
+(plumbing/checkpoint.py), and with --tensorboard or --wandb the same numbers there (plumbing/report.py).
 """
 
 import collections
 import functools
-import gc
+import importlib
 import itertools
 import os
 import sys
@@ -38,18 +38,29 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import checkpoint
 import envs
 from demonstrations import warm_start
 from distill import KL_ESTIMATORS, kl_penalized_advantages, sft_loss
-from flags import parse_dataclass
-from loader import load_policy
-from ppo import (accumulated_step, cosine_lr, explained_variance, gae, gradient_norms, minibatches,
-                 normalize_advantages, policy_loss, value_loss, variance_shares)
-from report import RunLog, all_mean, check_extras, log_update, run_evaluation
+from plumbing import checkpoint
+from plumbing.distributed import all_mean, batch_statistics, setup_distributed, shutdown_distributed
+from plumbing.flags import parse_dataclass
+from plumbing.loader import load_policy
+from plumbing.report import RunLog, log_update, run_evaluation
+from plumbing.tinyvlm import TINY_MODELS, offline_model
+from ppo import (
+    accumulated_step,
+    cosine_lr,
+    explained_variance,
+    gae,
+    gradient_norms,
+    minibatches,
+    normalize_advantages,
+    policy_loss,
+    value_loss,
+    variance_shares,
+)
 from rollout import Rollout
 from teacher import Teacher
-from tinyvlm import TINY_MODELS, offline_model
 
 
 @dataclass
@@ -230,6 +241,20 @@ def resolve_warmup(args):
     return args
 
 
+def check_extras(args):
+    """--tensorboard, --wandb and --env gtr/ALFWorld-v0 need optional packages (and ALFWorld its
+    game files): say which, before anything runs."""
+    for package in ("tensorboard", "wandb"):
+        try:
+            if getattr(args, package):
+                importlib.import_module(package)
+        except ImportError:
+            sys.exit(f"--{package} needs the {package} package, an optional extra: pip install {package}")
+    missing = envs.REQUIREMENTS[args.env]() if args.env in envs.REQUIREMENTS else None
+    if missing:
+        sys.exit(missing)
+
+
 def parse_args(argv=None):
     """Train.py's flags, checked: stop early, with the fix in the message, on flags that would fail deep in a library."""
     args = parse_dataclass(Args, argv, __doc__, choices=CHOICES, ranges=RANGES)
@@ -245,36 +270,8 @@ def parse_args(argv=None):
     return resolve_warmup(args)
 
 
-def setup_distributed(device):
-    """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one."""
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if use_cuda and device == "auto" else ("cpu" if device == "auto" else device))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-
-
-def shutdown_distributed(world):
-    """Destroys torchrun's process group, after `main` has returned: the DistributedDataParallel
-    wrapper, the other holder of the group, dies with main's frame while the group is still
-    registered.
-
-    The order matters. DDP's reducer holds the group from C++ and lets go of it with the GIL
-    held; were it the last holder (the group already destroyed), gloo's destructor would wait,
-    holding the GIL, for a worker thread that needs the GIL to free its last collective's
-    tensors, and the process would never exit. Destroyed from Python, the group is freed with
-    the GIL released."""
-    if world == 1:
-        return
-    gc.collect()  # a reference cycle through the DDP wrapper would keep its reducer alive
-    dist.barrier()  # no process tears down while another still waits in a collective
-    dist.destroy_process_group()
-
-
 def build_policy(args, device, adapter_path=None, dtype=None):
-    """The actor-critic of --model (an offline one, tinyvlm.py, is built on first use) with the
+    """The actor-critic of --model (an offline one, plumbing/tinyvlm.py, is built on first use) with the
     LoRA flags; `dtype` as load_policy's (None: float32 on CPU, bfloat16 on GPU)."""
     model = offline_model(args.model, envs.FAMILY_OF.get(args.env, "cards"), args.seed, args.image_size or 112, device)
     return load_policy(model or args.model, envs.action_span, device=device, thought_coef=args.thought_coef,
@@ -486,18 +483,6 @@ def micro_batch_targets(targets, idx):
     if targets is None or all(targets[i] is None for i in idx):
         return None
     return [targets[i] for i in idx]
-
-
-def batch_statistics(values, world):
-    """(mean, variance, count) of `values` over every process's samples, as float64 tensors."""
-    moments = torch.stack([torch.tensor(float(values.numel())), values.double().sum(),
-                           (values.double() ** 2).sum()]).double()  # [3]
-    if world > 1:
-        moments = moments.cuda() if dist.get_backend() == "nccl" else moments
-        dist.all_reduce(moments)
-    count, total, squares = moments.cpu()
-    mean = total / count
-    return mean, (squares / count - mean ** 2).clamp(min=0.0), count
 
 
 def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values, targets, sft_tokens,

@@ -39,7 +39,7 @@ ENV_CLASSES = {
 ENV_IDS = list(ENV_CLASSES)  # the bundled ones: they run with nothing more installed
 
 # The tiny model's tokenizer is trained on the prompts of one family of environments
-# (tinyvlm.py). Families keep it short for each, and keep the card games' tiny model the one
+# (plumbing/tinyvlm.py). Families keep it short for each, and keep the card games' tiny model the one
 # their published results used: a new family never changes another family's model.
 FAMILIES = {"cards": ["gtr/NumberLine-v0", "gtr/EZPoints-v0", "gtr/Points24-v0", "gtr/Blackjack-v0"],
             "household": ["gtr/Household-v0"]}

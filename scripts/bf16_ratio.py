@@ -16,9 +16,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import envs  # noqa: E402  (the repository root is not a package)
-from loader import load_policy  # noqa: E402
+from plumbing.loader import load_policy  # noqa: E402
+from plumbing.tinyvlm import offline_model  # noqa: E402
 from rollout import Rollout  # noqa: E402
-from tinyvlm import offline_model  # noqa: E402
 
 TEMPERATURE, MICRO_BATCH, NUM_ENVS, STEPS, TOKENS = 0.2, 4, 8, 4, 64
 

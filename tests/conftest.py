@@ -17,8 +17,8 @@ def tiny_dir(tmp_path_factory):
 def make_policy(tiny_dir):
     """Factory for fresh policies on the tiny model (small LoRA rank keeps tests fast)."""
     import envs
-    from loader import load_policy
-    from tinyvlm import tiny_model
+    from plumbing.loader import load_policy
+    from plumbing.tinyvlm import tiny_model
 
     def make(**kwargs):
         lora = dict(lora_r=8, lora_alpha=16, lora_dropout=0.0) | kwargs

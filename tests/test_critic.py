@@ -9,13 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import envs
-from loader import load_policy
 from test_ablations import rollout_of
 from test_train import ROOT
-from tinyvlm import tiny_model
-from train import Args, actor_critic_optimizer, batch_statistics
+
+import envs
+from plumbing.distributed import batch_statistics
+from plumbing.loader import load_policy
+from plumbing.tinyvlm import tiny_model
+from train import Args, actor_critic_optimizer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,16 @@ import pytest
 
 from envs import action_span, format_answer, parse_action
 from envs.household import (
-    CELL_PAD, OBJECT_COLORS, OBJECTS, OPENABLE, PLACES, RECEPTACLES, STATE_COLORS, TASK_TYPES, TASKS, HouseholdEnv,
+    CELL_PAD,
+    OBJECT_COLORS,
+    OBJECTS,
+    OPENABLE,
+    PLACES,
+    RECEPTACLES,
+    STATE_COLORS,
+    TASK_TYPES,
+    TASKS,
+    HouseholdEnv,
     kind,
 )
 
@@ -319,7 +328,7 @@ def test_prompt_and_tiny_tokenizer(tmp_path):
     in the household tiny model's tokens; its folder is apart from the card games' one."""
     from transformers import AutoTokenizer
 
-    from tinyvlm import tiny_model
+    from plumbing.tinyvlm import tiny_model
     folder = tiny_model(str(tmp_path), family="household")
     assert folder.endswith("household-seed0-112px")
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import envs
-from loader import load_policy
-from tinyvlm import tiny_model
+from plumbing.loader import load_policy
+from plumbing.tinyvlm import tiny_model
 
 
 @pytest.fixture(scope="session")

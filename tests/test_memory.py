@@ -1,4 +1,4 @@
-"""docs/memory.py's counts against the real thing, on a small random Qwen2.5-VL on the CPU.
+"""scripts/memory.py's counts against the real thing, on a small random Qwen2.5-VL on the CPU.
 
 The activation formula is checked against the bytes autograd actually saves for backward
 (`saved_tensors_hooks`, each storage counted once, weights left out, the most held at any one
@@ -13,9 +13,9 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from docs import memory
-from loader import _lora_targets
+from plumbing.loader import _lora_targets
 from ppo import per_token_entropy, token_logprobs
+from scripts import memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE, VISION_START, VISION_END = 500, 502, 503
@@ -223,8 +223,8 @@ def test_parameter_counts():
 
 
 def test_the_script_prints_both_tables(capsys):
-    # In this process (transformers is imported already), as `python docs/memory.py` runs it.
-    runpy.run_path(os.path.join(ROOT, "docs", "memory.py"), run_name="__main__")
+    # In this process (transformers is imported already), as `python scripts/memory.py` runs it.
+    runpy.run_path(os.path.join(ROOT, "scripts", "memory.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "| Qwen2.5-VL-3B | Qwen2.5-VL-7B |" in out
     assert "**needed, checkpointing**" in out

@@ -7,9 +7,9 @@ import torch
 
 import envs
 from envs import action_span
-from loader import load_policy
+from plumbing.loader import load_policy
+from plumbing.tinyvlm import tiny_model
 from policy import thought_action_masks
-from tinyvlm import tiny_model
 
 ANSWER = '{"thoughts": "current 2, target 4, so I move up", "action": "+"}'
 
@@ -35,6 +35,7 @@ def test_generate_logprobs_match_evaluate(policy):
     """The evaluated log-probs are those of the distribution generate sampled from (same
     processor and config as policy.generate, with the scores kept)."""
     from transformers import GenerationConfig, LogitsProcessorList
+
     from policy import _SampleLogits
     prompts = ["Move to the target.", "A much longer prompt: reach the target number, answer in JSON.", "x"]
     encoded = policy.encode(images(3), prompts)
@@ -287,7 +288,7 @@ def test_tiny_model_loaded_by_folder_sees_its_size(make_policy, tiny_dir):
 def test_building_the_tiny_model_is_deterministic_and_leaves_the_rng_alone(make_policy, tiny_dir, tmp_path):
     """A run that builds the tiny model (first use) and one that loads it from the cache start
     from the same RNG state and the same weights, so they are the same run."""
-    from tinyvlm import build_tiny_model
+    from plumbing.tinyvlm import build_tiny_model
     make_policy()  # the session's cached build
     torch.manual_seed(123)
     build_tiny_model(str(tmp_path / "again"), seed=0, image_size=112)

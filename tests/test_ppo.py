@@ -4,8 +4,16 @@ import os
 import pytest
 import torch
 
-from ppo import (cosine_lr, gae, normalize_advantages, per_token_entropy, policy_loss,
-                 sequence_logprob, token_logprobs, value_loss)
+from ppo import (
+    cosine_lr,
+    gae,
+    normalize_advantages,
+    per_token_entropy,
+    policy_loss,
+    sequence_logprob,
+    token_logprobs,
+    value_loss,
+)
 
 
 def test_gae_hand_computed_termination_truncation_and_open_end():

@@ -9,13 +9,13 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from test_ablations import ANSWERS, perturb, rollout_of
 
 import envs
 from distill import kl_estimate
 from ppo import accumulated_step, value_loss
 from rollout import Batch
 from teacher import Guidance, Teacher
-from test_ablations import ANSWERS, perturb, rollout_of
 from train import Args, actor_critic_optimizer, advantages_and_returns, micro_batch_loss, ppo_update
 
 TEACHER_ANSWER = '{"thoughts": "current 1, target 3, so I move up", "action": "+"}'

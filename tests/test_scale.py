@@ -173,10 +173,10 @@ def test_a_checkpoint_saved_on_a_gpu_loads_anywhere(tiny_dir, make_policy, tmp_p
     its parameter's device. Unmapped, torch.load would restore them onto the saving device."""
     import torch
 
-    import checkpoint
     import envs
-    from loader import load_policy
-    from tinyvlm import tiny_model
+    from plumbing import checkpoint
+    from plumbing.loader import load_policy
+    from plumbing.tinyvlm import tiny_model
 
     policy = make_policy()
     trainable = [p for p in policy.parameters() if p.requires_grad]

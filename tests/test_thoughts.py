@@ -97,7 +97,8 @@ def test_rollout_records_the_facts_of_the_state_each_answer_replied_to(make_poli
 def test_metrics_row_holds_grounding_and_diversity():
     """log_update's row: expert answers score 1 and 1; one answer repeated in every state scores low and 0."""
     import collections
-    from report import log_update
+
+    from plumbing.report import log_update
     from rollout import Batch
     states = visited_states("gtr/NumberLine-v0", 16)
     zeros = torch.zeros(2, 8)

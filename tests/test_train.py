@@ -67,7 +67,7 @@ def test_guided_smoke(tiny_dir, tmp_path, guidance):
 
 
 def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
-    """A bad flag stops train.py (and bench.py, docs/compare.py) before anything runs, with one
+    """A bad flag stops train.py (and bench.py, scripts/compare.py) before anything runs, with one
     line that names the flag, its value and what is valid, and no traceback."""
     cases = [("train.py", ["--guidance", "gpt4"], "--guidance: invalid choice: 'gpt4'"),
              ("train.py", ["--env", "gtr/Chess-v0"], "not a registered gymnasium id"),
@@ -77,8 +77,8 @@ def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
              ("train.py", ["--gamma", "1.5"], "--gamma: 1.5 is not valid; it must be in [0, 1]"),
              ("train.py", ["--model", "./nope"], "--model './nope': no such folder"),
              ("bench.py", ["--repeats", "0"], "--repeats: 0 is not valid"),
-             ("docs/compare.py", ["--jobs", "0"], "--jobs: 0 is not valid"),
-             ("docs/compare.py", ["--variants", "x=gpt4"], "--variants: 'x=gpt4' must read")]
+             ("scripts/compare.py", ["--jobs", "0"], "--jobs: 0 is not valid"),
+             ("scripts/compare.py", ["--variants", "x=gpt4"], "--variants: 'x=gpt4' must read")]
     for script, flags, message in cases:
         result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", str(tmp_path / "run")],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -89,8 +89,9 @@ def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
 
 
 def test_help_documents_every_flag():
-    from train import Args
     import dataclasses
+
+    from train import Args
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
@@ -145,9 +146,9 @@ def test_warm_start_lowers_held_out_sft_loss(make_policy):
 
 def test_bench_smoke(tiny_dir):
     """bench.py runs end to end and reports every ratio and figure (no timing asserted), here on
-    a small random Qwen2.5-VL built like the paper-size ones (tinyvlm.py:random_model), so that
+    a small random Qwen2.5-VL built like the paper-size ones (plumbing/tinyvlm.py:random_model), so that
     the MFU's FLOP count runs too (with a made-up peak)."""
-    from tinyvlm import random_model
+    from plumbing.tinyvlm import random_model
     model = random_model("random-qwen2.5-vl-3b", tiny_dir, text=dict(
         num_hidden_layers=1, vocab_size=2048, hidden_size=256, intermediate_size=512, num_attention_heads=2,
         num_key_value_heads=1), vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
@@ -171,8 +172,9 @@ def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy, guide
     the SFT loss of those answers scored as ordinary responses at T = 1, over their thought
     tokens (--guide-tokens all: every token); a None target (the teacher never parsed) is left out."""
     import collections
-    from rollout import Batch
+
     from distill import sft_loss
+    from rollout import Batch
     from train import Args, micro_batch_loss
     torch.manual_seed(0)
     policy = make_policy()
@@ -226,6 +228,7 @@ def test_readme_states_the_default_configuration():
     """The README's quick start runs `torchrun train.py` with no flags, and its table of the
     default run's flags holds train.py's actual defaults."""
     import re
+
     from train import Args
     readme = open(os.path.join(ROOT, "README.md")).read()
     quick_start = readme.split("## Quick start")[1].split("```")[1]
@@ -265,22 +268,22 @@ def test_missing_logging_extra_is_named_in_one_line(tmp_path):
 
 
 def test_plot_draws_a_run(tiny_dir, tmp_path):
-    """docs/plot.py draws a short run (its metrics and evaluations) into one PNG."""
+    """scripts/plot.py draws a short run (its metrics and evaluations) into one PNG."""
     run = tmp_path / "run"
     run_train(tiny_dir, run, "--guidance", "kl")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "plot.py"), str(run), "--smooth", "2"],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"), str(run), "--smooth", "2"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run / "plot.png").stat().st_size > 10_000
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "plot.py"), str(tmp_path / "none")],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"), str(tmp_path / "none")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "no metrics.jsonl there" in result.stderr
 
 
 def test_compare_smoke(tiny_dir, tmp_path):
-    """docs/compare.py runs a warm start and the three methods from it, and writes the table."""
+    """scripts/compare.py runs a warm start and the three methods from it, and writes the table."""
     small = "--num-envs 2 --lora-r 8 --lora-alpha 16 --max-new-tokens 16"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "compare.py"), "--seeds", "1",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"), "--seeds", "1",
                              "--envs", "gtr/NumberLine-v0", "--updates", "1", "--jobs", "1", "--eval-episodes", "2",
                              f"--warmup-flags=--warmup-sft-steps 2 --warmup-batch-size 4 {small}",
                              f"--train-flags=--steps-per-update 4 --minibatch-size 4 --ppo-epochs 1 {small}",

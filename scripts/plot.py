@@ -3,8 +3,8 @@ and diversity, docs/ALGORITHM.md §4.5), the teacher's KL or SFT loss, and PPO's
 against environment steps, with the evaluations and their standard errors. Needs matplotlib
 (pip install matplotlib); training never does.
 
-    python docs/plot.py runs/default                          # -> runs/default/plot.png
-    python docs/plot.py runs/a runs/b --out docs/a_vs_b.png   # several runs in one figure
+    python scripts/plot.py runs/default                          # -> runs/default/plot.png
+    python scripts/plot.py runs/a runs/b --out docs/a_vs_b.png   # several runs in one figure
 
 Each run is a train.py --out folder (metrics.jsonl, eval.jsonl). Per-update values are drawn
 as a trailing mean over --smooth updates (an update ends only 10-25 episodes).
@@ -16,8 +16,9 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from compare import smooth  # noqa: E402  (docs/compare.py, beside this file)
-from flags import parse_dataclass  # noqa: E402  (the repository root is not a package)
+from compare import smooth  # noqa: E402  (scripts/compare.py, beside this file)
+
+from plumbing.flags import parse_dataclass  # noqa: E402  (the repository root is not a package)
 
 # (title, metrics.jsonl keys drawn in that panel)
 PANELS = [("success rate (training) and evaluations", ["success_rate"]),
@@ -56,7 +57,7 @@ def plot(runs, out, window):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("docs/plot.py needs matplotlib, an optional extra: pip install matplotlib")
+        sys.exit("scripts/plot.py needs matplotlib, an optional extra: pip install matplotlib")
     fig, axes = plt.subplots((len(PANELS) + 1) // 2, 2, figsize=(12, 16))
     for run in runs:
         rows, evals = read(run)

@@ -1,7 +1,7 @@
 """Memory and FLOPs of the PPO update at the paper's size, computed rather than measured.
 
 The paper trains Qwen2.5-VL-3B and -7B with LoRA rank 128; this repository adapts every linear
-layer of the language model and of the vision tower (`loader.py:_lora_targets`) and keeps the
+layer of the language model and of the vision tower (`plumbing/loader.py:_lora_targets`) and keeps the
 GTR-Turbo teacher as a second adapter on the same weights (docs/ALGORITHM.md §6). This script
 counts, for both models, the bytes of the weights, the adapters, Adam's state and the teacher,
 the activations of one PPO micro-batch with and without gradient checkpointing, the rollout's
@@ -14,8 +14,8 @@ transformers' Qwen2.5-VL code under peft's LoRA. tests/test_memory.py checks tha
 byte for byte against autograd's own saved tensors on a small random Qwen2.5-VL, and
 `ppo_flops` against torch's FLOP counter.
 
-    python docs/memory.py                        # the README's tables, as Markdown
-    from docs.memory import MicroBatch, ppo_flops  # FLOPs of a PPO micro-batch, for an MFU
+    python scripts/memory.py                        # the README's tables, as Markdown
+    from scripts.memory import MicroBatch, ppo_flops  # FLOPs of a PPO micro-batch, for an MFU
 """
 
 import os
@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from loader import _lora_targets  # noqa: E402
+from plumbing.loader import _lora_targets  # noqa: E402
+from plumbing.tinyvlm import MODELS, VISION, model_config  # noqa: E402, F401
 from policy import SCORE_CHUNK_ELEMENTS  # noqa: E402  (the repository root is not a package)
 
 GiB = 2 ** 30
-ACT = 2      # bytes of an activation: the base model runs in bfloat16 on a GPU (loader.py:load_policy)
+ACT = 2      # bytes of an activation: the base model runs in bfloat16 on a GPU (plumbing/loader.py:load_policy)
 ADAPTER = 4  # bytes of a LoRA weight: peft's autocast_adapter_dtype=True keeps adapters in float32,
              # and casts each LoRA input to float32 before lora_A: that copy is what lora_A saves
 HEAD_COPIES = 7  # float32 [scored tokens, vocab] tensors alive at once in policy.forward's scoring:
@@ -38,38 +39,12 @@ HEAD_COPIES = 7  # float32 [scored tokens, vocab] tensors alive at once in polic
 LORA_R = 128
 VALUE_HEAD = (1024, 512)  # the critic's hidden widths (policy.py:ActorCritic)
 
-# Qwen/Qwen2.5-VL-{3B,7B}-Instruct config.json, the fields that set sizes. Both share the vision
-# tower; 3B ties its output head to the input embeddings.
-VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-              spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-              fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3)
-MODELS = {
-    "Qwen2.5-VL-3B": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                    num_attention_heads=16, num_key_value_heads=2, vocab_size=151936),
-                          out_hidden_size=2048, tie_word_embeddings=True),
-    "Qwen2.5-VL-7B": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-                          out_hidden_size=3584, tie_word_embeddings=False),
-}
-
 # GPU memory as nvidia-smi reports it, GiB.
 GPUS = [("24 GB (RTX 4090, L4, A10)", 24), ("40 GB (A100 40GB)", 40),
         ("80 GB (A100 / H100 80GB)", 80), ("141 GB (H200)", 140)]
 CONTEXT = 1 * GiB   # CUDA context, cuBLAS and cuDNN workspaces
 FRAGMENTATION = 0.1  # share added for the caching allocator's fragmentation and the backward's
                      # temporaries (gradients of one layer's activations), which are not saved tensors
-
-
-def model_config(name, text=None, vision=None, **tokens):
-    """The transformers Qwen2_5_VLConfig of one of MODELS, built without a download. `text` and
-    `vision` override fields of the two sub-configs, `tokens` the special tokens' ids."""
-    from transformers import Qwen2_5_VLConfig
-    spec = MODELS[name]
-    text = spec["text"] | dict(tie_word_embeddings=spec["tie_word_embeddings"], max_position_embeddings=128000,
-                               rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])
-                               ) | (text or {})
-    return Qwen2_5_VLConfig(text_config=text, vision_config=VISION | dict(out_hidden_size=spec["out_hidden_size"]) | (vision or {}),
-                            tie_word_embeddings=spec["tie_word_embeddings"], **tokens)
 
 
 @dataclass(frozen=True)
@@ -118,7 +93,7 @@ class Dims:
     @classmethod
     def of(cls, config):
         if config.model_type != "qwen2_5_vl":
-            raise ValueError(f"docs/memory.py counts Qwen2.5-VL, not {config.model_type!r}")
+            raise ValueError(f"scripts/memory.py counts Qwen2.5-VL, not {config.model_type!r}")
         t, v = config.text_config, config.vision_config
         return cls(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
                    heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, vocab=t.vocab_size,
@@ -143,7 +118,7 @@ class Dims:
 def parameter_counts(config, lora_r=LORA_R):
     """{"model", "lora", "value_head"}: exact parameter counts. The model is instantiated on the
     meta device (shapes, no memory); LoRA adds r * (in + out) per adapted linear layer (A is
-    r x in, B is out x r, no bias), on the layers `loader.py:_lora_targets` picks with the
+    r x in, B is out x r, no bias), on the layers `plumbing/loader.py:_lora_targets` picks with the
     vision tower included, as load_policy does by default."""
     from transformers import AutoModelForImageTextToText
     with torch.device("meta"):

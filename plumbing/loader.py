@@ -1,7 +1,7 @@
 """Loading a checkpoint as the actor-critic: the processor, the LoRA adapter, the value head.
 
 `load_policy` takes a hub id or a folder of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (or a
-tiny one from tinyvlm.py) and returns policy.py's ActorCritic (docs/ALGORITHM.md §2). What it
+tiny one from plumbing/tinyvlm.py) and returns policy.py's ActorCritic (docs/ALGORITHM.md §2). What it
 does beyond `from_pretrained`: an image-only processor where torchvision is missing, the
 checkpoint's sampling settings dropped (so sampling stays on-policy), clear errors for a
 folder or tokenizer that does not fit, gradient checkpointing, LoRA on every linear layer.

@@ -13,12 +13,12 @@ figure whose file names are --name with .md and .png added:
                   thought diversity against env steps
                   (needs matplotlib: pip install matplotlib; training does not)
 
-    python docs/compare.py                     # every run, table, figure
-    python docs/compare.py --report-only       # table and figure from the runs already in --out
-    python docs/compare.py --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
-    python docs/compare.py --methods none --envs gtr/NumberLine-v0 --updates 60 --eval-episodes 128 \
+    python scripts/compare.py                     # every run, table, figure
+    python scripts/compare.py --report-only       # table and figure from the runs already in --out
+    python scripts/compare.py --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
+    python scripts/compare.py --methods none --envs gtr/NumberLine-v0 --updates 60 --eval-episodes 128 \
         --out runs/ppo --name ppo_numberline     # PPO only over 3 seeds (README, "What made PPO learn")
-    python docs/compare.py --envs gtr/NumberLine-v0 --methods kl,sma --variants "sma=kl --merge-weights sma"
+    python scripts/compare.py --envs gtr/NumberLine-v0 --methods kl,sma --variants "sma=kl --merge-weights sma"
                                                # an ablation: each variant is a method with its flags
 
 Finished runs (their final eval line written) are kept, so an interrupted comparison continues
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from flags import parse_dataclass  # noqa: E402  (the repository root is not a package)
+from plumbing.flags import parse_dataclass  # noqa: E402  (the repository root is not a package)
 
 METHODS = {"none": "PPO only (RL4VLM)", "sft": "GTR-Turbo SFT", "kl": "GTR-Turbo KL"}
 

@@ -13,33 +13,15 @@ Use (train.py):
 """
 
 import dataclasses
-import importlib
 import json
 import os
-import sys
 
-import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-import checkpoint
-import envs
 from envs import extract_thoughts, thought_diversity, thought_grounding
+from plumbing import checkpoint
+from plumbing.distributed import all_mean
 from rollout import evaluate
-
-
-def check_extras(args):
-    """--tensorboard, --wandb and --env gtr/ALFWorld-v0 need optional packages (and ALFWorld its
-    game files): say which, before anything runs."""
-    for package in ("tensorboard", "wandb"):
-        try:
-            if getattr(args, package):
-                importlib.import_module(package)
-        except ImportError:
-            sys.exit(f"--{package} needs the {package} package, an optional extra: pip install {package}")
-    missing = envs.REQUIREMENTS[args.env]() if args.env in envs.REQUIREMENTS else None
-    if missing:
-        sys.exit(missing)
 
 
 class RunLog:
@@ -76,15 +58,6 @@ class RunLog:
             self.tensorboard.close()
         if self.wandb:
             self.wandb.finish()
-
-
-def all_mean(values, world):
-    """Mean of a list of floats over all processes (episode statistics, losses)."""
-    t = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    if world > 1:  # NCCL reduces GPU tensors only
-        t = t.cuda() if dist.get_backend() == "nccl" else t
-        dist.all_reduce(t)
-    return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
 
 
 def log_update(metrics, batch, guidance, logs, counters, recent, world):

@@ -13,7 +13,7 @@ model, its tokenizer trained on that family's text only: a family's prompts stay
 adding an environment to one family never changes another's model.
 
 Use:
-    from tinyvlm import tiny_model
+    from plumbing.tinyvlm import tiny_model
     folder = tiny_model("tiny-vlm", seed=0, image_size=112)   # builds on first use, then cached
     policy = load_policy(folder)
     tiny_model("tiny-vlm", family="household")                # Household's and ALFWorld's
@@ -29,7 +29,7 @@ import gymnasium as gym
 import torch
 
 import envs
-from loader import image_only_processor_class
+from plumbing.loader import image_only_processor_class
 
 # Qwen's special tokens, which the tiny tokenizer must know.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -38,8 +38,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # train.py's --model names of the tiny models, and their architectures.
 TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
-# --model names of the paper's model sizes with random weights (docs/memory.py:model_config), and
-# their docs/memory.py names: speed and memory on a GPU with nothing to download (bench.py).
+# --model names of the paper's model sizes with random weights (`model_config` below), and
+# their names in scripts/memory.py: speed and memory on a GPU with nothing to download (bench.py).
 RANDOM_MODELS = {"random-qwen2.5-vl-3b": "Qwen2.5-VL-3B", "random-qwen2.5-vl-7b": "Qwen2.5-VL-7B"}
 
 # A minimal Qwen-style chat template (real checkpoints ship their own).
@@ -112,6 +112,32 @@ def offline_model(name, family="cards", seed=0, image_size=112, device="cpu"):
     return random_model(name, device=device) if name in RANDOM_MODELS else None
 
 
+# Qwen/Qwen2.5-VL-{3B,7B}-Instruct config.json, the fields that set sizes. Both share the vision
+# tower; 3B ties its output head to the input embeddings.
+VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+              spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+              fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3)
+MODELS = {
+    "Qwen2.5-VL-3B": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                    num_attention_heads=16, num_key_value_heads=2, vocab_size=151936),
+                          out_hidden_size=2048, tie_word_embeddings=True),
+    "Qwen2.5-VL-7B": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+                          out_hidden_size=3584, tie_word_embeddings=False),
+}
+
+def model_config(name, text=None, vision=None, **tokens):
+    """The transformers Qwen2_5_VLConfig of one of MODELS, built without a download. `text` and
+    `vision` override fields of the two sub-configs, `tokens` the special tokens' ids."""
+    from transformers import Qwen2_5_VLConfig
+    spec = MODELS[name]
+    text = spec["text"] | dict(tie_word_embeddings=spec["tie_word_embeddings"], max_position_embeddings=128000,
+                               rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])
+                               ) | (text or {})
+    return Qwen2_5_VLConfig(text_config=text, vision_config=VISION | dict(out_hidden_size=spec["out_hidden_size"]) | (vision or {}),
+                            tie_word_embeddings=spec["tie_word_embeddings"], **tokens)
+
+
 def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=None):
     """Folder of a real-size Qwen2.5-VL with random bfloat16 weights, built on `device` on first use.
 
@@ -125,7 +151,6 @@ def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=Non
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from docs.memory import model_config
     overrides = json.dumps([text, vision], sort_keys=True)  # in the folder's name, hashed: names have a length limit
     path = os.path.abspath(os.path.join(cache_dir, name + ("-" + hashlib.sha1(overrides.encode()).hexdigest()[:10]
                                                            if text or vision else "")))
@@ -227,18 +252,21 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
                        rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                                             mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8]))
     if architecture == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
         vision_config = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=14,
                              spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
     elif architecture == "qwen3_vl":
-        from transformers import Qwen3VLConfig as Config, Qwen3VLForConditionalGeneration as Model
+        from transformers import Qwen3VLConfig as Config
+        from transformers import Qwen3VLForConditionalGeneration as Model
         text_config |= dict(head_dim=head_dim, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
                             mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8], mrope_interleaved=True))
         vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
                              patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                              num_position_embeddings=64, deepstack_visual_indexes=[0])
     else:
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
         # Blocks 0 and 2 attend within windows of window_size pixels (2 x 2 merged patches here, so
         # a 112 px image has 4 windows), blocks 1 and 3 over the whole image, as Qwen2.5-VL's
         # fullatt_block_indexes [7, 15, 23, 31] do at 32 blocks.
