@@ -25,13 +25,6 @@ import torch
 KL_ESTIMATORS = ("clip", "abs", "k3", "forward")
 
 
-def masked_mean(x, mask, dim=-1):
-    """Mean of x over the positions where mask is set; 0 (not NaN) where the mask is empty."""
-    mask = mask.bool()
-    total = torch.where(mask, x, torch.zeros_like(x)).sum(dim)
-    return total / mask.sum(dim).clamp(min=1).to(total.dtype)
-
-
 def kl_estimate(policy_logprobs, teacher_logprobs, mask, estimator="clip", max_value=10.0):
     """Per-sequence KL estimate between policy pi and teacher T over the tokens of `mask` (the
     guided ones: thought tokens), [B, L] -> [B].
@@ -65,7 +58,9 @@ def kl_estimate(policy_logprobs, teacher_logprobs, mask, estimator="clip", max_v
         per_token = torch.xlogy(ratio, ratio)  # r log r, 0 at r = 0
     else:
         raise ValueError(f"unknown KL estimator {estimator!r}, expected one of {KL_ESTIMATORS}")
-    return masked_mean(per_token, mask)  # [B]
+    mask = mask.bool()  # the mean over the guided tokens; 0 (not NaN) where there are none
+    total = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)  # [B]
+    return total / mask.sum(-1).clamp(min=1).to(total.dtype)  # [B]
 
 
 def kl_penalized_advantages(advantages, kl, beta=1.0):

@@ -18,9 +18,11 @@ Usage (one update):
     lp = sequence_logprob(token_logprobs(logits, tokens, 0.2), th_mask, act_mask, 0.5)
     pg, stats = policy_loss(lp, old_lp, adv[idx])
     loss = pg + 0.5 * value_loss(v, ret.flatten()[idx])
-    for minibatch, ends_epoch in minibatches(len(adv), epochs=4, size=128):
-        norms, stepped = accumulated_step(loss_of_indices, minibatch, 8, optimizer, [(params, 0.01)],
-                                          may_step=lambda: approx_kl_so_far <= 1.5 * target_kl)
+    for epoch in range(4):                              # train.py:ppo_update writes these loops out
+        order = torch.randperm(len(adv)).tolist()
+        for start in range(0, len(adv), 128):
+            norms, stepped = accumulated_step(loss_of_indices, order[start:start + 128], 8, optimizer,
+                                              [(actor_params, 0.01), (critic_params, 1.0)])
     explained_variance(values, returns)                 # diagnostics an RL engineer reads,
     gradient_norms({"policy": pg, "value": vf}, lora)   # with variance_shares and policy_loss's stats
 """
@@ -127,6 +129,14 @@ def value_loss(values, returns, old_values=None, clip=None):
     return 0.5 * torch.max(unclipped, (values_clipped - returns) ** 2).mean()
 
 
+def masked_mean(x, mask, dim=-1):
+    """Mean of x over the positions where mask is set; 0 (not NaN) where the mask is empty,
+    e.g. the mean entropy of an answer's tokens."""
+    mask = mask.bool()
+    total = torch.where(mask, x, torch.zeros_like(x)).sum(dim)
+    return total / mask.sum(dim).clamp(min=1).to(total.dtype)
+
+
 def explained_variance(values, returns):
     """1 - Var(R - V) / Var(R) over the batch: 1 is a perfect critic, 0 one no better than the
     mean return, below 0 a critic that adds noise. NaN when the returns do not vary."""
@@ -153,28 +163,12 @@ def gradient_norms(losses, params):
     return norms
 
 
-def minibatches(samples, epochs, size):
-    """PPO's epochs over one rollout (§3): yields (mini-batch of sample indices, last of its epoch?),
-    each epoch a fresh shuffle of range(samples), drawn when the epoch starts (so a loop that
-    stops early draws no more random numbers than it used)."""
-    for _ in range(epochs):
-        order = torch.randperm(samples).tolist()
-        for start in range(0, samples, size):
-            yield order[start:start + size], start + size >= samples
-
-
-def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, clip_groups, may_step=None,
-                     model=None):
+def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, clip_groups, model=None):
     """One optimizer step over a mini-batch of sample indices, its gradient accumulated over
     micro-batches (the reference's gradient accumulation; the micro-batch size is a memory
     setting only). `micro_batch_loss(indices)` returns that micro-batch's mean loss.
 
-    `clip_groups` [(params, max_norm), ...]: each group's gradient norm is clipped on its own,
-    the actor's to 0.01 as in the reference, the critic's to its own bound, so that neither
-    spends the other's budget. A step whose gradient norm is not finite is skipped: one NaN
-    would poison the weights for good (and, in GTR-Turbo, the teacher merged from them).
-    `may_step()`, asked once the gradient is in, can veto the step (early stopping on the KL to
-    the rollout policy). `model`: a DistributedDataParallel module (or anything with `no_sync`)
+    The step is `clipped_step(optimizer, clip_groups)`'s. `model`: a DistributedDataParallel module (or anything with `no_sync`)
     whose gradients are averaged over processes once per step, in the last micro-batch's
     backward, instead of in every backward. Returns (norms before clipping, one per group;
     stepped?).
@@ -186,13 +180,21 @@ def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, c
         accumulating = start != starts[-1] and hasattr(model, "no_sync")
         with model.no_sync() if accumulating else contextlib.nullcontext():
             (micro_batch_loss(idx) * len(idx) / len(minibatch)).backward()
-    norms = [torch.nn.utils.clip_grad_norm_(params, max_norm) for params, max_norm in clip_groups]
-    finite = all(torch.isfinite(norm) for norm in norms)
-    if not finite or (may_step is not None and not may_step()):
+    return clipped_step(optimizer, clip_groups)
+
+
+def clipped_step(optimizer, clip_groups):
+    """The optimizer step on accumulated gradients: each group of `clip_groups` [(params,
+    max_norm), ...] clipped to its own norm (the actor's 0.01, the critic's own bound, so that
+    neither spends the other's budget), and no step at all if a norm is not finite: one NaN would
+    poison the weights for good (and, in GTR-Turbo, the teacher merged from them). Returns (the
+    norms before clipping, one per group; stepped?)."""
+    norms = [torch.nn.utils.clip_grad_norm_(params, max_norm).item() for params, max_norm in clip_groups]
+    if not all(math.isfinite(norm) for norm in norms):
         optimizer.zero_grad(set_to_none=True)
-        return [norm.item() for norm in norms], False
+        return norms, False
     optimizer.step()
-    return [norm.item() for norm in norms], True
+    return norms, True
 
 
 def cosine_lr(update, total_updates, lr, lr_min=1e-9):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import envs as gtr_envs
-from distill import masked_mean
+from ppo import masked_mean
 
 
 @dataclass

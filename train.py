@@ -24,9 +24,8 @@ Outputs in --out: config.json, metrics.jsonl (one JSON object per update), eval.
 """
 
 import collections
-import functools
+import contextlib
 import importlib
-import itertools
 import os
 import sys
 import time
@@ -48,12 +47,11 @@ from plumbing.loader import load_policy
 from plumbing.report import RunLog, log_update, run_evaluation
 from plumbing.tinyvlm import TINY_MODELS, offline_model
 from ppo import (
-    accumulated_step,
+    clipped_step,
     cosine_lr,
     explained_variance,
     gae,
     gradient_norms,
-    minibatches,
     normalize_advantages,
     policy_loss,
     value_loss,
@@ -416,64 +414,72 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
     old_logprobs = batch.old_logprobs.flatten()  # [T*N]
     old_values = batch.values.flatten()  # [T*N], the value clip's anchor
     targets = guidance.sft_targets if args.guidance == "sft" else None
-    logs = collections.defaultdict(list)
     world = dist.get_world_size() if dist.is_initialized() else 1
     policy = model.module if world > 1 else model  # DDP wraps the policy
     if args.value_norm:  # the running statistics of the critic's targets, over all processes
         policy.update_return_stats(*batch_statistics(returns, world))
     clip_groups = [(group["params"], group["max_grad_norm"]) for group in optimizer.param_groups]
-
-    def within_kl(first):
-        # Early stop (--target-kl): the mini-batch's approx_kl to the rollout policy, measured before this
-        # step (logs[first:]), must stay under 1.5x the target. Averaged over processes: they step and stop together.
-        return not args.target_kl or all_mean(logs["approx_kl"][first:], world) <= 1.5 * args.target_kl
-
-    steps = steps_at_snapshot = 0
-    batches = minibatches(len(old_logprobs), args.ppo_epochs, args.minibatch_size)
-    if next(policy.parameters()).dtype != torch.float32:
-        # bfloat16 rounds differently in differently padded batches: the rollout's log-probs and
-        # PPO's of the same policy differ by up to 0.02 at T = 0.2 (docs/ALGORITHM.md §6), which
-        # the early stop would read as a step. Recomputed in the first epoch's own micro-batches,
-        # every ratio before the first step is exactly 1. (In float32 they agree to 1e-6.)
-        first_epoch = list(itertools.islice(batches, -(-len(old_logprobs) // args.minibatch_size)))
-        old_logprobs = recomputed_logprobs(model, batch, first_epoch, targets, args)
-        batches = itertools.chain(first_epoch, batches)
-    for minibatch, ends_epoch in batches:
-        first = len(logs["approx_kl"])
-        # §4.2: the SFT loss is the NLL over the mini-batch's guided tokens, however it is split.
-        sft_tokens = sum(guidance.sft_tokens[i] for i in minibatch) / len(minibatch) if targets else 0.0
-        loss_of = functools.partial(micro_batch_loss, model, batch, advantages, returns, old_logprobs,
-                                    old_values, targets, sft_tokens, args, logs)  # loss_of(indices)
-        (grad_norm, critic_grad_norm), stepped = accumulated_step(
-            loss_of, minibatch, args.micro_batch_size, optimizer, clip_groups,
-            may_step=lambda: within_kl(first), model=model)
-        logs["grad_norm"].append(grad_norm)
-        logs["grad_norm_critic"].append(critic_grad_norm)
-        logs["skipped_steps"].append(not stepped and not np.isfinite(grad_norm + critic_grad_norm))
-        steps += stepped
-        stop = not within_kl(first)  # the update ends here
-        if snapshots is not None and (ends_epoch or stop) and steps > steps_at_snapshot:
+    samples = len(old_logprobs)
+    logs = collections.defaultdict(list)
+    steps, stop = 0, False
+    for epoch in range(args.ppo_epochs):
+        order = torch.randperm(samples).tolist()  # [T*N], this epoch's shuffle
+        if epoch == 0 and next(policy.parameters()).dtype != torch.float32:
+            # bfloat16 rounds differently in differently padded batches: the rollout's log-probs
+            # and PPO's of the same policy differ by up to 0.02 at T = 0.2 (docs/ALGORITHM.md §6),
+            # which the early stop would read as a step. Recomputed in this epoch's own
+            # micro-batches, every ratio before the first step is exactly 1.
+            old_logprobs = recomputed_logprobs(model, batch, order, targets, args)
+        steps_in_epoch = 0
+        for start in range(0, samples, args.minibatch_size):
+            minibatch = order[start:start + args.minibatch_size]
+            # §4.2: the SFT loss is the NLL over the mini-batch's guided tokens, however it is split.
+            sft_tokens = sum(guidance.sft_tokens[i] for i in minibatch) / len(minibatch) if targets else 0.0
+            # One gradient over the mini-batch, accumulated over micro-batches; DDP all-reduces it
+            # in the last micro-batch's backward only.
+            optimizer.zero_grad(set_to_none=True)
+            first = len(logs["approx_kl"])  # this mini-batch's statistics are logs[...][first:]
+            for micro in range(0, len(minibatch), args.micro_batch_size):
+                idx = minibatch[micro:micro + args.micro_batch_size]
+                last = micro + args.micro_batch_size >= len(minibatch)
+                with contextlib.nullcontext() if last or world == 1 else model.no_sync():
+                    loss = micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values,
+                                            targets, sft_tokens, args, logs, idx,
+                                            diagnose=epoch == start == micro == 0)
+                    (loss * len(idx) / len(minibatch)).backward()
+            if epoch == start == 0:  # before any step the ratio is 1 up to rounding (bf16)
+                logs["first_log_ratio_max"].append(max(logs["log_ratio_max"]))
+            # Early stop (--target-kl): the mini-batch's approx_kl to the rollout policy, before
+            # this step, averaged over processes so that they all stop together.
+            if args.target_kl and all_mean(logs["approx_kl"][first:], world) > 1.5 * args.target_kl:
+                stop = True
+                break
+            (grad_norm, critic_grad_norm), stepped = clipped_step(optimizer, clip_groups)
+            logs["grad_norm"].append(grad_norm)
+            logs["grad_norm_critic"].append(critic_grad_norm)
+            logs["skipped_steps"].append(not stepped)
+            steps_in_epoch += stepped
+        steps += steps_in_epoch
+        if snapshots is not None and steps_in_epoch:  # §4.1: the policy after this epoch
             snapshots.append(policy.adapter_state("policy"))
-            steps_at_snapshot = steps
         if stop:
             break
     return diagnostics | {"sft_loss": float("nan")} | {k: float(np.mean(v)) for k, v in logs.items()} | {
         "log_ratio_max": max(logs["log_ratio_max"]), "skipped_steps": int(sum(logs["skipped_steps"])),
-        # Before any step the ratio is 1 up to rounding: this measures the scoring's precision (bf16).
-        "first_log_ratio_max": max(logs["log_ratio_max"][:-(-args.minibatch_size // args.micro_batch_size)]),
         "optimizer_steps": steps}
 
 
 @torch.no_grad()
-def recomputed_logprobs(model, batch, first_epoch, targets, args):
-    """The sequence log-probs of the rollout's answers, [T*N], each scored in the micro-batch
-    the first PPO epoch will score it in (the same padding, the same SFT targets beside it)."""
+def recomputed_logprobs(model, batch, order, targets, args):
+    """The sequence log-probs of the rollout's answers, [T*N], each scored in the micro-batch of
+    the epoch order `order` that PPO will score it in (same padding, same SFT targets beside it)."""
     logprobs = batch.old_logprobs.flatten().clone()  # [T*N]
-    for minibatch, _ in first_epoch:
-        for start in range(0, len(minibatch), args.micro_batch_size):
-            idx = minibatch[start:start + args.micro_batch_size]
-            out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx], args.temperature,
-                        targets=micro_batch_targets(targets, idx))
+    for start in range(0, len(order), args.minibatch_size):
+        minibatch = order[start:start + args.minibatch_size]
+        for micro in range(0, len(minibatch), args.micro_batch_size):
+            idx = minibatch[micro:micro + args.micro_batch_size]
+            out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx],
+                        args.temperature, targets=micro_batch_targets(targets, idx))
             logprobs[idx] = out["seq_logprob"].float().cpu()
     return logprobs
 
@@ -486,9 +492,11 @@ def micro_batch_targets(targets, idx):
 
 
 def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values, targets, sft_tokens,
-                     args, logs, idx):
+                     args, logs, idx, diagnose=False):
     """PPO loss (+ the SFT loss on the teacher's thoughts) of the micro-batch `idx`, in ONE model
-    call. `sft_tokens`: guided tokens per sample of the mini-batch (SFT guidance)."""
+    call, and policy_loss's statistics; both are appended to `logs` too. `sft_tokens`: guided
+    tokens per sample of the mini-batch (SFT guidance). `diagnose`: also log each loss's gradient
+    norm on the policy adapter (the update's first micro-batch, before any step)."""
     # Answers scored at the sampling temperature (§2); SFT guidance: the teacher's answers in the same call, a second
     # continuation of each prompt, at temperature 1 (the reference's). None where no teacher answer parsed here.
     sft_targets = micro_batch_targets(targets, idx)
@@ -503,7 +511,7 @@ def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values
     critic_loss = value_loss(policy.normalize(out["value"]), policy.normalize(returns[idx].to(device)),
                              policy.normalize(old_values[idx].to(device)), clip=args.value_clip or None)
     vf_loss = args.vf_coef * critic_loss
-    if "grad_norm_policy_loss" not in logs:  # the update's first micro-batch, before any step
+    if diagnose:
         # Their gradients on the policy adapter: with --critic shared, if the value loss's is much
         # larger, the critic's regression, not the policy gradient, moves it (0 otherwise).
         actor = list(policy.adapter_parameters("policy").values())
@@ -514,8 +522,7 @@ def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values
         logs[key].append(value.item())
     if sft_targets is not None:  # the teacher's thought tokens are imitated, or its whole answer (--guide-tokens all)
         guided = out["target_mask"] if args.guide_tokens == "all" else out["target_thought_mask"]
-        # accumulated_step weights this micro-batch's loss by its share of the mini-batch's
-        # samples; dividing the NLL by sft_tokens x its samples makes the accumulated SFT term
+        # ppo_update weights this micro-batch's loss by its share of the mini-batch's samples; dividing the NLL by sft_tokens x its samples makes the accumulated SFT term
         # the NLL summed over the mini-batch's guided tokens, divided by their number.
         guidance_loss = sft_loss(out["target_logprobs"], guided, tokens=sft_tokens * len(idx))
         loss = loss + args.sft_coef * guidance_loss

@@ -14,20 +14,21 @@ Importing the package registers them with gymnasium:
     game.facts()                    #   what a thought grounded in this state names
 
 Every environment takes ``image_size`` (default 300) and ``render_mode`` (None or "rgb_array");
-NumberLine also ``max_position`` (default 5). The answer format helpers and the thought-collapse
-measures are re-exported here. ``gtr/ALFWorld-v0`` is registered too; it needs the optional
+NumberLine also ``max_position`` (default 5). The answer format helpers (answer.py) and the
+thought-collapse measures (thoughts.py) are re-exported here. ``gtr/ALFWorld-v0`` is registered too; it needs the optional
 ``alfworld`` package and its data (alfworld_env.py).
 """
 import gymnasium
 
 from . import alfworld_env
 from .alfworld_env import ALFWorldEnv
+from .answer import ANSWER_OPENING, action_span, extract_thoughts, format_answer, parse_action
 from .blackjack import BlackjackEnv
-from .common import ANSWER_OPENING, action_span, extract_thoughts, format_answer, parse_action, thought_diversity, thought_grounding
 from .ez_points import EZPointsEnv
 from .household import HouseholdEnv
 from .number_line import NumberLineEnv
 from .points24 import Points24Env
+from .thoughts import thought_diversity, thought_grounding
 
 ENV_CLASSES = {
     "gtr/NumberLine-v0": NumberLineEnv,

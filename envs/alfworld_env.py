@@ -50,7 +50,9 @@ import os
 import re
 from functools import lru_cache
 
-from .common import ANSWER_INSTRUCTION, INK, VisualTextEnv, check_option_keys, draw_text, wrap_words
+from .answer import ANSWER_INSTRUCTION
+from .base import VisualTextEnv, check_option_keys
+from .drawing import INK, draw_text, wrap_words
 
 MAX_COMMANDS = 65536
 INSTALL = ("gtr/ALFWorld-v0 needs the alfworld package and its game files: pip install alfworld, then "

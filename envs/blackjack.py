@@ -30,10 +30,10 @@ Use::
 """
 from __future__ import annotations
 
-from .common import (
-    ANSWER_INSTRUCTION, SUITS, VisualTextEnv, card_value, check_option_keys, check_ranks, draw_text,
-    hand_boxes, paste_cards,
-)
+from .answer import ANSWER_INSTRUCTION
+from .base import VisualTextEnv, check_option_keys
+from .cards import SUITS, card_value, check_ranks, hand_boxes, paste_cards
+from .drawing import draw_text
 
 
 def hand_total(ranks) -> tuple[int, bool]:

@@ -23,7 +23,7 @@ Use::
 """
 from __future__ import annotations
 
-from .common import card_value
+from .cards import card_value
 from .points24 import PointsEnv
 
 

@@ -81,7 +81,9 @@ from __future__ import annotations
 
 from PIL import ImageDraw
 
-from .common import ANSWER_INSTRUCTION, INK, VisualTextEnv, check_option_keys, draw_text
+from .answer import ANSWER_INSTRUCTION
+from .base import VisualTextEnv, check_option_keys
+from .drawing import INK, draw_text
 
 RECEPTACLES = ["fridge 1", "microwave 1", "sink 1", "cabinet 1", "drawer 1", "countertop 1", "table 1", "desk 1"]
 OPENABLE = ("fridge 1", "microwave 1", "cabinet 1", "drawer 1")  # also the expert's search order

@@ -34,7 +34,9 @@ Use::
 """
 from __future__ import annotations
 
-from .common import ANSWER_INSTRUCTION, VisualTextEnv, check_option_keys, draw_text
+from .answer import ANSWER_INSTRUCTION
+from .base import VisualTextEnv, check_option_keys
+from .drawing import draw_text
 
 
 class NumberLineEnv(VisualTextEnv):

@@ -49,10 +49,10 @@ from __future__ import annotations
 from fractions import Fraction
 from functools import lru_cache
 
-from .common import (
-    ANSWER_INSTRUCTION, VisualTextEnv, card_value, check_option_keys, check_ranks, draw_text,
-    hand_boxes, paste_cards, wrap_words, SUITS,
-)
+from .answer import ANSWER_INSTRUCTION
+from .base import VisualTextEnv, check_option_keys
+from .cards import SUITS, card_value, check_ranks, hand_boxes, paste_cards
+from .drawing import draw_text, wrap_words
 
 # ----------------------------------------------------------------------------- formulas
 # Precedence levels of a (sub)formula: 1 = a sum or difference at its top, 2 = a product or

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from distill import kl_estimate, kl_penalized_advantages, masked_mean, retry_temperatures, sft_loss
+from distill import kl_estimate, kl_penalized_advantages, retry_temperatures, sft_loss
+from ppo import masked_mean
 
 # Policy p and teacher q over 4 tokens; q/p <= 2.5, so the forward estimator's clamp at 10
 # never engages and its estimate is unbiased here.

@@ -244,6 +244,8 @@ def test_readme_states_the_default_configuration():
 
 def test_tensorboard_and_wandb_log_every_metric(tiny_dir, tmp_path, monkeypatch):
     """--tensorboard and --wandb (offline, no network) get every metrics key and the evaluations."""
+    for extra in ("tensorboard", "wandb"):
+        pytest.importorskip(extra, reason=f"{extra} is an optional extra (requirements-dev.txt)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -269,6 +271,7 @@ def test_missing_logging_extra_is_named_in_one_line(tmp_path):
 
 def test_plot_draws_a_run(tiny_dir, tmp_path):
     """scripts/plot.py draws a short run (its metrics and evaluations) into one PNG."""
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra (requirements-dev.txt)")
     run = tmp_path / "run"
     run_train(tiny_dir, run, "--guidance", "kl")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"), str(run), "--smooth", "2"],
