@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import gymnasium as gym
 import torch
@@ -48,15 +49,14 @@ import torch
 import envs  # noqa: F401  (registers the environments)
 from demonstrations import warm_start
 from plumbing.distributed import setup_distributed
-from plumbing.flags import parse_dataclass
+from plumbing.flags import invalid, parse_dataclass
 from rollout import Rollout
 from teacher import Teacher
 from train import (
-    CHOICES,
-    RANGES,
     Args,
     actor_critic_optimizer,
     build_policy,
+    check_args,
     ppo_update,
     resolve_warmup,
 )
@@ -73,7 +73,7 @@ class BenchArgs(Args):
     """comma-separated numbers of prompts for the generation throughput, e.g. 1,8,32 (empty: skip)"""
     peak_tflops: float = 0.0
     """the device's peak dense bf16 TFLOP/s for the MFU (0: look it up by GPU name; none on CPU)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """the model's weights: auto (float32 on CPU, bfloat16 on GPU), bfloat16 or float32"""
 
 
@@ -240,7 +240,10 @@ def main(args):
 
 if __name__ == "__main__":
     # train.py's auto warm start too: a tiny model warm-starts, a real one does not.
-    ranges = RANGES | {"repeats": "positive", "peak_tflops": "non-negative"}
-    choices = CHOICES | {"dtype": ("auto", "bfloat16", "float32")}
-    args = parse_dataclass(BenchArgs, sys.argv[1:], __doc__, choices=choices, ranges=ranges)
+    args = parse_dataclass(BenchArgs, sys.argv[1:], __doc__)
+    check_args(args)
+    if args.repeats <= 0:
+        invalid("repeats", args.repeats, "positive")
+    if args.peak_tflops < 0:
+        invalid("peak_tflops", args.peak_tflops, "non-negative")
     main(resolve_warmup(args))

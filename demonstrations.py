@@ -38,7 +38,8 @@ def expert_demonstrations(envs, rng, explore=0.2):
         for i, env in enumerate(envs):
             game = env.unwrapped
             thoughts, action = game.expert()
-            yield observations[i], game.prompt(), gtr_envs.format_answer(thoughts, game.actions[action])
+            yield (observations[i], game.prompt(),
+                   gtr_envs.format_answer(thoughts, game.actions[action]))
             if rng.random() < explore:
                 action = int(rng.integers(len(game.actions)))
             observations[i], _, terminated, truncated, _ = env.step(action)
@@ -52,7 +53,8 @@ def warm_start(model, policy, trainable, args, rank, world):
     seed, num_envs, warmup_sft_steps, warmup_lr, warmup_batch_size, micro_batch_size."""
     optimizer = torch.optim.Adam(trainable, lr=args.warmup_lr)
     held_out = list(itertools.islice(
-        expert_demonstrations([gym.make(args.env) for _ in range(4)], np.random.default_rng(10**6)), 32))
+        expert_demonstrations([gym.make(args.env) for _ in range(4)],
+                              np.random.default_rng(10**6)), 32))
     demonstrations = expert_demonstrations([gym.make(args.env) for _ in range(args.num_envs)],
                                            np.random.default_rng(args.seed + 7919 * (rank + 1)))
     loss_before = demonstration_loss(policy, held_out, args.micro_batch_size)
@@ -68,7 +70,8 @@ def warm_start(model, policy, trainable, args, rank, world):
 
     for _ in tqdm(range(args.warmup_sft_steps), disable=rank != 0, desc="warm start"):
         demos = list(itertools.islice(demonstrations, args.warmup_batch_size))
-        accumulated_step(loss_of, demos, args.micro_batch_size, optimizer, [(trainable, 1.0)], model=model)
+        accumulated_step(loss_of, demos, args.micro_batch_size, optimizer, [(trainable, 1.0)],
+                         model=model)
     loss_after = demonstration_loss(policy, held_out, args.micro_batch_size)
     if rank == 0:
         tqdm.write(f"warm start: held-out SFT loss {loss_before:.3f} -> {loss_after:.3f} "

@@ -64,14 +64,15 @@ def kl_estimate(policy_logprobs, teacher_logprobs, mask, estimator="clip", max_v
 
 
 def kl_penalized_advantages(advantages, kl, beta=1.0):
-    """A' = A - beta * KL_hat (docs/ALGORITHM.md §4.3), after GAE. The reference subtracts it from the
-    return instead, which moves that step's advantage by the same amount. The KL is a
+    """A' = A - beta * KL_hat (docs/ALGORITHM.md §4.3), after GAE. The reference subtracts it from
+    the return instead, which moves that step's advantage by the same amount. The KL is a
     penalty on the step, not a loss: it is detached so no gradient flows through it."""
     return advantages - beta * kl.detach()
 
 
 def sft_loss(logprobs, mask, tokens=None):
-    """Negative log-likelihood of the teacher's thought tokens (docs/ALGORITHM.md §4.2 L_SFT), scalar.
+    """Negative log-likelihood of the teacher's thought tokens (docs/ALGORITHM.md §4.2 L_SFT),
+    scalar.
 
     `logprobs` [B, L] are the POLICY's log-probs of the teacher's answer tokens; `mask` [B, L]
     marks the tokens imitated: the thought tokens, which leaves out the action tokens (the

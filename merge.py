@@ -49,7 +49,8 @@ def linear(state_dicts: list[StateDict], weights: list[float]) -> StateDict:
 
 
 def _trim(task_vector: Tensor, density: float) -> Tensor:
-    """Keep the round(density * numel) entries of largest magnitude (at least one), zero the rest."""
+    """Keep the round(density * numel) entries of largest magnitude (at least one), zero the
+    rest."""
     flat = task_vector.flatten()  # [numel]
     n_keep = max(1, round(density * flat.numel()))
     kept = torch.zeros_like(flat)
@@ -59,7 +60,8 @@ def _trim(task_vector: Tensor, density: float) -> Tensor:
 
 
 def ties(task_vectors: list[StateDict], weights: list[float], density: float = 0.8) -> StateDict:
-    """TIES-merging with weights (docs/ALGORITHM.md §4.1 steps 1-3), per tensor, computed in float32.
+    """TIES-merging with weights (docs/ALGORITHM.md §4.1 steps 1-3), per tensor, computed in
+    float32.
 
     Note: trimming makes TIES lossy even on identical inputs: merging n copies of tau returns
     trim(tau) (its smallest 1-density entries zeroed), not tau. Linear merging of identical
@@ -68,7 +70,8 @@ def ties(task_vectors: list[StateDict], weights: list[float], density: float = 0
     merged = {}
     for name, first in task_vectors[0].items():
         # 1. Trim: top-`density` entries by magnitude of each task vector.
-        trimmed = torch.stack([_trim(tv[name].float(), density) for tv in task_vectors])  # [n, *shape]
+        trimmed = torch.stack(
+            [_trim(tv[name].float(), density) for tv in task_vectors])  # [n, *shape]
         w = _weight_tensor(weights, first.dim()).to(trimmed.device)  # [n, 1, ..., 1]
         # 2. Elect: sign of the WEIGHTED sum, so a heavy checkpoint outvotes several light ones.
         elected = torch.sign((w * trimmed).sum(0))  # [*shape]
@@ -132,7 +135,8 @@ def _check_inputs(state_dicts: list[StateDict], weights: list[float], method: st
         for name, tensor in sd.items():
             if tensor.shape != reference[name].shape:
                 raise ValueError(f"mismatched shapes for {name!r} between state dict 0 and "
-                                 f"{label}: {tuple(reference[name].shape)} vs {tuple(tensor.shape)}")
+                                 f"{label}: {tuple(reference[name].shape)} vs "
+                                 f"{tuple(tensor.shape)}")
 
 
 @torch.no_grad()
@@ -146,7 +150,8 @@ def merge(state_dicts: list[StateDict], weights: list[float], method: str = "tie
     if base is None:
         task_vectors = state_dicts
     else:
-        task_vectors = [{n: t.float() - base[n].float() for n, t in sd.items()} for sd in state_dicts]
+        task_vectors = [{n: t.float() - base[n].float() for n, t in sd.items()}
+                        for sd in state_dicts]
     if method == "linear":
         merged = linear(task_vectors, weights)
     elif method == "ties":
@@ -209,7 +214,8 @@ def update_teacher(teacher: StateDict | None, policy: StateDict | list[StateDict
     the result to the adapter's rank r by truncated SVD (the best rank-r approximation,
     Eckart-Young; exact when the merged delta has rank <= r). B @ A leaves out the LoRA scaling
     alpha/r, which is the same for both inputs and every operator here commutes with a positive
-    scale, so it cancels. Tensors outside LoRA pairs (modules_to_save, value head) merge as they are.
+    scale, so it cancels. Tensors outside LoRA pairs (modules_to_save, value head) merge as they
+    are.
     """
     snapshots = policy if isinstance(policy, list) else [policy]
     w_new, w_old = teacher_weights(k, scheme, alpha)
@@ -227,7 +233,8 @@ def update_teacher(teacher: StateDict | None, policy: StateDict | list[StateDict
         raise ValueError(f"unknown merge space {space!r}; expected 'factors' or 'delta'")
     pairs = lora_pairs(snapshots[0])
     if not pairs:
-        raise ValueError("space='delta' needs LoRA keys ('...lora_A.weight' / '...lora_B.weight'), found none")
+        raise ValueError("space='delta' needs LoRA keys ('...lora_A.weight' / '...lora_B.weight'), "
+                         "found none")
     _check_inputs(inputs, weights, method, density, None)
     lora_keys = {key for pair in pairs.values() for key in pair}
     others = [{n: t for n, t in sd.items() if n not in lora_keys} for sd in inputs]
@@ -236,7 +243,8 @@ def update_teacher(teacher: StateDict | None, policy: StateDict | list[StateDict
     # once, one layer's at most a few hundred MB. TIES trims each tensor on its own, so merging
     # layer by layer gives the same result; DARE draws layer i's masks from seed + i.
     for i, (prefix, (a_key, b_key)) in enumerate(pairs.items()):
-        deltas = [{prefix: sd[b_key].float() @ sd[a_key].float()} for sd in inputs]  # [out, in] each
+        deltas = [{prefix: sd[b_key].float() @ sd[a_key].float()}
+                  for sd in inputs]  # [out, in] each
         merged_delta = merge(deltas, weights, method, density, seed + i)[prefix]  # [out, in]
         rank = snapshots[0][a_key].shape[0]
         u, s, vh = torch.linalg.svd(merged_delta, full_matrices=False)  # [out, m], [m], [m, in]

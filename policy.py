@@ -4,7 +4,8 @@ docs/ALGORITHM.md §2 (RL4VLM): the agent reads (image, prompt) and answers with
 `{"thoughts": "...", "action": "+"}`. For PPO the answer y is one action whose log-probability
 weights the thought tokens by lambda (the "thought probability coefficient"):
 
-    log pi(a | o) = lambda * sum_{t in thought} log p(y_t | o, y_<t) + sum_{t in action} log p(y_t | o, y_<t)
+    log pi(a | o) = lambda * sum_{t in thought} log p(y_t | o, y_<t)
+                    + sum_{t in action} log p(y_t | o, y_<t)
 
 with the logits divided by the sampling temperature, in float32. The critic is an MLP on the
 last-layer hidden state of the last prompt token, sharing the LoRA backbone with the actor.
@@ -22,7 +23,8 @@ Use:
     batch = policy.encode(images, prompts)            # list of per-sample model inputs
     ids, texts = policy.generate(batch, temperature=0.2, max_new_tokens=64)
     out = policy(batch, ids)                          # logprobs, masks, seq_logprob, value
-    out = policy(batch, ids, targets=teacher_ids)     # + target_logprobs of other answers, same prompts
+    out = policy(batch, ids, targets=teacher_ids)     # + target_logprobs of other answers, same
+                                                      # prompts
 """
 
 import contextlib
@@ -70,7 +72,8 @@ class _SampleLogits:
     that would break the next forward pass. Per-row temperatures let one call sample at several."""
 
     def __init__(self, mask, temperatures=None):
-        self.mask, self.temperatures = mask, temperatures  # [vocab] bool; [batch, 1] or None (greedy)
+        self.mask = mask                  # [vocab] bool
+        self.temperatures = temperatures  # [batch, 1] or None (greedy)
 
     def __call__(self, input_ids, scores):
         if self.temperatures is not None:
@@ -92,7 +95,8 @@ class ActorCritic(nn.Module):
         self.thought_coef = thought_coef        # lambda of docs/ALGORITHM.md §2
         self.image_size = image_size            # resize observations to this before the processor
         hidden = model.get_base_model().config.get_text_config().hidden_size
-        # docs/ALGORITHM.md §2: hidden -> 1024 -> 512 -> 1, kept in float32 whatever the backbone's dtype.
+        # docs/ALGORITHM.md §2: hidden -> 1024 -> 512 -> 1, kept in float32 whatever the
+        # backbone's dtype.
         self.value_head = nn.Sequential(nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
                                         nn.ReLU(), nn.Linear(512, 1))
         # Running mean and variance of the critic's targets (--value-norm): the head predicts
@@ -104,7 +108,8 @@ class ActorCritic(nn.Module):
         # probability at the first answer position falls before answers stop parsing.
         self.opening_id = None
         if answer_opening:
-            self.opening_id = self.tokenizer(answer_opening, add_special_tokens=False)["input_ids"][0]
+            self.opening_id = self.tokenizer(answer_opening,
+                                             add_special_tokens=False)["input_ids"][0]
         if critic == "adapter":
             # The critic's own LoRA adapter on the same frozen base: its gradient never reaches
             # the policy adapter (verl's and OpenRLHF's separate critic, at one adapter's cost).
@@ -113,10 +118,12 @@ class ActorCritic(nn.Module):
         self.register_buffer("suppressed", self._suppressed_ids(), persistent=False)
         self._mask_cache = {}  # response token ids -> (thought_mask, action_mask)
         # transformers' layers that can recompute their activations in backward (ActorCritic.train).
-        self._checkpoint_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        self._checkpoint_layers = [m for m in model.modules()
+                                   if isinstance(m, GradientCheckpointingLayer)]
 
     def _suppressed_ids(self):
-        """[vocab] bool: vision placeholders, padding that is not a stop token, unused embedding rows.
+        """[vocab] bool: vision placeholders, padding that is not a stop token, unused embedding
+        rows.
 
         An untrained model happily samples <|image_pad|>; the next forward pass then fails with
         "Image features and image tokens do not match". Masking the same ids in `forward` keeps
@@ -146,7 +153,8 @@ class ActorCritic(nn.Module):
         if ids not in self._mask_cache:
             if len(self._mask_cache) > 65536:
                 self._mask_cache.clear()
-            self._mask_cache[ids] = thought_action_masks(self.tokenizer, list(ids), self.action_span)
+            self._mask_cache[ids] = thought_action_masks(self.tokenizer, list(ids),
+                                                         self.action_span)
         return self._mask_cache[ids]
 
     @property
@@ -158,11 +166,14 @@ class ActorCritic(nn.Module):
         """Process (image, prompt) pairs once into per-sample model inputs, reused by every pass."""
         encoded = []
         for image, prompt in zip(images, prompts):
-            image = Image.fromarray(np.asarray(image)) if not isinstance(image, Image.Image) else image
+            if not isinstance(image, Image.Image):
+                image = Image.fromarray(np.asarray(image))
             if self.image_size:
                 image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            messages = [{"role": "user",
+                         "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)
             inputs = self.processor(images=[image], text=[text], return_tensors="pt")
             encoded.append({"input_ids": inputs["input_ids"][0],            # [prompt_len]
                             "pixel_values": inputs["pixel_values"],        # [patches, patch_dim]
@@ -174,7 +185,8 @@ class ActorCritic(nn.Module):
         responses = responses or [torch.zeros(0, dtype=torch.long)] * len(encoded)
         sequences = [torch.cat([e["input_ids"], r.cpu()]) for e, r in zip(encoded, responses)]
         length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(sequences), length), self.tokenizer.pad_token_id,
+                               dtype=torch.long)
         attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
         for i, s in enumerate(sequences):
             input_ids[i, length - len(s):], attention_mask[i, length - len(s):] = s, 1
@@ -185,17 +197,20 @@ class ActorCritic(nn.Module):
                  "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
                  "image_grid_thw": torch.cat([e["image_grid_thw"] for e in encoded])}
         dtype = self.model.get_base_model().dtype
-        return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
+        return {k: v.to(self.device, dtype=dtype if v.is_floating_point() else None)
+                for k, v in batch.items()}
 
     # -- acting -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, encoded, temperature=0.2, max_new_tokens=256):
         """Sample one answer per sample in ONE batched call. `temperature`: one for all or one
-        per sample; 0 means greedy. Returns (response ids, 1-D and ending at the stop token; texts)."""
+        per sample; 0 means greedy. Returns (response ids, 1-D and ending at the stop token;
+        texts)."""
         from transformers import GenerationConfig, LogitsProcessorList
         batch = self._collate(encoded)
         stop = self.stop_ids()
-        temperatures = torch.as_tensor(temperature, dtype=torch.float32).expand(len(encoded)).reshape(-1, 1)
+        temperatures = (torch.as_tensor(temperature, dtype=torch.float32)
+                        .expand(len(encoded)).reshape(-1, 1))
         greedy = bool((temperatures == 0).all())
         if not greedy and (temperatures <= 0).any():
             raise ValueError("generate: temperatures must be all positive, or all 0 (greedy)")
@@ -205,9 +220,9 @@ class ActorCritic(nn.Module):
         # The temperature itself is applied per row by _SampleLogits, so the sampled distribution
         # is exactly softmax(logits / T) over the allowed tokens, the one PPO scores.
         sampling = {} if greedy else dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0)
-        config = GenerationConfig(do_sample=not greedy, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                                  max_new_tokens=max_new_tokens, eos_token_id=stop,
-                                  pad_token_id=self.tokenizer.pad_token_id)
+        config = GenerationConfig(do_sample=not greedy, **sampling, repetition_penalty=1.0,
+                                  no_repeat_ngram_size=0, max_new_tokens=max_new_tokens,
+                                  eos_token_id=stop, pad_token_id=self.tokenizer.pad_token_id)
         processor = _SampleLogits(self.suppressed, None if greedy else temperatures)
         # Layers marked as training for gradient checkpointing (see `train`) are unmarked while
         # sampling: transformers before 5.24 drops the key-value cache of a marked layer even
@@ -263,12 +278,15 @@ class ActorCritic(nn.Module):
         # docs/ALGORITHM.md §2: position p predicts token p+1, so the last `width` tokens are
         # scored from the `width` positions before them, at the sampling temperature, in float32.
         width = int(lengths.max())
-        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=self.device).reshape(-1, 1, 1)
-        logprobs, entropy = self._score(hidden[:, -width - 1:-1], batch["input_ids"][:, -width:], temperature)
+        temperature = torch.as_tensor(temperature, dtype=torch.float32,
+                                      device=self.device).reshape(-1, 1, 1)
+        logprobs, entropy = self._score(hidden[:, -width - 1:-1], batch["input_ids"][:, -width:],
+                                        temperature)
         response_mask, thought_mask, action_mask = self._aligned_masks(responses, width, right=True)
         logprobs = logprobs.masked_fill(~response_mask, 0.0)  # [batch, width]
         # log pi(a|o) = lambda * sum_thought log p + sum_action log p
-        seq_logprob = sequence_logprob(logprobs, thought_mask, action_mask, self.thought_coef)  # [batch]
+        seq_logprob = sequence_logprob(logprobs, thought_mask, action_mask,
+                                       self.thought_coef)  # [batch]
         value = self._value(encoded, hidden[rows, last_prompt])  # [batch]
         out = {"logprobs": logprobs, "entropy": entropy, "response_mask": response_mask,
                "thought_mask": thought_mask, "action_mask": action_mask,
@@ -318,7 +336,8 @@ class ActorCritic(nn.Module):
         for start in range(0, ids.shape[1], chunk):
             inputs = (hidden[:, start:start + chunk], ids[:, start:start + chunk], temperature)
             if torch.is_grad_enabled() and hidden.requires_grad:
-                scores.append(torch.utils.checkpoint.checkpoint(self._score_chunk, *inputs, use_reentrant=False))
+                scores.append(torch.utils.checkpoint.checkpoint(self._score_chunk, *inputs,
+                                                                use_reentrant=False))
             else:
                 scores.append(self._score_chunk(*inputs))
         logprobs, entropies = zip(*scores)
@@ -348,14 +367,16 @@ class ActorCritic(nn.Module):
         each [batch, max_target_len] and LEFT-aligned (the targets all start where the prompt ends).
         """
         rows = torch.arange(len(targets), device=self.device)
-        targets = [t.to(self.device) if t is not None else torch.zeros(0, dtype=torch.long, device=self.device)
+        targets = [t.to(self.device) if t is not None
+                   else torch.zeros(0, dtype=torch.long, device=self.device)
                    for t in targets]
         target_width = max(1, max(len(t) for t in targets))
         target_ids = torch.full((len(targets), target_width), self.tokenizer.pad_token_id,
                                 dtype=torch.long, device=self.device)  # [batch, target_width]
         for i, t in enumerate(targets):
             target_ids[i, :len(t)] = t
-        target_mask, target_thought_mask, _ = self._aligned_masks(targets, target_width, right=False)
+        target_mask, target_thought_mask, _ = self._aligned_masks(
+            targets, target_width, right=False)
         # Keys visible to the targets: the prompt (not its padding), NOT the agent's answer, and the
         # target's own earlier tokens (the causal mask adds the order).
         seen = batch["attention_mask"].clone()  # [batch, seq]
@@ -364,13 +385,15 @@ class ActorCritic(nn.Module):
         # Text positions: the three M-RoPE components are equal after the image, so the k-th
         # target token sits at (last prompt token's position) + 1 + k, as the agent's answer does.
         start = positions[:, rows, last_prompt]  # [3, batch]
-        target_positions = start[..., None] + 1 + torch.arange(target_width, device=self.device)  # [3, batch, tw]
+        target_positions = (start[..., None] + 1
+                            + torch.arange(target_width, device=self.device))  # [3, batch, tw]
         continuation = self.model.get_base_model().model(
             input_ids=target_ids, attention_mask=seen, position_ids=target_positions,
             cache=agent_pass.cache, use_cache=True).last_hidden_state  # [batch, tw, hidden]
         # Target token k is predicted from the last prompt token (k = 0) or from target token k-1.
         hidden = agent_pass.last_hidden_state
-        predictors = torch.cat([hidden[rows, last_prompt][:, None], continuation[:, :-1]], dim=1)  # [batch, tw, hidden]
+        predictors = torch.cat([hidden[rows, last_prompt][:, None], continuation[:, :-1]],
+                               dim=1)  # [batch, tw, hidden]
         target_logprobs, _ = self._score(predictors, target_ids)  # [batch, target_width]
         return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
                 "target_mask": target_mask, "target_thought_mask": target_thought_mask}
@@ -382,12 +405,18 @@ class ActorCritic(nn.Module):
         targets = [t if t is not None else torch.zeros(0, dtype=torch.long) for t in targets]
         batch = self._collate(encoded, targets)
         target_width = max(1, max(len(t) for t in targets))
-        hidden = self.model.get_base_model().model(**batch, use_cache=False).last_hidden_state  # [batch, seq, hidden]
-        right_logprobs, _ = self._score(hidden[:, -target_width - 1:-1], batch["input_ids"][:, -target_width:])
-        target_mask, target_thought_mask, _ = self._aligned_masks(targets, target_width, right=False)
-        # Right-aligned (the batch's left padding) to left-aligned: row i's last len_i entries first.
-        shift = torch.tensor([target_width - len(t) for t in targets], device=self.device)[:, None]  # [batch, 1]
-        columns = (torch.arange(target_width, device=self.device) + shift) % target_width  # [batch, target_width]
+        hidden = self.model.get_base_model().model(
+            **batch, use_cache=False).last_hidden_state  # [batch, seq, hidden]
+        right_logprobs, _ = self._score(hidden[:, -target_width - 1:-1],
+                                        batch["input_ids"][:, -target_width:])
+        target_mask, target_thought_mask, _ = self._aligned_masks(
+            targets, target_width, right=False)
+        # Right-aligned (the batch's left padding) to left-aligned: row i's last len_i entries
+        # first.
+        shift = torch.tensor([target_width - len(t) for t in targets],
+                             device=self.device)[:, None]  # [batch, 1]
+        columns = ((torch.arange(target_width, device=self.device) + shift)
+                   % target_width)  # [batch, target_width]
         target_logprobs = right_logprobs.gather(1, columns)  # [batch, target_width]
         return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
                 "target_mask": target_mask, "target_thought_mask": target_thought_mask}
@@ -407,7 +436,8 @@ class ActorCritic(nn.Module):
         if self.critic == "adapter":
             return self._value(encoded, None)
         batch = self._collate(encoded)
-        hidden = self.model.get_base_model().model(**batch).last_hidden_state  # [batch, seq, hidden]
+        hidden = self.model.get_base_model().model(
+            **batch).last_hidden_state  # [batch, seq, hidden]
         return self._value(encoded, hidden[:, -1])
 
     def _value(self, encoded, prompt_state):
@@ -417,7 +447,8 @@ class ActorCritic(nn.Module):
         or a pass of the prompts through the critic's own adapter (adapter)."""
         if self.critic == "adapter":
             with self._critic_adapter():
-                hidden = self.model.get_base_model().model(**self._collate(encoded)).last_hidden_state
+                hidden = self.model.get_base_model().model(
+                    **self._collate(encoded)).last_hidden_state
             prompt_state = hidden[:, -1]  # [batch, hidden], left padding: the last prompt token
         elif self.critic == "detached":
             prompt_state = prompt_state.detach()
@@ -440,8 +471,8 @@ class ActorCritic(nn.Module):
                                         head.return_count.double())
         total = old_count + count
         delta = mean - old_mean
-        head.return_var.copy_((old_var * old_count + var * count + delta ** 2 * old_count * count / total)
-                              / total)
+        head.return_var.copy_((old_var * old_count + var * count
+                               + delta ** 2 * old_count * count / total) / total)
         head.return_mean.copy_(old_mean + delta * count / total)
         head.return_count.copy_(total)
 
@@ -491,7 +522,8 @@ class ActorCritic(nn.Module):
         """{peft state-dict key: live parameter} of one adapter; keys as peft saves them
         (`...lora_A.weight`, the adapter name left out), so any adapter's state fits any other."""
         marker = f".{name}."
-        return {n.replace(marker, "."): p for n, p in self.model.named_parameters() if marker in n and "lora_" in n}
+        return {n.replace(marker, "."): p for n, p in self.model.named_parameters()
+                if marker in n and "lora_" in n}
 
     def critic_parameters(self):
         """The critic's own weights: the value head, and the critic adapter (--critic adapter)."""
@@ -506,9 +538,11 @@ class ActorCritic(nn.Module):
         """Copy weights (e.g. the merged teacher) into an adapter, in place."""
         params = self.adapter_parameters(name)
         if params.keys() != state.keys():
-            raise ValueError(f"adapter state does not fit adapter {name!r} ({len(params.keys() ^ state.keys())} keys "
-                             "differ); was it saved from a model with the same LoRA targets and rank?")
-        torch._foreach_copy_([params[k] for k in state], [state[k].to(params[k].device) for k in state])
+            raise ValueError(f"adapter state does not fit adapter {name!r} "
+                             f"({len(params.keys() ^ state.keys())} keys differ); was it saved "
+                             "from a model with the same LoRA targets and rank?")
+        torch._foreach_copy_([params[k] for k in state],
+                             [state[k].to(params[k].device) for k in state])
 
     def save(self, folder, adapters=("policy",)):
         """Adapters in peft's format (loadable by `PeftModel.from_pretrained`) + the value head."""

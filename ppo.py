@@ -13,7 +13,8 @@ The agent answers each observation with a response y = (thought tokens, action t
 Usage (one update):
 
     adv, ret = gae(rewards, values, next_values, terminated, truncated)     # [T, N]
-    adv = adv + format_bonus - beta * kl                # caller's additions (§3, §4.3); ret unchanged
+    adv = adv + format_bonus - beta * kl                # caller's additions (§3, §4.3);
+                                                        # ret unchanged
     adv = normalize_advantages(adv.flatten())
     lp = sequence_logprob(token_logprobs(logits, tokens, 0.2), th_mask, act_mask, 0.5)
     pg, stats = policy_loss(lp, old_lp, adv[idx])
@@ -21,10 +22,11 @@ Usage (one update):
     for epoch in range(4):                              # train.py:ppo_update writes these loops out
         order = torch.randperm(len(adv)).tolist()
         for start in range(0, len(adv), 128):
-            norms, stepped = accumulated_step(loss_of_indices, order[start:start + 128], 8, optimizer,
-                                              [(actor_params, 0.01), (critic_params, 1.0)])
-    explained_variance(values, returns)                 # diagnostics an RL engineer reads,
-    gradient_norms({"policy": pg, "value": vf}, lora)   # with variance_shares and policy_loss's stats
+            norms, stepped = accumulated_step(
+                loss_of_indices, order[start:start + 128], 8, optimizer,
+                [(actor_params, 0.01), (critic_params, 1.0)])
+    explained_variance(values, returns)                 # diagnostics an RL engineer reads, with
+    gradient_norms({"policy": pg, "value": vf}, lora)   # variance_shares and policy_loss's stats
 """
 import contextlib
 import math
@@ -141,7 +143,8 @@ def explained_variance(values, returns):
     """1 - Var(R - V) / Var(R) over the batch: 1 is a perfect critic, 0 one no better than the
     mean return, below 0 a critic that adds noise. NaN when the returns do not vary."""
     returns_var = returns.float().var()
-    return (1.0 - (returns.float() - values.float()).var() / returns_var).item() if returns_var > 0 else float("nan")
+    return ((1.0 - (returns.float() - values.float()).var() / returns_var).item()
+            if returns_var > 0 else float("nan"))
 
 
 def variance_shares(total, **parts):
@@ -158,20 +161,23 @@ def gradient_norms(losses, params):
     real backward pass, and no .grad is touched."""
     norms = {}
     for name, loss in losses.items():
-        grads = [g for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if g is not None]
-        norms[name] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() if grads else 0.0
+        grads = [g for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                 if g is not None]
+        norms[name] = (torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+                       if grads else 0.0)
     return norms
 
 
-def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, clip_groups, model=None):
+def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, clip_groups,
+                     model=None):
     """One optimizer step over a mini-batch of sample indices, its gradient accumulated over
     micro-batches (the reference's gradient accumulation; the micro-batch size is a memory
     setting only). `micro_batch_loss(indices)` returns that micro-batch's mean loss.
 
-    The step is `clipped_step(optimizer, clip_groups)`'s. `model`: a DistributedDataParallel module (or anything with `no_sync`)
-    whose gradients are averaged over processes once per step, in the last micro-batch's
-    backward, instead of in every backward. Returns (norms before clipping, one per group;
-    stepped?).
+    The step is `clipped_step(optimizer, clip_groups)`'s. `model`: a DistributedDataParallel
+    module (or anything with `no_sync`) whose gradients are averaged over processes once per
+    step, in the last micro-batch's backward, instead of in every backward. Returns (norms
+    before clipping, one per group; stepped?).
     """
     optimizer.zero_grad(set_to_none=True)
     starts = range(0, len(minibatch), micro_batch_size)
@@ -189,7 +195,8 @@ def clipped_step(optimizer, clip_groups):
     neither spends the other's budget), and no step at all if a norm is not finite: one NaN would
     poison the weights for good (and, in GTR-Turbo, the teacher merged from them). Returns (the
     norms before clipping, one per group; stepped?)."""
-    norms = [torch.nn.utils.clip_grad_norm_(params, max_norm).item() for params, max_norm in clip_groups]
+    norms = [torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+             for params, max_norm in clip_groups]
     if not all(math.isfinite(norm) for norm in norms):
         optimizer.zero_grad(set_to_none=True)
         return norms, False

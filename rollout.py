@@ -46,7 +46,8 @@ class Batch:
     actions: torch.Tensor         # the action played (random for an unparsed answer, see _act)
     entropy: torch.Tensor         # mean per-token entropy of the response
     thought_tokens: torch.Tensor  # length of the thought part in tokens
-    opening_prob: torch.Tensor | None = None  # P(the format's first token) as the first answer token
+    opening_prob: torch.Tensor | None = None  # P(the format's first token) as the first answer
+                                              # token
     episodes: list = field(default_factory=list)  # finished episodes: return, length, success
     texts: list = field(default_factory=list)     # T*N answers as sampled (decoded)
     facts: list = field(default_factory=list)     # T*N facts() of the state each answer replied to
@@ -106,15 +107,19 @@ class Rollout:
 
     def prompts(self, active=None):
         """The current prompt of every (active) environment."""
-        return [self.envs[i].unwrapped.prompt() for i in (active if active is not None else range(len(self.envs)))]
+        return [self.envs[i].unwrapped.prompt()
+                for i in (active if active is not None else range(len(self.envs)))]
 
-    def collect(self, policy, steps, temperature=0.2, max_new_tokens=256, format_reward=3.0, format_penalty=-2.0):
+    def collect(self, policy, steps, temperature=0.2, max_new_tokens=256, format_reward=3.0,
+                format_penalty=-2.0):
         """Play `steps` lockstep steps; returns a Batch of steps x num_envs."""
-        zeros = lambda: torch.zeros(steps, len(self.envs))  # [T, N]
-        out = Batch(encoded=[], responses=[], token_logprobs=[], old_logprobs=zeros(), values=zeros(),
-                    next_values=zeros(), rewards=zeros(), format_rewards=zeros(), terminated=zeros(),
-                    truncated=zeros(), format_valid=zeros(), actions=zeros(), entropy=zeros(), opening_prob=zeros(),
-                    thought_tokens=zeros())
+        def zeros():
+            return torch.zeros(steps, len(self.envs))  # [T, N]
+
+        out = Batch(encoded=[], responses=[], token_logprobs=[], old_logprobs=zeros(),
+                    values=zeros(), next_values=zeros(), rewards=zeros(), format_rewards=zeros(),
+                    terminated=zeros(), truncated=zeros(), format_valid=zeros(), actions=zeros(),
+                    entropy=zeros(), opening_prob=zeros(), thought_tokens=zeros())
         self.episodes = []
         bootstrap = {}  # (t, i) -> encoded final observation of an episode truncated at step t
         for t in range(steps):
@@ -132,12 +137,15 @@ class Rollout:
             out.encoded += encoded
             out.responses += responses
             out.texts += texts
-            out.facts += [env.unwrapped.facts() for env in self.envs]  # before the step below changes the state
-            out.token_logprobs += [row[row.shape[0] - len(r):].cpu() for row, r in zip(scored["logprobs"], responses)]
+            # before the step below changes the state
+            out.facts += [env.unwrapped.facts() for env in self.envs]
+            out.token_logprobs += [row[row.shape[0] - len(r):].cpu()
+                                   for row, r in zip(scored["logprobs"], responses)]
 
             for i, result in enumerate(self.step(texts)):
                 out.rewards[t, i], out.actions[t, i] = result["reward"], result["action"]
-                out.terminated[t, i], out.truncated[t, i] = result["terminated"], result["truncated"]
+                out.terminated[t, i] = result["terminated"]
+                out.truncated[t, i] = result["truncated"]
                 out.format_valid[t, i] = result["parsed"]
                 out.format_rewards[t, i] = format_reward if result["parsed"] else format_penalty
                 if "final_obs" in result:
@@ -148,7 +156,8 @@ class Rollout:
         # next state (after a truncation, and after the last step of the rollout).
         with torch.no_grad():
             out.next_values[:-1] = out.values[1:]
-            out.next_values[-1] = policy.value(policy.encode(self.obs, self.prompts())).float().cpu()
+            out.next_values[-1] = policy.value(
+                policy.encode(self.obs, self.prompts())).float().cpu()
             if bootstrap:
                 values = policy.value(list(bootstrap.values())).float().cpu()
                 for (t, i), v in zip(bootstrap, values):
@@ -157,7 +166,8 @@ class Rollout:
         return out
 
 
-def evaluate(policy, env_id, episodes, num_envs, seed, temperature=0.0, max_new_tokens=256, unparsed_action="random"):
+def evaluate(policy, env_id, episodes, num_envs, seed, temperature=0.0, max_new_tokens=256,
+             unparsed_action="random"):
     """Play `episodes` fresh episodes of `env_id` with up to `num_envs` environments in lockstep
     (env i reset with seed + i); temperature 0 is greedy. Returns the episode dicts.
 
@@ -171,7 +181,8 @@ def evaluate(policy, env_id, episodes, num_envs, seed, temperature=0.0, max_new_
     envs = [gym.make(env_id) for _ in range(min(num_envs, episodes))]
     quota = [len(range(i, episodes, len(envs))) for i in range(len(envs))]
     runner = Rollout(envs, seed=seed, unparsed_action=unparsed_action)
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+    with torch.random.fork_rng(
+            devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(seed)
         while any(q > 0 for q in quota):
             active = [i for i, q in enumerate(quota) if q > 0]

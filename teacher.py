@@ -47,9 +47,11 @@ class Guidance:
     """What the teacher says about one rollout ([T, N] tensors, lists flat in (t, n) order)."""
     teacher_kl: torch.Tensor        # per-step KL estimate (KL guidance; zeros under SFT)
     sft_targets: list | None        # T*N teacher answers as token ids, or None where none parsed
-    parse_rate: float               # share of the teacher's answers that parsed, of those asked (SFT)
+    parse_rate: float               # share of the teacher's answers that parsed, of those asked
+                                    # (SFT)
     seconds: float
-    samples: float = float("nan")   # teacher answers sampled per observation, retries included (SFT)
+    samples: float = float("nan")   # teacher answers sampled per observation, retries included
+                                    # (SFT)
     sft_tokens: list | None = None  # T*N: how many tokens of each answer the SFT loss imitates
 
 
@@ -67,7 +69,8 @@ class Teacher:
         # Frozen, so `trainable` and DDP are unchanged. Its random LoRA init is overwritten by
         # start() or load(); it draws from a forked RNG so that attaching it changes no random
         # stream of the run (a resumed run attaches it after restoring its RNG).
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        with torch.random.fork_rng(
+                devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             policy.add_teacher(args.teacher or None)
 
     # ---- life: start, merge, save, resume ------------------------------------------------------
@@ -110,7 +113,8 @@ class Teacher:
     # ---- guidance --------------------------------------------------------------------------------
     @torch.no_grad()
     def guide(self, policy, batch, game):
-        """The teacher's guidance for one rollout; `game` (an unwrapped environment) parses answers."""
+        """The teacher's guidance for one rollout; `game` (an unwrapped environment) parses
+        answers."""
         start = time.perf_counter()
         shape = batch.old_logprobs.shape  # [T, N]
         kl, targets, sft_tokens = torch.zeros(shape), None, None
@@ -170,13 +174,14 @@ class Teacher:
     def sft_targets(self, policy, batch, game):
         """§4.2: the teacher answers every observation of the rollout; an unparseable answer is
         resampled at rising temperatures (x1.1 up to 0.9, 20 tries) and dropped after the last.
-        Sampled from the teacher's plain softmax at that temperature, without the reference's top-k 5
-        and repetition penalty 1.2, which tax the tokens a JSON answer repeats (docs/ALGORITHM.md §6).
-        The agent's own action replaces the teacher's, so only the teacher's thoughts are imitated;
-        with --guide-tokens all the teacher's own action stays: its whole answer is imitated.
-        Where the agent's own answer did not parse there is no target and no teacher answer (the
-        reference); --sft-unparsed teacher asks the teacher there too and substitutes the action
-        that was played (a random one, or the teacher's own under --unparsed-action penalty).
+        Sampled from the teacher's plain softmax at that temperature, without the reference's
+        top-k 5 and repetition penalty 1.2, which tax the tokens a JSON answer repeats
+        (docs/ALGORITHM.md §6). The agent's own action replaces the teacher's, so only the
+        teacher's thoughts are imitated; with --guide-tokens all the teacher's own action stays:
+        its whole answer is imitated. Where the agent's own answer did not parse there is no target
+        and no teacher answer (the reference); --sft-unparsed teacher asks the teacher there too and
+        substitutes the action that was played (a random one, or the teacher's own under
+        --unparsed-action penalty).
 
         Retries are batched: a round samples each pending observation at its next few
         temperatures in one generate call (per-row temperatures) and keeps the lowest-temperature
@@ -191,7 +196,8 @@ class Teacher:
         actions = batch.actions.flatten().long().tolist()
         parsed = batch.format_valid.flatten().bool().tolist()
         # The reference gives an answer that does not parse no target (and asks no teacher).
-        asked = [i for i in range(len(batch.encoded)) if parsed[i] or self.args.sft_unparsed == "teacher"]
+        asked = [i for i in range(len(batch.encoded))
+                 if parsed[i] or self.args.sft_unparsed == "teacher"]
         targets, sampled = [None] * len(batch.encoded), 0
         chunk = self.args.num_envs
         with policy.use_adapter("teacher"):
@@ -201,8 +207,8 @@ class Teacher:
                     # Fill about one batch of rows: pending observations x their next temperatures.
                     width = min(max(1, chunk // len(pending)), len(temperatures) - tried)
                     rows = [(i, temperatures[tried + j]) for i in pending for j in range(width)]
-                    _, texts = policy.generate([batch.encoded[i] for i, _ in rows], [t for _, t in rows],
-                                               self.args.max_new_tokens)
+                    _, texts = policy.generate([batch.encoded[i] for i, _ in rows],
+                                               [t for _, t in rows], self.args.max_new_tokens)
                     sampled += len(rows)
                     for (i, _), text in zip(rows, texts):  # rows of one i are in rising temperature
                         thoughts, teacher_action = extract_thoughts(text), game.parse(text)

@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -39,10 +40,10 @@ from tqdm import tqdm
 
 import envs
 from demonstrations import warm_start
-from distill import KL_ESTIMATORS, kl_penalized_advantages, sft_loss
+from distill import kl_penalized_advantages, sft_loss
 from plumbing import checkpoint
 from plumbing.distributed import all_mean, batch_statistics, setup_distributed, shutdown_distributed
-from plumbing.flags import parse_dataclass
+from plumbing.flags import invalid, parse_dataclass
 from plumbing.loader import load_policy
 from plumbing.report import RunLog, log_update, run_evaluation
 from plumbing.tinyvlm import TINY_MODELS, offline_model
@@ -67,7 +68,7 @@ class Args:
     """gymnasium id: gtr/NumberLine-v0, gtr/EZPoints-v0, gtr/Points24-v0, gtr/Blackjack-v0, gtr/Household-v0, gtr/ALFWorld-v0"""
     model: str = "tiny"
     """hub id or folder of a Qwen2(.5)-VL checkpoint; built offline: tiny, tiny-qwen2.5-vl, tiny-qwen3-vl, random-qwen2.5-vl-3b/7b"""
-    guidance: str = "kl"
+    guidance: Literal["none", "sft", "kl"] = "kl"
     """teacher guidance: none (RL4VLM PPO), sft (docs/ALGORITHM.md §4.2) or kl (§4.3)"""
     num_envs: int = 8
     """environments stepped in lockstep per process (one batched generate per step)"""
@@ -79,9 +80,9 @@ class Args:
     """random seed (process r uses seed + 1000 r for its environments)"""
     out: str = "runs/default"
     """run folder for config.json, metrics.jsonl and adapters"""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto, cpu, cuda"""
-    gradient_checkpointing: str = "auto"
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     """recompute activations in backward instead of keeping them: on, off, auto (on for a real model, off for tiny ones)"""
     image_size: int = 0
     """resize observations to this many pixels before the processor (0: the model's default)"""
@@ -96,7 +97,7 @@ class Args:
     """reward for an answer that parses, added after GAE (0 here and in --format-penalty: off; Household: 5)"""
     format_penalty: float = -2.0
     """reward for an answer that does not parse (Household, ALFWorld: -5)"""
-    unparsed_action: str = "random"
+    unparsed_action: Literal["random", "penalty"] = "random"
     """what an unparsed answer plays: random (the reference) or penalty (the env's illegal-move penalty)"""
     # PPO (docs/ALGORITHM.md §3)
     gamma: float = 0.9
@@ -111,7 +112,7 @@ class Args:
     """value loss coefficient"""
     value_clip: float = 0.0
     """PPO2's clipped value loss: V kept within this of its rollout value (the reference: 0.1; 0: off)"""
-    critic: str = "shared"
+    critic: Literal["shared", "detached", "adapter"] = "shared"
     """what the value head reads: shared (the policy's last prompt state, the reference), detached (the same, gradient stopped), adapter (its own LoRA adapter)"""
     critic_lr: float = 3e-5
     """Adam learning rate of the critic (value head, critic adapter), cosine-annealed like --lr"""
@@ -121,7 +122,7 @@ class Args:
     """the critic regresses returns normalised by their running mean and standard deviation"""
     critic_warmup: int = 0
     """the first this many updates train the critic only (the actor's learning rate is 0)"""
-    value_target: str = "env"
+    value_target: Literal["env", "shaped"] = "env"
     """critic's target: env (the environment's return) or shaped (+ format bonus and KL penalty, the reference)"""
     max_grad_norm: float = 0.01
     """gradient norm clip"""
@@ -152,7 +153,7 @@ class Args:
     # GTR-Turbo teacher (docs/ALGORITHM.md §4)
     kl_coef: float = 1.0
     """beta: weight of the teacher KL subtracted from the advantages"""
-    kl_estimator: str = "clip"
+    kl_estimator: Literal["clip", "abs", "k3", "forward"] = "clip"
     """per-token KL estimator: clip (paper), abs, k3, forward"""
     kl_temperature: float = 1.0
     """temperature both policies are scored at for the KL (1: raw logits, the reference; -1: --temperature)"""
@@ -160,25 +161,25 @@ class Args:
     """KL_hat of a step whose answer does not parse (the reference: 100; 0: score its tokens as if it parsed)"""
     sft_coef: float = 1.0
     """weight of the SFT loss on the teacher's thoughts"""
-    sft_unparsed: str = "none"
+    sft_unparsed: Literal["none", "teacher"] = "none"
     """SFT target where the agent's answer does not parse: none (the reference) or teacher (its answer, the action played)"""
     teacher_temperature: float = 0.2
     """first temperature of the teacher's SFT answers, x1.1 per retry (paper: 0.2; scored at 1, §4.2)"""
-    guide_tokens: str = "thought"
+    guide_tokens: Literal["thought", "all"] = "thought"
     """tokens the teacher guides: thought (the paper) or all (ablation: KL on every token, SFT on the whole answer)"""
-    merge: str = "ties"
+    merge: Literal["ties", "linear", "dare"] = "ties"
     """merge operator: ties, linear, dare"""
-    merge_weights: str = "ema"
+    merge_weights: Literal["ema", "sma"] = "ema"
     """teacher update weights: ema (alpha, 1-alpha) or sma (1/k, (k-1)/k)"""
     ema_alpha: float = 0.5
     """EMA weight of the newest checkpoint"""
     ties_density: float = 0.8
     """fraction of entries TIES (and DARE) keep"""
-    merge_space: str = "factors"
+    merge_space: Literal["factors", "delta"] = "factors"
     """merge LoRA A and B factors (the reference) or their product B@A (delta)"""
     merge_every: int = 1
     """merge the policy into the teacher every this many updates (0: never, a static teacher: the warm start)"""
-    merge_snapshot: str = "update"
+    merge_snapshot: Literal["update", "epoch"] = "update"
     """what is merged: update (the policy after its PPO epochs) or epoch (the snapshots after each epoch share its weight, the reference)"""
     teacher: str = ""
     """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
@@ -211,22 +212,38 @@ class Args:
     """also log them to this Weights & Biases project (pip install wandb; WANDB_MODE=offline without network)"""
 
 
-# Every flag's valid values, checked before anything runs (bench.py uses them too).
-CHOICES = {"guidance": ("none", "sft", "kl"), "merge": ("ties", "linear", "dare"), "merge_weights": ("ema", "sma"),
-           "merge_space": ("factors", "delta"), "kl_estimator": KL_ESTIMATORS, "unparsed_action": ("random", "penalty"),
-           "value_target": ("env", "shaped"), "device": ("auto", "cpu", "cuda"), "guide_tokens": ("thought", "all"),
-           "merge_snapshot": ("update", "epoch"), "gradient_checkpointing": ("auto", "on", "off"),
-           "sft_unparsed": ("none", "teacher"), "critic": ("shared", "detached", "adapter")}
-RANGES = {**dict.fromkeys(("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip", "max_grad_norm",
-                           "ppo_epochs", "minibatch_size", "micro_batch_size", "lr", "lora_r", "lora_alpha", "critic_lr", "critic_max_grad_norm",
-                           "warmup_lr", "warmup_batch_size", "save_every", "teacher_temperature"), "positive"),
-          **dict.fromkeys(("updates", "seed", "thought_coef", "vf_coef", "target_kl", "lr_min", "lr_updates", "kl_coef",
-                           "sft_coef", "value_clip", "unparsed_kl", "critic_warmup", "eval_episodes", "eval_every"), "non-negative"),
-          **dict.fromkeys(("gamma", "gae_lambda"), "in [0, 1]"), **dict.fromkeys(("ema_alpha", "ties_density"), "in (0, 1]"),
-          "lora_dropout": "in [0, 1)", "ratio_guard": "greater than 1", "image_size": "0 (the model's own) or at least 28",
-          "merge_every": "non-negative", "eval_temperature": "-1 (the sampling temperature) or non-negative",
-          "kl_temperature": "-1 (the sampling temperature) or positive",
-          "warmup_sft_steps": "-1 (auto) or non-negative"}
+def check_args(args):
+    """Every flag's value in its range, else the one line that names the flag, its value and what
+    is valid (bench.py checks its flags here too)."""
+    for name in ("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip", "max_grad_norm",
+                 "ppo_epochs", "minibatch_size", "micro_batch_size", "lr", "lora_r", "lora_alpha",
+                 "critic_lr", "critic_max_grad_norm", "warmup_lr", "warmup_batch_size", "save_every",
+                 "teacher_temperature"):
+        if getattr(args, name) <= 0:
+            invalid(name, getattr(args, name), "positive")
+    for name in ("updates", "seed", "thought_coef", "vf_coef", "target_kl", "lr_min", "lr_updates",
+                 "kl_coef", "sft_coef", "value_clip", "unparsed_kl", "critic_warmup", "eval_episodes",
+                 "eval_every", "merge_every"):
+        if getattr(args, name) < 0:
+            invalid(name, getattr(args, name), "non-negative")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            invalid(name, getattr(args, name), "in [0, 1]")
+    for name in ("ema_alpha", "ties_density"):
+        if not 0 < getattr(args, name) <= 1:
+            invalid(name, getattr(args, name), "in (0, 1]")
+    if not 0 <= args.lora_dropout < 1:
+        invalid("lora_dropout", args.lora_dropout, "in [0, 1)")
+    if args.ratio_guard <= 1:
+        invalid("ratio_guard", args.ratio_guard, "greater than 1")
+    if 0 < args.image_size < 28 or args.image_size < 0:
+        invalid("image_size", args.image_size, "0 (the model's own) or at least 28")
+    if args.eval_temperature < 0 and args.eval_temperature != -1:
+        invalid("eval_temperature", args.eval_temperature, "-1 (the sampling temperature) or non-negative")
+    if args.kl_temperature <= 0 and args.kl_temperature != -1:
+        invalid("kl_temperature", args.kl_temperature, "-1 (the sampling temperature) or positive")
+    if args.warmup_sft_steps < -1:
+        invalid("warmup_sft_steps", args.warmup_sft_steps, "-1 (auto) or non-negative")
 
 
 def resolve_warmup(args):
@@ -255,9 +272,10 @@ def check_extras(args):
 
 def parse_args(argv=None):
     """Train.py's flags, checked: stop early, with the fix in the message, on flags that would fail deep in a library."""
-    args = parse_dataclass(Args, argv, __doc__, choices=CHOICES, ranges=RANGES)
+    args = parse_dataclass(Args, argv, __doc__)
     if args.env in envs.ENV_DEFAULTS:  # lambda and the format reward of the paper's ALFWorld runs (README)
-        args = parse_dataclass(Args, argv, __doc__, choices=CHOICES, ranges=RANGES, defaults=envs.ENV_DEFAULTS[args.env])
+        args = parse_dataclass(Args, argv, __doc__, defaults=envs.ENV_DEFAULTS[args.env])
+    check_args(args)
     if args.env not in gym.registry:
         sys.exit(f"--env {args.env!r} is not a registered gymnasium id; bundled: {', '.join(envs.ENV_IDS)}")
     if args.steps_per_update % args.num_envs:

@@ -16,7 +16,8 @@ Use (train.py):
     check_start(args, world)                             # --init, --teacher, --resume fit?
     metrics = open_run(out, config, last_update)         # config.json, metrics.jsonl
     save(out, policy, optimizer, runner, counters, rank, world)
-    runner, counters = load(latest(out), optimizer, rank, world)   # runner None: another process count
+    runner, counters = load(latest(out), optimizer, rank, world)   # runner None: another
+                                                                   # process count
 """
 
 import hashlib
@@ -30,11 +31,13 @@ import torch
 import torch.distributed as dist
 
 # Flags that fix what a checkpoint holds; resuming with others would silently mix runs.
-FIXED_FLAGS = ("model", "env", "guidance", "num_envs", "steps_per_update", "lora_r", "lora_vision", "lora_targets")
+FIXED_FLAGS = ("model", "env", "guidance", "num_envs", "steps_per_update", "lora_r", "lora_vision",
+               "lora_targets")
 
 
 def latest(out):
-    """OUT/checkpoint, or the previous one if a save was killed between its two renames; None if neither."""
+    """OUT/checkpoint, or the previous one if a save was killed between its two renames; None if
+    neither."""
     for name in ("checkpoint", "checkpoint.old"):
         path = os.path.join(out, name)
         if os.path.exists(os.path.join(path, "trainer.pt")):
@@ -48,22 +51,25 @@ def check_start(args, world):
     for flag in ("teacher", "init"):
         folder = getattr(args, flag)
         if folder and not os.path.exists(os.path.join(folder, "adapter_config.json")):
-            sys.exit(f"--{flag} {folder!r}: no adapter_config.json there; pass a peft adapter folder")
+            sys.exit(f"--{flag} {folder!r}: no adapter_config.json there; "
+                     "pass a peft adapter folder")
     if args.init:
         with open(os.path.join(args.init, "adapter_config.json")) as f:
             rank = json.load(f).get("r")
         if rank != args.lora_r:
-            sys.exit(f"--init {args.init!r} holds a rank-{rank} adapter: pass --lora-r {rank} (and its --lora-alpha)")
+            sys.exit(f"--init {args.init!r} holds a rank-{rank} adapter: pass --lora-r {rank} "
+                     "(and its --lora-alpha)")
     if not args.resume:
         return
     if latest(args.out) is None:
         sys.exit(f"--resume: no checkpoint in {args.out}/checkpoint; train without --resume first")
     with open(os.path.join(args.out, "config.json")) as f:
         saved = json.load(f)
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}" for k in FIXED_FLAGS
-               if saved.get(k) != getattr(args, k)]
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {getattr(args, k)!r}"
+               for k in FIXED_FLAGS if saved.get(k) != getattr(args, k)]
     if changed:
-        sys.exit(f"--resume: the run in {args.out} was trained with other settings ({'; '.join(changed)}). "
+        sys.exit(f"--resume: the run in {args.out} was trained with other settings "
+                 f"({'; '.join(changed)}). "
                  "Resume with the same flags, or start a new run with another --out.")
 
 
@@ -77,7 +83,8 @@ def save(out, policy, optimizer, runner, counters, rank, world):
     final, staging = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        adapters = [name for name in ("policy", "teacher", "critic") if name in policy.model.peft_config]
+        adapters = [name for name in ("policy", "teacher", "critic")
+                    if name in policy.model.peft_config]
         policy.save(os.path.join(staging, "adapters"), adapters=adapters)  # peft's format
         torch.save({"optimizer": optimizer.state_dict(), "world_size": world, **counters},
                    os.path.join(staging, "trainer.pt"))
@@ -121,9 +128,10 @@ def load(path, optimizer, rank, world):
     saved_world = trainer.pop("world_size", world)
     if saved_world != world:
         if rank == 0:
-            print(f"warning: --resume with {world} processes, the run had {saved_world}: the adapters, value "
-                  "head, optimizer, teacher and counters carry over; the environments are dealt afresh (episodes "
-                  "in progress are dropped) and each process's random streams start anew", file=sys.stderr)
+            print(f"warning: --resume with {world} processes, the run had {saved_world}: the "
+                  "adapters, value head, optimizer, teacher and counters carry over; the "
+                  "environments are dealt afresh (episodes in progress are dropped) and each "
+                  "process's random streams start anew", file=sys.stderr)
         return None, trainer
     with open(os.path.join(path, f"rank{rank}.pkl"), "rb") as f:
         saved = pickle.load(f)
@@ -143,7 +151,8 @@ def open_run(out, config, last_update):
     path = os.path.join(out, "metrics.jsonl")
     rows = []
     if last_update is not None and os.path.exists(path):
-        rows = [line for line in open(path) if line.strip() and json.loads(line)["update"] <= last_update]
+        rows = [line for line in open(path)
+                if line.strip() and json.loads(line)["update"] <= last_update]
     with open(path, "w") as f:
         f.writelines(rows)
     return open(path, "a")

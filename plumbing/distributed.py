@@ -17,11 +17,18 @@ def setup_distributed(device):
     """torchrun sets RANK/WORLD_SIZE; plain `python train.py` is a world of one."""
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if use_cuda and device == "auto" else ("cpu" if device == "auto" else device))
+        if use_cuda and device == "auto":
+            name = "cuda"
+        elif device == "auto":
+            name = "cpu"
+        else:
+            name = device
+        return 0, 1, torch.device(name)
     dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return (dist.get_rank(), dist.get_world_size(),
+            torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
 
 
 def shutdown_distributed(world):

@@ -1,10 +1,10 @@
 """Loading a checkpoint as the actor-critic: the processor, the LoRA adapter, the value head.
 
 `load_policy` takes a hub id or a folder of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (or a
-tiny one from plumbing/tinyvlm.py) and returns policy.py's ActorCritic (docs/ALGORITHM.md §2). What it
-does beyond `from_pretrained`: an image-only processor where torchvision is missing, the
-checkpoint's sampling settings dropped (so sampling stays on-policy), clear errors for a
-folder or tokenizer that does not fit, gradient checkpointing, LoRA on every linear layer.
+tiny one from plumbing/tinyvlm.py) and returns policy.py's ActorCritic (docs/ALGORITHM.md §2). What
+it does beyond `from_pretrained`: an image-only processor where torchvision is missing, the
+checkpoint's sampling settings dropped (so sampling stays on-policy), clear errors for a folder or
+tokenizer that does not fit, gradient checkpointing, LoRA on every linear layer.
 
 Use:
     policy = load_policy(folder_or_hub_id, action_span=envs.action_span, lora_r=128)
@@ -33,7 +33,8 @@ def image_only_processor_class(base=None):
 
     class ImageOnlyProcessor(base):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template,
+                             **kwargs)
 
     return ImageOnlyProcessor
 
@@ -77,7 +78,8 @@ def _chat_template(path):
 
 
 def _lora_targets(model, vision):
-    """Names of the linear layers to adapt: the language model's, and optionally the vision tower's."""
+    """Names of the linear layers to adapt: the language model's, and optionally the vision
+    tower's."""
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or "lm_head" in name:
@@ -88,18 +90,21 @@ def _lora_targets(model, vision):
     return names
 
 
-def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=None, adapter_path=None,
-                lora_r=128, lora_alpha=256, lora_dropout=0.05, lora_vision=True, lora_targets="",
-                gradient_checkpointing=False, dtype=None, critic="shared", answer_opening=None):
-    """Load a Qwen2(.5)-VL (hub id or folder), wrap it with a LoRA "policy" adapter and a value head.
+def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=None,
+                adapter_path=None, lora_r=128, lora_alpha=256, lora_dropout=0.05, lora_vision=True,
+                lora_targets="", gradient_checkpointing=False, dtype=None, critic="shared",
+                answer_opening=None):
+    """Load a Qwen2(.5)-VL (hub id or folder), wrap it with a LoRA "policy" adapter and a value
+    head.
 
-    `dtype`: the weights' dtype (default float32 on CPU, bfloat16 on GPU); the base is frozen. `adapter_path` resumes a saved policy
-    (its LoRA config wins over the lora_* arguments). LoRA (docs/ALGORITHM.md §2): rank lora_r,
-    scaling lora_alpha / lora_r, on every linear layer of the language model and, with
-    `lora_vision`, of the vision tower; `lora_targets` (comma-separated module-name suffixes)
-    replaces that choice. `critic` and `answer_opening`: ActorCritic's; a saved critic adapter
-    next to `adapter_path` (`.../adapters/critic`) is loaded too. `gradient_checkpointing`: every decoder and vision block recomputes
-    its activations in backward instead of keeping them (docs/ALGORITHM.md §6).
+    `dtype`: the weights' dtype (default float32 on CPU, bfloat16 on GPU); the base is frozen.
+    `adapter_path` resumes a saved policy (its LoRA config wins over the lora_* arguments). LoRA
+    (docs/ALGORITHM.md §2): rank lora_r, scaling lora_alpha / lora_r, on every linear layer of the
+    language model and, with `lora_vision`, of the vision tower; `lora_targets` (comma-separated
+    module-name suffixes) replaces that choice. `critic` and `answer_opening`: ActorCritic's; a
+    saved critic adapter next to `adapter_path` (`.../adapters/critic`) is loaded too.
+    `gradient_checkpointing`: every decoder and vision block recomputes its activations in backward
+    instead of keeping them (docs/ALGORITHM.md §6).
     """
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -123,34 +128,44 @@ def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=N
         raise ValueError(f"--model {model!r} is not an image-text-to-text model that transformers "
                          f"can load ({error}). Use a Qwen2-VL or Qwen2.5-VL checkpoint.") from None
     except OSError as error:
-        hint = ("A checkpoint folder needs config.json, the weights, the tokenizer files and "
-                "preprocessor_config.json." if os.path.isdir(model) else "With no network, pass a local folder "
-                "(or set HF_HUB_OFFLINE=1 with the model in the cache), or use --model tiny.")
+        if os.path.isdir(model):
+            hint = ("A checkpoint folder needs config.json, the weights, the tokenizer files and "
+                    "preprocessor_config.json.")
+        else:
+            hint = ("With no network, pass a local folder (or set HF_HUB_OFFLINE=1 with the model "
+                    "in the cache), or use --model tiny.")
         raise OSError(f"--model {model!r} could not be loaded: {error}\n{hint}") from None
     tokenizer = processor.tokenizer
-    missing = [t for t in ("<|im_end|>", "<|image_pad|>") if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+    missing = [t for t in ("<|im_end|>", "<|image_pad|>")
+               if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
     if missing or len(tokenizer) > base.get_output_embeddings().weight.shape[0]:
-        raise ValueError(f"--model {model!r}: its tokenizer ({len(tokenizer)} tokens) does not fit the model "
-                         f"(missing {missing or 'nothing'}); is the folder's tokenizer.json the model's own?")
+        raise ValueError(f"--model {model!r}: its tokenizer ({len(tokenizer)} tokens) does not fit "
+                         f"the model (missing {missing or 'nothing'}); is the folder's "
+                         "tokenizer.json the model's own?")
     base.requires_grad_(False)
     # Only the checkpoint's stop and padding ids are kept: its sampling settings (top-k, top-p,
     # repetition penalty, do_sample) would make generate sample off-policy wherever a call
     # leaves a field unset (ActorCritic.generate sets them all as well).
     shipped = base.generation_config
-    base.generation_config = GenerationConfig(eos_token_id=shipped.eos_token_id, pad_token_id=shipped.pad_token_id,
+    base.generation_config = GenerationConfig(eos_token_id=shipped.eos_token_id,
+                                              pad_token_id=shipped.pad_token_id,
                                               bos_token_id=shipped.bos_token_id)
     if not isinstance(base.get_output_embeddings(), nn.Linear):
-        raise ValueError(f"--model {model!r}: the output head is not a plain linear layer; ActorCritic scores "
-                         "tokens from its weight in float32")
+        raise ValueError(f"--model {model!r}: the output head is not a plain linear layer; "
+                         "ActorCritic scores tokens from its weight in float32")
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, which a frozen base lacks.
-        enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable  # renamed in 5.x
+        enable = (getattr(base, "activation_checkpointing_enable", None)  # renamed in 5.x
+                  or base.gradient_checkpointing_enable)
         enable({"use_reentrant": False})
     if adapter_path:
-        peft_model = PeftModel.from_pretrained(base, adapter_path, adapter_name="policy", is_trainable=True)
+        peft_model = PeftModel.from_pretrained(base, adapter_path, adapter_name="policy",
+                                               is_trainable=True)
     else:
-        targets = [t.strip() for t in lora_targets.split(",") if t.strip()] or _lora_targets(base, lora_vision)
-        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
+        targets = ([t.strip() for t in lora_targets.split(",") if t.strip()]
+                   or _lora_targets(base, lora_vision))
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            target_modules=targets)
         peft_model = get_peft_model(base, config, adapter_name="policy")
     size = getattr(processor.image_processor, "size", None)  # transformers 5: pixel counts as edges
     pixels = getattr(size, "shortest_edge", None)
@@ -159,8 +174,8 @@ def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=N
         # size by its own rounding (112 -> 84, 56 -> 28 px); resize to it ourselves
         # (docs/TINY_MODEL.md).
         image_size = math.isqrt(pixels)
-    policy = ActorCritic(peft_model, processor, action_span, thought_coef=thought_coef, image_size=image_size,
-                         critic=critic, answer_opening=answer_opening)
+    policy = ActorCritic(peft_model, processor, action_span, thought_coef=thought_coef,
+                         image_size=image_size, critic=critic, answer_opening=answer_opening)
     critic_path = os.path.join(os.path.dirname(adapter_path or ""), "critic")
     if critic == "adapter" and adapter_path and os.path.exists(critic_path):
         from peft.utils import load_peft_weights

@@ -37,7 +37,8 @@ class RunLog:
             self.tensorboard = SummaryWriter(os.path.join(args.out, "tensorboard"))
         if args.wandb:
             import wandb
-            self.wandb = wandb.init(project=args.wandb, dir=args.out, config=config, name=os.path.basename(args.out))
+            self.wandb = wandb.init(project=args.wandb, dir=args.out, config=config,
+                                    name=os.path.basename(args.out))
 
     def write(self, row, prefix=""):
         """One row: to metrics.jsonl (NaN as null: strict JSON) unless it is an evaluation
@@ -45,7 +46,8 @@ class RunLog:
         if not prefix:
             self.file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")
             self.file.flush()
-        scalars = {prefix + k: v for k, v in row.items() if isinstance(v, (int, float)) and v == v and k != "update"}
+        scalars = {prefix + k: v for k, v in row.items()
+                   if isinstance(v, (int, float)) and v == v and k != "update"}
         if self.tensorboard:
             for name, value in scalars.items():
                 self.tensorboard.add_scalar(name, value, row["update"])
@@ -63,8 +65,10 @@ class RunLog:
 def log_update(metrics, batch, guidance, logs, counters, recent, world):
     """One metrics.jsonl row (statistics averaged over all processes) and its console line."""
     episodes = batch.episodes
-    # Thought collapse (§4.5), of this process's answers; diversity is NaN when they all replied to one state.
-    thoughts = [extract_thoughts(text) for text in batch.texts]  # None where an answer has no thoughts
+    # Thought collapse (§4.5), of this process's answers; diversity is NaN when they all replied
+    # to one state.
+    thoughts = [extract_thoughts(text)
+                for text in batch.texts]  # None where an answer has no thoughts
     diversity = thought_diversity(thoughts, [tuple(facts) for facts in batch.facts])
     row = {"update": counters["update"], "env_steps": counters["env_steps"],
            "success_rate": all_mean([e["success"] for e in episodes], world),
@@ -77,10 +81,13 @@ def log_update(metrics, batch, guidance, logs, counters, recent, world):
            "opening_prob": all_mean(batch.opening_prob.flatten().tolist(), world)
            if batch.opening_prob is not None else float("nan"),
            "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),
-           "thought_grounding": all_mean([thought_grounding(t, f) for t, f in zip(thoughts, batch.facts)], world),
+           "thought_grounding": all_mean([thought_grounding(t, f)
+                                          for t, f in zip(thoughts, batch.facts)], world),
            "thought_diversity": all_mean([diversity] if diversity == diversity else [], world),
-           "teacher_kl": all_mean(guidance.teacher_kl.flatten().tolist(), world) if guidance else float("nan"),
-           "teacher_parse_rate": all_mean([guidance.parse_rate], world) if guidance else float("nan"),
+           "teacher_kl": (all_mean(guidance.teacher_kl.flatten().tolist(), world)
+                          if guidance else float("nan")),
+           "teacher_parse_rate": (all_mean([guidance.parse_rate], world)
+                                  if guidance else float("nan")),
            "teacher_samples": all_mean([guidance.samples], world) if guidance else float("nan"),
            **{k: all_mean([v], world) for k, v in logs.items()}}
     if row["episodes"]:
@@ -88,11 +95,14 @@ def log_update(metrics, batch, guidance, logs, counters, recent, world):
     if metrics is None:  # not rank 0
         return
     # One update ends only ~10-25 episodes: the mean over the last 10 updates shows the trend.
-    tqdm.write(f"update {row['update']:3d} | steps {row['env_steps']:6d} | success {row['success_rate']:.2f} "
-               f"(last 10 updates {sum(s for s, _ in recent) / max(sum(n for _, n in recent), 1):.2f}) | "
+    recent_success = sum(s for s, _ in recent) / max(sum(n for _, n in recent), 1)
+    tqdm.write(f"update {row['update']:3d} | steps {row['env_steps']:6d} | "
+               f"success {row['success_rate']:.2f} (last 10 updates {recent_success:.2f}) | "
                f"return {row['episode_return']:6.2f} | format {row['format_valid']:.2f} | "
-               f"entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | ev {row['explained_variance']:+.2f} | "
-               f"approx_kl {row['approx_kl']:.3f} clip {row['clip_fraction']:.2f} guard {row['guard_fraction']:.2f} | "
+               f"entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | "
+               f"ev {row['explained_variance']:+.2f} | "
+               f"approx_kl {row['approx_kl']:.3f} clip {row['clip_fraction']:.2f} "
+               f"guard {row['guard_fraction']:.2f} | "
                f"|g| pg {row['grad_norm_policy_loss']:.2g} vf {row['grad_norm_value_loss']:.2g} | "
                f"{row['env_steps_per_s']:.1f} steps/s")
     metrics.write(row)
@@ -102,16 +112,19 @@ def run_evaluation(policy, args, rank, world, update, log=None):
     """Success rate (with its standard error) and mean return on fresh seeds, over all ranks."""
     temperature = args.temperature if args.eval_temperature < 0 else args.eval_temperature
     # Seeds far from training's (seed + 1000 * rank + i), so evaluation deals are fresh.
-    episodes = evaluate(policy, args.env, len(range(rank, args.eval_episodes, world)), args.num_envs,
-                        seed=10**6 + args.seed + 1000 * rank, temperature=temperature,
-                        max_new_tokens=args.max_new_tokens, unparsed_action=args.unparsed_action)
+    episodes = evaluate(policy, args.env, len(range(rank, args.eval_episodes, world)),
+                        args.num_envs, seed=10**6 + args.seed + 1000 * rank,
+                        temperature=temperature, max_new_tokens=args.max_new_tokens,
+                        unparsed_action=args.unparsed_action)
     n = int(round(all_mean([len(episodes)], world) * world))
     success = all_mean([e["success"] for e in episodes], world)
     result = {"update": update, "eval_episodes": n, "eval_success_rate": success,
               "eval_success_stderr": (success * (1 - success) / max(n, 1)) ** 0.5,
-              "eval_return": all_mean([e["return"] for e in episodes], world), "eval_temperature": temperature}
+              "eval_return": all_mean([e["return"] for e in episodes], world),
+              "eval_temperature": temperature}
     if rank == 0:
-        tqdm.write(f"eval update {update}: success {success:.3f} +- {result['eval_success_stderr']:.3f} "
+        tqdm.write(f"eval update {update}: success {success:.3f} "
+                   f"+- {result['eval_success_stderr']:.3f} "
                    f"over {n} episodes | return {result['eval_return']:.2f}")
         with open(os.path.join(args.out, "eval.jsonl"), "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -64,7 +64,8 @@ QWEN_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Sampling fields of Qwen2(.5)-VL-Instruct's generation_config.json (eos and pad ids aside).
-QWEN_SAMPLING_DEFAULTS = dict(do_sample=True, repetition_penalty=1.05, temperature=0.1, top_k=1, top_p=0.001)
+QWEN_SAMPLING_DEFAULTS = dict(do_sample=True, repetition_penalty=1.05, temperature=0.1, top_k=1,
+                              top_p=0.001)
 
 # Expert steps per deal whose prompts the tokenizer reads. A card game's prompt hardly changes in
 # an episode (its state is in the picture), and its tiny model has always read the first step's
@@ -73,8 +74,10 @@ QWEN_SAMPLING_DEFAULTS = dict(do_sample=True, repetition_penalty=1.05, temperatu
 CORPUS_STEPS = {"cards": 1, "household": 60}
 
 
-def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, family="cards", architecture="qwen2_vl"):
-    """Folder of the tiny model for (environment family, architecture, seed, image size), built on first use.
+def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, family="cards",
+               architecture="qwen2_vl"):
+    """Folder of the tiny model for (environment family, architecture, seed, image size), built
+    on first use.
 
     The image processor is built for one size (min = max pixels), so the size is part of the
     folder's name, and so is the family but for the card games', whose folder keeps the name it
@@ -82,19 +85,24 @@ def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, family="cards", arc
     weights on rank 0 only) and the other ranks wait at a barrier.
     """
     if family not in envs.FAMILIES:
-        raise ValueError(f"unknown environment family {family!r}; the families are {sorted(envs.FAMILIES)}.")
+        raise ValueError(f"unknown environment family {family!r}; the families are "
+                         f"{sorted(envs.FAMILIES)}.")
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"tiny model architecture {architecture!r}: expected one of {ARCHITECTURES}")
+        raise ValueError(f"tiny model architecture {architecture!r}: expected one of "
+                         f"{ARCHITECTURES}")
     prefix = "" if family == "cards" else f"{family}-"
-    name = f"{prefix}seed{seed}-{image_size}px" + ("" if architecture == "qwen2_vl" else f"-{architecture}")
+    name = (f"{prefix}seed{seed}-{image_size}px"
+            + ("" if architecture == "qwen2_vl" else f"-{architecture}"))
     path = os.path.abspath(os.path.join(cache_dir, name))
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not os.path.exists(os.path.join(path, "config.json")) and (not distributed or torch.distributed.get_rank() == 0):
+    if (not os.path.exists(os.path.join(path, "config.json"))
+            and (not distributed or torch.distributed.get_rank() == 0)):
         # Build aside, then rename: other processes never see a half-written folder; the build
         # is deterministic, so whichever process's rename wins is fine.
         os.makedirs(os.path.dirname(path), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(path))
-        build_tiny_model(staging, seed=seed, image_size=image_size, family=family, architecture=architecture)
+        build_tiny_model(staging, seed=seed, image_size=image_size, family=family,
+                         architecture=architecture)
         try:
             os.rename(staging, path)
         except OSError:
@@ -105,10 +113,11 @@ def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, family="cards", arc
 
 
 def offline_model(name, family="cards", seed=0, image_size=112, device="cpu"):
-    """Folder of the offline model `name` (TINY_MODELS, RANDOM_MODELS), built on first use; None for
-    any other name (a hub id or a folder)."""
+    """Folder of the offline model `name` (TINY_MODELS, RANDOM_MODELS), built on first use; None
+    for any other name (a hub id or a folder)."""
     if name in TINY_MODELS:
-        return tiny_model(seed=seed, image_size=image_size, family=family, architecture=TINY_MODELS[name])
+        return tiny_model(seed=seed, image_size=image_size, family=family,
+                          architecture=TINY_MODELS[name])
     return random_model(name, device=device) if name in RANDOM_MODELS else None
 
 
@@ -119,10 +128,12 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
               fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", in_channels=3)
 MODELS = {
     "Qwen2.5-VL-3B": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                    num_attention_heads=16, num_key_value_heads=2, vocab_size=151936),
+                                    num_attention_heads=16, num_key_value_heads=2,
+                                    vocab_size=151936),
                           out_hidden_size=2048, tie_word_embeddings=True),
     "Qwen2.5-VL-7B": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                    num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+                                    num_attention_heads=28, num_key_value_heads=4,
+                                    vocab_size=152064),
                           out_hidden_size=3584, tie_word_embeddings=False),
 }
 
@@ -131,15 +142,20 @@ def model_config(name, text=None, vision=None, **tokens):
     `vision` override fields of the two sub-configs, `tokens` the special tokens' ids."""
     from transformers import Qwen2_5_VLConfig
     spec = MODELS[name]
-    text = spec["text"] | dict(tie_word_embeddings=spec["tie_word_embeddings"], max_position_embeddings=128000,
-                               rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])
-                               ) | (text or {})
-    return Qwen2_5_VLConfig(text_config=text, vision_config=VISION | dict(out_hidden_size=spec["out_hidden_size"]) | (vision or {}),
+    text = (spec["text"]
+            | dict(tie_word_embeddings=spec["tie_word_embeddings"], max_position_embeddings=128000,
+                   rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                        mrope_section=[16, 24, 24]))
+            | (text or {}))
+    return Qwen2_5_VLConfig(text_config=text,
+                            vision_config=(VISION | dict(out_hidden_size=spec["out_hidden_size"])
+                                           | (vision or {})),
                             tie_word_embeddings=spec["tie_word_embeddings"], **tokens)
 
 
 def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=None):
-    """Folder of a real-size Qwen2.5-VL with random bfloat16 weights, built on `device` on first use.
+    """Folder of a real-size Qwen2.5-VL with random bfloat16 weights, built on `device` on first
+    use.
 
     For speed and memory measurements only (bench.py): the sizes are the real model's, the
     tokenizer and chat template the tiny Qwen2.5-VL's (its special tokens' ids replace Qwen's in
@@ -151,17 +167,24 @@ def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=Non
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    overrides = json.dumps([text, vision], sort_keys=True)  # in the folder's name, hashed: names have a length limit
-    path = os.path.abspath(os.path.join(cache_dir, name + ("-" + hashlib.sha1(overrides.encode()).hexdigest()[:10]
-                                                           if text or vision else "")))
+    # in the folder's name, hashed: names have a length limit
+    overrides = json.dumps([text, vision], sort_keys=True)
+    path = os.path.abspath(os.path.join(
+        cache_dir, name + ("-" + hashlib.sha1(overrides.encode()).hexdigest()[:10]
+                           if text or vision else "")))
     distributed = dist.is_available() and dist.is_initialized()
-    if not os.path.exists(os.path.join(path, "config.json")) and (not distributed or dist.get_rank() == 0):
+    if (not os.path.exists(os.path.join(path, "config.json"))
+            and (not distributed or dist.get_rank() == 0)):
         tiny = tiny_model(cache_dir, architecture="qwen2_5_vl")
-        ids = {t: AutoTokenizer.from_pretrained(tiny).convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        token_ids = dict(bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-        config = model_config(RANDOM_MODELS[name], text=token_ids | (text or {}), vision=vision, **token_ids,
-                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        ids = {t: AutoTokenizer.from_pretrained(tiny).convert_tokens_to_ids(t)
+               for t in SPECIAL_TOKENS}
+        token_ids = dict(bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"])
+        config = model_config(RANDOM_MODELS[name], text=token_ids | (text or {}), vision=vision,
+                              **token_ids, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
         staging = tempfile.mkdtemp(prefix=".building-", dir=cache_dir)
         with torch.device(device), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -169,7 +192,8 @@ def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=Non
         model.save_pretrained(staging)
         for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.json"):
             shutil.copy(os.path.join(tiny, file), staging)
-        Qwen2VLImageProcessorPil().save_pretrained(staging)  # Qwen's defaults: CLIP mean and std, 14 px patches
+        # Qwen's defaults: CLIP mean and std, 14 px patches
+        Qwen2VLImageProcessorPil().save_pretrained(staging)
         _set_processor_class(staging, "Qwen2_5_VLProcessor")
         os.rename(staging, path)
     if distributed:
@@ -178,7 +202,8 @@ def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=Non
 
 
 def tokenizer_corpus(family="cards"):
-    """Text the tiny tokenizer is trained on: the family's environments' prompts and expert answers."""
+    """Text the tiny tokenizer is trained on: the family's environments' prompts and expert
+    answers."""
     corpus = []
     for env_id in envs.FAMILIES[family]:
         env = gym.make(env_id).unwrapped
@@ -194,8 +219,8 @@ def tokenizer_corpus(family="cards"):
     return corpus
 
 
-def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024, family="cards",
-                     architecture="qwen2_vl"):
+def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_size=1024,
+                     family="cards", architecture="qwen2_vl"):
     """Build a small random VLM, its tokenizer (trained on `family`'s environments) and image
     processor, and save them to `path`.
 
@@ -215,14 +240,16 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"tiny model architecture {architecture!r}: expected one of {ARCHITECTURES}")
+        raise ValueError(f"tiny model architecture {architecture!r}: expected one of "
+                         f"{ARCHITECTURES}")
     hub_layout = architecture != "qwen2_vl"
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(tokenizer_corpus(family) + ([SYSTEM_PROMPT] if hub_layout else []), trainer)
+    bpe.train_from_iterator(tokenizer_corpus(family) + ([SYSTEM_PROMPT] if hub_layout else []),
+                            trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", padding_side="left")
     chat_template = QWEN_CHAT_TEMPLATE if hub_layout else CHAT_TEMPLATE
@@ -250,7 +277,8 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                        # M-RoPE splits head_dim/2 rotary frequencies over (time, height, width).
                        rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                            mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8]))
+                                            mrope_section=[head_dim // 4, head_dim // 8,
+                                                           head_dim // 8]))
     if architecture == "qwen2_vl":
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
@@ -259,21 +287,27 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
     elif architecture == "qwen3_vl":
         from transformers import Qwen3VLConfig as Config
         from transformers import Qwen3VLForConditionalGeneration as Model
-        text_config |= dict(head_dim=head_dim, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                            mrope_section=[head_dim // 4, head_dim // 8, head_dim // 8], mrope_interleaved=True))
-        vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                             patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                             num_position_embeddings=64, deepstack_visual_indexes=[0])
+        text_config |= dict(head_dim=head_dim,
+                            rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                 mrope_section=[head_dim // 4, head_dim // 8,
+                                                                head_dim // 8],
+                                                 mrope_interleaved=True))
+        vision_config = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                             out_hidden_size=hidden, patch_size=16, spatial_merge_size=2,
+                             temporal_patch_size=2, in_channels=3, num_position_embeddings=64,
+                             deepstack_visual_indexes=[0])
     else:
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
         # Blocks 0 and 2 attend within windows of window_size pixels (2 x 2 merged patches here, so
         # a 112 px image has 4 windows), blocks 1 and 3 over the whole image, as Qwen2.5-VL's
         # fullatt_block_indexes [7, 15, 23, 31] do at 32 blocks.
-        vision_config = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                             patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                             window_size=56, fullatt_block_indexes=[1, 3])
-    config = Config(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False, **token_ids)
+        vision_config = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
+                             out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                             temporal_patch_size=2, in_channels=3, window_size=56,
+                             fullatt_block_indexes=[1, 3])
+    config = Config(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False,
+                    **token_ids)
     # The weights come from their own seeded RNG, so that building the model (on first use) leaves
     # the caller's RNG as loading it from the cache does: a run is the same either way.
     with torch.random.fork_rng(devices=[]):
@@ -288,7 +322,8 @@ def build_tiny_model(path, seed=0, image_size=112, hidden=64, layers=2, vocab_si
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     if hub_layout:
-        _hub_layout(path, model, processor, "Qwen3VLProcessor" if architecture == "qwen3_vl" else "Qwen2_5_VLProcessor")
+        _hub_layout(path, model, processor,
+                    "Qwen3VLProcessor" if architecture == "qwen3_vl" else "Qwen2_5_VLProcessor")
         return path
     processor.save_pretrained(path)
     # Saved under the stock class name so that the folder reads like any Qwen2-VL checkpoint.
@@ -318,7 +353,8 @@ def _hub_layout(path, model, processor, processor_class):
     _set_processor_class(path, processor_class)
     with open(os.path.join(path, "chat_template.json"), "w") as f:
         json.dump({"chat_template": processor.chat_template}, f, indent=2)
-    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.tokenizer.pad_token_id]
+    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+           processor.tokenizer.pad_token_id]
     model.generation_config.update(**QWEN_SAMPLING_DEFAULTS, eos_token_id=eos, pad_token_id=eos[1])
     model.generation_config.save_pretrained(path)
 

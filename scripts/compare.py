@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from plumbing.flags import parse_dataclass  # noqa: E402  (the repository root is not a package)
+from plumbing.flags import invalid, parse_dataclass  # noqa: E402  (the repository root is not a package)
 
 METHODS = {"none": "PPO only (RL4VLM)", "sft": "GTR-Turbo SFT", "kl": "GTR-Turbo KL"}
 
@@ -289,5 +289,10 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_dataclass(CompareArgs, sys.argv[1:], __doc__, ranges={
-        "seeds": "positive", "updates": "positive", "eval_episodes": "non-negative", "jobs": "positive"}))
+    args = parse_dataclass(CompareArgs, sys.argv[1:], __doc__)
+    for name in ("seeds", "updates", "jobs"):
+        if getattr(args, name) <= 0:
+            invalid(name, getattr(args, name), "positive")
+    if args.eval_episodes < 0:
+        invalid("eval_episodes", args.eval_episodes, "non-negative")
+    main(args)

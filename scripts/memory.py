@@ -1,11 +1,11 @@
 """Memory and FLOPs of the PPO update at the paper's size, computed rather than measured.
 
 The paper trains Qwen2.5-VL-3B and -7B with LoRA rank 128; this repository adapts every linear
-layer of the language model and of the vision tower (`plumbing/loader.py:_lora_targets`) and keeps the
-GTR-Turbo teacher as a second adapter on the same weights (docs/ALGORITHM.md §6). This script
-counts, for both models, the bytes of the weights, the adapters, Adam's state and the teacher,
-the activations of one PPO micro-batch with and without gradient checkpointing, the rollout's
-KV cache, and which GPUs that fits; it prints the README's tables ("Memory at the paper's size").
+layer of the language model and of the vision tower (`plumbing/loader.py:_lora_targets`) and keeps
+the GTR-Turbo teacher as a second adapter on the same weights (docs/ALGORITHM.md §6). This script
+counts, for both models, the bytes of the weights, the adapters, Adam's state and the teacher, the
+activations of one PPO micro-batch with and without gradient checkpointing, the rollout's KV cache,
+and which GPUs that fits; it prints the README's tables ("Memory at the paper's size").
 
 Nothing is downloaded. The two configs are the public config.json values of
 Qwen/Qwen2.5-VL-{3B,7B}-Instruct, parameters are counted exactly on the meta device (no memory),
@@ -30,7 +30,8 @@ from plumbing.tinyvlm import MODELS, VISION, model_config  # noqa: E402, F401
 from policy import SCORE_CHUNK_ELEMENTS  # noqa: E402  (the repository root is not a package)
 
 GiB = 2 ** 30
-ACT = 2      # bytes of an activation: the base model runs in bfloat16 on a GPU (plumbing/loader.py:load_policy)
+ACT = 2      # bytes of an activation: the base model runs in bfloat16 on a GPU
+             # (plumbing/loader.py:load_policy)
 ADAPTER = 4  # bytes of a LoRA weight: peft's autocast_adapter_dtype=True keeps adapters in float32,
              # and casts each LoRA input to float32 before lora_A: that copy is what lora_A saves
 HEAD_COPIES = 7  # float32 [scored tokens, vocab] tensors alive at once in policy.forward's scoring:
@@ -44,7 +45,8 @@ GPUS = [("24 GB (RTX 4090, L4, A10)", 24), ("40 GB (A100 40GB)", 40),
         ("80 GB (A100 / H100 80GB)", 80), ("141 GB (H200)", 140)]
 CONTEXT = 1 * GiB   # CUDA context, cuBLAS and cuDNN workspaces
 FRAGMENTATION = 0.1  # share added for the caching allocator's fragmentation and the backward's
-                     # temporaries (gradients of one layer's activations), which are not saved tensors
+                     # temporaries (gradients of one layer's activations), which are not saved
+                     # tensors
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,9 @@ class Dims:
         if config.model_type != "qwen2_5_vl":
             raise ValueError(f"scripts/memory.py counts Qwen2.5-VL, not {config.model_type!r}")
         t, v = config.text_config, config.vision_config
-        return cls(hidden=t.hidden_size, intermediate=t.intermediate_size, layers=t.num_hidden_layers,
-                   heads=t.num_attention_heads, kv_heads=t.num_key_value_heads, vocab=t.vocab_size,
+        return cls(hidden=t.hidden_size, intermediate=t.intermediate_size,
+                   layers=t.num_hidden_layers, heads=t.num_attention_heads,
+                   kv_heads=t.num_key_value_heads, vocab=t.vocab_size,
                    v_hidden=v.hidden_size, v_intermediate=v.intermediate_size, depth=v.depth,
                    v_heads=v.num_heads, out_hidden=v.out_hidden_size, merge=v.spatial_merge_size,
                    window=v.window_size // v.spatial_merge_size // v.patch_size,
@@ -124,11 +127,13 @@ def parameter_counts(config, lora_r=LORA_R):
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     targets = set(_lora_targets(model, vision=True))
-    lora = sum(lora_r * (m.in_features + m.out_features) for name, m in model.named_modules() if name in targets)
+    lora = sum(lora_r * (m.in_features + m.out_features)
+               for name, m in model.named_modules() if name in targets)
     hidden = config.text_config.hidden_size
     widths = (hidden, *VALUE_HEAD, 1)
     value_head = sum(a * b + b for a, b in zip(widths, widths[1:]))
-    return {"model": sum(p.numel() for p in model.parameters()), "lora": lora, "value_head": value_head}
+    return {"model": sum(p.numel() for p in model.parameters()), "lora": lora,
+            "value_head": value_head}
 
 
 def state_bytes(counts):
@@ -171,13 +176,14 @@ def vision_block_bytes(d, lora_r, dropout_mask_bytes=0):
     k are new tensors after the rotary embedding), and no mask (attention within windows)."""
     h, i = d.v_hidden, d.v_intermediate
     norms = 2 * (4 * h + 4)
-    lora = (ADAPTER + dropout_mask_bytes) * (4 * h + i) + 5 * ADAPTER * lora_r  # qkv, proj, gate, up: h; down: I
+    # qkv, proj, gate, up: h; down: I
+    lora = (ADAPTER + dropout_mask_bytes) * (4 * h + i) + 5 * ADAPTER * lora_r
     attention = ACT * (h + h + 3 * h + h) + 4 * d.v_heads
     return norms + lora + attention + 3 * ACT * i
 
 
-def activation_bytes(config, mb=MicroBatch(), lora_r=LORA_R, checkpointing=False, dropout_mask_bytes=0,
-                     head_chunk=None):
+def activation_bytes(config, mb=MicroBatch(), lora_r=LORA_R, checkpointing=False,
+                     dropout_mask_bytes=0, head_chunk=None):
     """Activation memory of one PPO forward + backward on the micro-batch `mb`, in bytes.
 
     Returns {"vision", "merger", "language", "head": what each part saves for backward without
@@ -200,9 +206,11 @@ def activation_bytes(config, mb=MicroBatch(), lora_r=LORA_R, checkpointing=False
     batch, seq, tokens, patches = mb.batch, mb.seq_len, mb.tokens, mb.patches
     merged = patches // d.merge ** 2
     scored = batch * mb.scored
-    layer = tokens * text_layer_bytes(d, lora_r, dropout_mask_bytes) + batch * seq * seq * ACT  # + bf16 mask
+    layer = (tokens * text_layer_bytes(d, lora_r, dropout_mask_bytes)
+             + batch * seq * seq * ACT)  # + bf16 mask
     text_rope = tokens * 2 * ACT * d.head_dim         # cos and sin, shared by the layers
-    embeddings = tokens * (1 + 4 * d.hidden + 4)      # image-token mask of the scatter; the final norm
+    embeddings = tokens * (1 + 4 * d.hidden + 4)      # image-token mask of the scatter; the final
+                                                      # norm
     block = patches * vision_block_bytes(d, lora_r, dropout_mask_bytes)
     vision_rope = patches * 2 * 4 * (d.v_hidden // d.v_heads)  # float32 cos and sin
     # Block 0's input, patch embeddings of pixels through a frozen convolution, needs no
@@ -212,7 +220,8 @@ def activation_bytes(config, mb=MicroBatch(), lora_r=LORA_R, checkpointing=False
     # The merger: its RMSNorm per patch; per merged token its two LoRA layers, the GELU's
     # input, and the int64 index that undoes the window order.
     merger = (patches * (4 * d.v_hidden + 4)
-              + merged * (2 * (ADAPTER + dropout_mask_bytes) * wide + 2 * ADAPTER * lora_r + ACT * wide + 8))
+              + merged * (2 * (ADAPTER + dropout_mask_bytes) * wide + 2 * ADAPTER * lora_r
+                          + ACT * wide + 8))
     index = 8 * tokens  # the int64 token ids that gather picks the scored log-probs with
     if head_chunk is None:
         head_saved = 4 * d.vocab * scored + index
@@ -232,7 +241,8 @@ def activation_bytes(config, mb=MicroBatch(), lora_r=LORA_R, checkpointing=False
     language_backward = held + layer + text_rope
     vision_backward = vision_inputs + block + vision_rope
     saved = max(forward_end + head_saved, language_backward, vision_backward)
-    return parts | {"saved": saved, "peak": max(forward_end + head_peak, language_backward, vision_backward)}
+    return parts | {"saved": saved,
+                    "peak": max(forward_end + head_peak, language_backward, vision_backward)}
 
 
 def kv_cache_bytes(config, sequences=32, tokens=1100 + 256):
@@ -311,14 +321,16 @@ def ppo_flops(config, mb=MicroBatch(), lora_r=LORA_R, causal=True):
              "attention": attention + 2 * attention,
              "head": head + head}
     forward = frozen + patch_embed + lora + attention + head
-    return parts | {"forward": forward, "backward": sum(parts.values()) - forward, "total": sum(parts.values())}
+    return parts | {"forward": forward, "backward": sum(parts.values()) - forward,
+                    "total": sum(parts.values())}
 
 
 # ---------------------------------------------------------------------------------------------
 # The README's tables
 # ---------------------------------------------------------------------------------------------
 def scored_chunk(config, mb=MicroBatch()):
-    """Positions policy.py:ActorCritic._score scores at once: SCORE_CHUNK_ELEMENTS / (batch x vocabulary)."""
+    """Positions policy.py:ActorCritic._score scores at once: SCORE_CHUNK_ELEMENTS / (batch x
+    vocabulary)."""
     return max(1, SCORE_CHUNK_ELEMENTS // (mb.batch * Dims.of(config).vocab))
 
 
@@ -330,16 +342,20 @@ def summary(name, mb=MicroBatch(), lora_r=LORA_R, envs=32):
     chunk = scored_chunk(config, mb)
     runs = {"whole head": activation_bytes(config, mb, lora_r),
             "plain": activation_bytes(config, mb, lora_r, head_chunk=chunk),
-            "checkpointed": activation_bytes(config, mb, lora_r, checkpointing=True, head_chunk=chunk)}
+            "checkpointed": activation_bytes(config, mb, lora_r, checkpointing=True,
+                                             head_chunk=chunk)}
     persistent = state["weights"] + state["adapter"] + state["adam"] + state["teacher"]
     rollout = persistent + kv_cache_bytes(config, envs, mb.seq_len)
-    need = {k: max(persistent + state["gradients"] + run["peak"], rollout) for k, run in runs.items()}
-    return {"counts": counts, "state": state, "runs": runs, "persistent": persistent, "rollout": rollout,
-            "need": need, "flops": ppo_flops(config, mb, lora_r), "chunk": chunk}
+    need = {k: max(persistent + state["gradients"] + run["peak"], rollout)
+            for k, run in runs.items()}
+    return {"counts": counts, "state": state, "runs": runs, "persistent": persistent,
+            "rollout": rollout, "need": need, "flops": ppo_flops(config, mb, lora_r),
+            "chunk": chunk}
 
 
 def fits(need, capacity_gib):
-    """GiB to spare (negative: short) once the CUDA context and the fragmentation margin are added."""
+    """GiB to spare (negative: short) once the CUDA context and the fragmentation margin are
+    added."""
     return capacity_gib - (need * (1 + FRAGMENTATION) + CONTEXT) / GiB
 
 
@@ -347,43 +363,56 @@ def tables(mb=MicroBatch(), lora_r=LORA_R, envs=32):
     """The README's two Markdown tables: the budget of each model, and which GPU fits what."""
     names = list(MODELS)
     s = {name: summary(name, mb, lora_r, envs) for name in names}
-    g = lambda x: f"{x / GiB:.1f}"
-    row = lambda label, f: f"| {label} | " + " | ".join(f(s[n]) for n in names) + " |"
+    def g(x):
+        return f"{x / GiB:.1f}"
+
+    def row(label, f):
+        return f"| {label} | " + " | ".join(f(s[n]) for n in names) + " |"
+
     image_tokens = mb.grid[0] * mb.grid[1] // 4
-    lines = [f"| LoRA r = {lora_r} on every linear layer, micro-batch {mb.batch} x {mb.seq_len} tokens "
-             f"({image_tokens} image tokens, {mb.scored} scored), GiB | " + " | ".join(names) + " |",
+    lines = [f"| LoRA r = {lora_r} on every linear layer, micro-batch {mb.batch} x {mb.seq_len} "
+             f"tokens ({image_tokens} image tokens, {mb.scored} scored), GiB | "
+             + " | ".join(names) + " |",
              "|---|" + "---|" * len(names),
              row("parameters", lambda x: f"{x['counts']['model'] / 1e9:.2f} B"),
-             row("LoRA parameters (vision tower included)", lambda x: f"{x['counts']['lora'] / 1e6:.0f} M "
-                 f"({x['counts']['lora'] / x['counts']['model']:.1%})"),
+             row("LoRA parameters (vision tower included)",
+                 lambda x: f"{x['counts']['lora'] / 1e6:.0f} M "
+                           f"({x['counts']['lora'] / x['counts']['model']:.1%})"),
              row("weights, bf16", lambda x: g(x["state"]["weights"])),
              row("policy adapter + value head, float32", lambda x: g(x["state"]["adapter"])),
-             row("their gradients, float32 (during an update)", lambda x: g(x["state"]["gradients"])),
+             row("their gradients, float32 (during an update)",
+                 lambda x: g(x["state"]["gradients"])),
              row("Adam moments, 2 x float32", lambda x: g(x["state"]["adam"])),
-             row("teacher adapter + teacher.py's merged copy, float32", lambda x: g(x["state"]["teacher"])),
+             row("teacher adapter + teacher.py's merged copy, float32",
+                 lambda x: g(x["state"]["teacher"])),
              row("activations saved, no checkpointing: vision tower + merger",
                  lambda x: g(x["runs"]["plain"]["vision"] + x["runs"]["plain"]["merger"])),
              row("... language model", lambda x: g(x["runs"]["plain"]["language"])),
-             row(f"... log-probs head, whole answers at once ({mb.batch} x {mb.scored} tokens x vocabulary, float32)",
+             row(f"... log-probs head, whole answers at once ({mb.batch} x {mb.scored} tokens x "
+                 "vocabulary, float32)",
                  lambda x: g(x["runs"]["whole head"]["head"])),
-             row("... log-probs head in chunks (policy.py: hidden states kept, logits rebuilt in backward)",
+             row("... log-probs head in chunks (policy.py: hidden states kept, logits rebuilt in "
+                 "backward)",
                  lambda x: g(x["runs"]["plain"]["head"])),
-             row(f"activations at the peak, no checkpointing, whole head ({HEAD_COPIES} float32 logits copies)",
+             row(f"activations at the peak, no checkpointing, whole head ({HEAD_COPIES} float32 "
+                 "logits copies)",
                  lambda x: g(x["runs"]["whole head"]["peak"])),
              row("... chunked head (positions per chunk)",
                  lambda x: f"{g(x['runs']['plain']['peak'])} ({x['chunk']})"),
              row("... chunked head and checkpointing (train.py's default for a real model)",
                  lambda x: g(x["runs"]["checkpointed"]["peak"])),
-             row(f"rollout: KV cache of {envs} x {mb.seq_len} tokens", lambda x: g(x["rollout"] - x["persistent"])),
+             row(f"rollout: KV cache of {envs} x {mb.seq_len} tokens",
+                 lambda x: g(x["rollout"] - x["persistent"])),
              row("**needed, no checkpointing**", lambda x: g(x["need"]["plain"])),
              row("**needed, checkpointing**", lambda x: g(x["need"]["checkpointed"])),
              row("PPO forward + backward of the micro-batch, TFLOP (LoRA share)",
-                 lambda x: f"{x['flops']['total'] / 1e12:.0f} ({x['flops']['lora'] / x['flops']['total']:.0%})"),
+                 lambda x: f"{x['flops']['total'] / 1e12:.0f} "
+                           f"({x['flops']['lora'] / x['flops']['total']:.0%})"),
              ""]
     short = {"plain": "", "checkpointed": " + ckpt"}
     columns = [(n, k) for n in names for k in short]
-    lines += ["| GPU: GiB to spare (negative: short) | " + " | ".join(f"{n.split('-')[-1]}{short[k]}"
-                                                                       for n, k in columns) + " |",
+    lines += ["| GPU: GiB to spare (negative: short) | "
+              + " | ".join(f"{n.split('-')[-1]}{short[k]}" for n, k in columns) + " |",
               "|---|" + "---|" * len(columns)]
     for label, capacity in GPUS:
         cells = []

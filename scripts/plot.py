@@ -18,7 +18,7 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from compare import smooth  # noqa: E402  (scripts/compare.py, beside this file)
 
-from plumbing.flags import parse_dataclass  # noqa: E402  (the repository root is not a package)
+from plumbing.flags import invalid, parse_dataclass  # noqa: E402  (the repository root is not a package)
 
 # (title, metrics.jsonl keys drawn in that panel)
 PANELS = [("success rate (training) and evaluations", ["success_rate"]),
@@ -88,7 +88,9 @@ def main(argv):
     """The run folders come first (default runs/default), then the flags."""
     first_flag = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
     runs = argv[:first_flag] or ["runs/default"]
-    args = parse_dataclass(PlotArgs, argv[first_flag:], __doc__, ranges={"smooth": "positive"})
+    args = parse_dataclass(PlotArgs, argv[first_flag:], __doc__)
+    if args.smooth <= 0:
+        invalid("smooth", args.smooth, "positive")
     plot(runs, args.out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png"), args.smooth)
 
 
