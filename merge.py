@@ -10,7 +10,7 @@ A "task vector" is a checkpoint minus a common base (zero for LoRA adapters). Th
 operators, all pure functions over state dicts (name -> tensor):
   linear  weighted average.
   ties    TIES-merging (Yadav et al. 2023): trim, elect sign, disjoint weighted mean.
-  dare    DARE (Yu et al. 2024): random drop + rescale, then linear or TIES.
+  dare    DARE (Yu et al. 2024): random drop + rescale, then a weighted average.
 
 Usage:
     import merge
@@ -91,17 +91,14 @@ def ties(task_vectors: list[StateDict], weights: list[float], density: float = 0
 
 
 def dare(task_vectors: list[StateDict], weights: list[float], density: float = 0.8,
-         seed: int = 0, combine: str = "linear") -> StateDict:
-    """DARE: drop each entry with probability 1-density, rescale the kept by 1/density, combine.
+         seed: int = 0) -> StateDict:
+    """DARE: drop each entry with probability 1-density, rescale the kept by 1/density, then
+    average linearly.
 
     The rescale keeps every task vector unbiased: E[mask / density * tau] = tau. The mask comes
     from a CPU torch.Generator seeded with `seed`, drawn over keys in sorted order and task
     vectors in list order, so the same seed gives the same merge on every process and device.
-    combine="ties" runs TIES with density=1: DARE's random drop replaces TIES' magnitude trim,
-    so there is no second trim, only sign election and the disjoint mean.
     """
-    if combine not in ("linear", "ties"):
-        raise ValueError(f"dare: combine must be 'linear' or 'ties', got {combine!r}")
     generator = torch.Generator().manual_seed(seed)
     dropped = [dict() for _ in task_vectors]
     for name in sorted(task_vectors[0]):
@@ -109,8 +106,6 @@ def dare(task_vectors: list[StateDict], weights: list[float], density: float = 0
             tensor = tv[name].float()
             keep = torch.rand(tensor.shape, generator=generator) < density  # [*shape], CPU
             out[name] = (tensor * keep.to(tensor.device) / density).to(tv[name].dtype)
-    if combine == "ties":
-        return ties(dropped, weights, density=1.0)
     return linear(dropped, weights)
 
 

@@ -51,7 +51,7 @@ and its ALFWorld config):
 Deliberately left out: the reference also adds ALFWorld's ``goal_condition_success_rate`` (the
 fraction of the goal's conditions that hold, 0..1) to EVERY step's reward. That pays for being
 in a state, not for reaching it, so an agent that holds a half-done goal is paid each step it
-does not finish; this environment keeps the success signal sparse, as the issue asks.
+does not finish; this environment keeps the success signal sparse: only reaching the goal pays.
 
 Randomness only from ``self.np_random``: the task (type, then object kind, then place), the
 cells, then each object's start (never, for an object of the goal's kind, the goal's place).

@@ -8,8 +8,9 @@ clip and guard fractions, explained variance, gradient norms of each loss, advan
 shares, skipped steps), the teacher's KL or SFT loss, and timings.
 
 Use (train.py):
-    log_update(metrics_file_or_None, batch, guidance, logs, counters, recent, world)
-    run_evaluation(policy, args, rank, world, update)    # appends to OUT/eval.jsonl
+    metrics = RunLog(args, world, last_update) if rank == 0 else None
+    log_update(metrics, batch, guidance, logs, counters, recent, world)
+    run_evaluation(policy, args, rank, world, update, metrics)    # appends to OUT/eval.jsonl
 """
 
 import dataclasses
@@ -63,7 +64,13 @@ class RunLog:
 
 
 def log_update(metrics, batch, guidance, logs, counters, recent, world):
-    """One metrics.jsonl row (statistics averaged over all processes) and its console line."""
+    """One metrics.jsonl row (statistics averaged over all processes) and its console line.
+
+    `metrics`: rank 0's RunLog, None on the other ranks (they only join the averages); `batch`:
+    the update's rollout.Batch; `guidance`: the teacher's Guidance, None without a teacher;
+    `logs`: one number per key (ppo_update's diagnostics, the timings); `counters`: "update" and
+    "env_steps"; `recent`: (successes, episodes) of the last updates, appended to here.
+    """
     episodes = batch.episodes
     # Thought collapse (§4.5), of this process's answers; diversity is NaN when they all replied
     # to one state.

@@ -13,9 +13,11 @@ model, its tokenizer trained on that family's text only: a family's prompts stay
 adding an environment to one family never changes another's model.
 
 Use:
+    import envs
+    from plumbing.loader import load_policy
     from plumbing.tinyvlm import tiny_model
     folder = tiny_model("tiny-vlm", seed=0, image_size=112)   # builds on first use, then cached
-    policy = load_policy(folder)
+    policy = load_policy(folder, envs.action_span)
     tiny_model("tiny-vlm", family="household")                # Household's and ALFWorld's
 """
 

@@ -25,11 +25,13 @@ TEMPERATURE, MICRO_BATCH, NUM_ENVS, STEPS, TOKENS = 0.2, 4, 8, 4, 64
 
 @torch.no_grad()
 def scored(policy, batch, order):
-    """Sequence log-probs [T*N] of the rollout's answers, scored in micro-batches taken in `order`."""
+    """Sequence log-probs [T*N] of the rollout's answers, scored in micro-batches taken in
+    `order`."""
     out = torch.zeros(len(order))
     for start in range(0, len(order), MICRO_BATCH):
         idx = order[start:start + MICRO_BATCH]
-        answers = policy([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx], TEMPERATURE)
+        answers = policy([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx],
+                         TEMPERATURE)
         out[idx] = answers["seq_logprob"].float().cpu()
     return out
 
@@ -37,9 +39,10 @@ def scored(policy, batch, order):
 def main():
     for seed in (0, 1, 2):
         torch.manual_seed(seed)
-        policy = load_policy(offline_model("tiny-qwen2.5-vl"), envs.action_span, dtype=torch.bfloat16,
-                             lora_r=8, lora_alpha=16)
-        with torch.no_grad():  # an adapter that has moved from its zero start, as after a warm start
+        policy = load_policy(offline_model("tiny-qwen2.5-vl"), envs.action_span,
+                             dtype=torch.bfloat16, lora_r=8, lora_alpha=16)
+        # an adapter that has moved from its zero start, as after a warm start
+        with torch.no_grad():
             for name, p in policy.model.named_parameters():
                 if "lora_" in name and ".policy." in name:
                     p.add_(0.05 * torch.randn_like(p))
@@ -52,7 +55,8 @@ def main():
         fixed = list(range(len(old)))
         same = (scored(policy, batch, fixed) - scored(policy, batch, fixed)).abs().max()
         print(f"seed {seed}: rollout vs PPO {(first - old).abs().max():.4f} "
-              f"(mean {(first - old).abs().mean():.4f}); two shufflings {(first - second).abs().max():.4f}; "
+              f"(mean {(first - old).abs().mean():.4f}); "
+              f"two shufflings {(first - second).abs().max():.4f}; "
               f"the same micro-batches twice {same:.4f}", flush=True)
 
 

@@ -17,7 +17,7 @@ figure whose file names are --name with .md and .png added:
     python scripts/compare.py --report-only       # table and figure from the runs already in --out
     python scripts/compare.py --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
     python scripts/compare.py --methods none --envs gtr/NumberLine-v0 --updates 60 --eval-episodes 128 \
-        --out runs/ppo --name ppo_numberline     # PPO only over 3 seeds (README, "What made PPO learn")
+        --out runs/ppo --name ppo_numberline   # PPO alone over 3 seeds (docs/RESULTS.md)
     python scripts/compare.py --envs gtr/NumberLine-v0 --methods kl,sma --variants "sma=kl --merge-weights sma"
                                                # an ablation: each variant is a method with its flags
 

@@ -5,7 +5,8 @@ layer of the language model and of the vision tower (`plumbing/loader.py:_lora_t
 the GTR-Turbo teacher as a second adapter on the same weights (docs/ALGORITHM.md §6). This script
 counts, for both models, the bytes of the weights, the adapters, Adam's state and the teacher, the
 activations of one PPO micro-batch with and without gradient checkpointing, the rollout's KV cache,
-and which GPUs that fits; it prints the README's tables ("Memory at the paper's size").
+and which GPUs that fits; it prints the tables of docs/PERFORMANCE.md ("Memory at the paper's
+size").
 
 Nothing is downloaded. The two configs are the public config.json values of
 Qwen/Qwen2.5-VL-{3B,7B}-Instruct, parameters are counted exactly on the meta device (no memory),
@@ -14,7 +15,7 @@ transformers' Qwen2.5-VL code under peft's LoRA. tests/test_memory.py checks tha
 byte for byte against autograd's own saved tensors on a small random Qwen2.5-VL, and
 `ppo_flops` against torch's FLOP counter.
 
-    python scripts/memory.py                        # the README's tables, as Markdown
+    python scripts/memory.py                        # docs/PERFORMANCE.md's tables, as Markdown
     from scripts.memory import MicroBatch, ppo_flops  # FLOPs of a PPO micro-batch, for an MFU
 """
 
@@ -55,9 +56,10 @@ class MicroBatch:
     answer, padded to the longest), each prompt with one image of `grid` = (height, width)
     patches of 14 px before the 2 x 2 merge, and `scored` answer tokens per sequence.
 
-    The default is the issue's micro-batch: 4 x (about 1100 prompt + 256 answer tokens). An
-    896 x 896 px image is 64 x 64 patches, 1024 image tokens after the merge; 76 text tokens make
-    the prompt 1100. (The bundled games draw 300 px frames: 22 x 22 patches, 121 image tokens.)
+    The default is the micro-batch of the paper's commands (README): 4 x (about 1100 prompt +
+    256 answer tokens). An 896 x 896 px image is 64 x 64 patches, 1024 image tokens after the
+    merge; 76 text tokens make the prompt 1100. (The bundled games draw 300 px frames: 22 x 22
+    patches, 121 image tokens.)
     """
     batch: int = 4
     seq_len: int = 1100 + 256
@@ -326,7 +328,7 @@ def ppo_flops(config, mb=MicroBatch(), lora_r=LORA_R, causal=True):
 
 
 # ---------------------------------------------------------------------------------------------
-# The README's tables
+# The tables of docs/PERFORMANCE.md
 # ---------------------------------------------------------------------------------------------
 def scored_chunk(config, mb=MicroBatch()):
     """Positions policy.py:ActorCritic._score scores at once: SCORE_CHUNK_ELEMENTS / (batch x
@@ -335,7 +337,8 @@ def scored_chunk(config, mb=MicroBatch()):
 
 
 def summary(name, mb=MicroBatch(), lora_r=LORA_R, envs=32):
-    """Every figure of the README's tables for one model of MODELS, in bytes (counts in units)."""
+    """Every figure of docs/PERFORMANCE.md's tables for one model of MODELS, in bytes (counts in
+    units)."""
     config = model_config(name)
     counts = parameter_counts(config, lora_r)
     state = state_bytes(counts)
@@ -360,7 +363,8 @@ def fits(need, capacity_gib):
 
 
 def tables(mb=MicroBatch(), lora_r=LORA_R, envs=32):
-    """The README's two Markdown tables: the budget of each model, and which GPU fits what."""
+    """docs/PERFORMANCE.md's two Markdown tables: the budget of each model, and which GPU fits
+    what."""
     names = list(MODELS)
     s = {name: summary(name, mb, lora_r, envs) for name in names}
     def g(x):

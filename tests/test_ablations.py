@@ -1,6 +1,6 @@
 """The ablation flags of GTR-Turbo's teacher do what they claim: a static teacher (--merge-every 0),
-the reference's merge of the PPO epochs' snapshots (--merge-snapshot epoch) and guiding the action tokens as well
-(--guide-tokens all). docs/ALGORITHM.md §4.1, §4.3. (--merge-weights, --merge and
+the reference's merge of the PPO epochs' snapshots (--merge-snapshot epoch) and guiding the action
+tokens as well (--guide-tokens all). docs/ALGORITHM.md §4.1, §4.3. (--merge-weights, --merge and
 --kl-estimator are tested in test_merge.py and test_distill.py.)"""
 import contextlib
 import json
@@ -36,18 +36,24 @@ def teacher_state(policy):
 def rollout_of(policy, answers=ANSWERS):
     """A one-step Batch of len(answers) environments answered with `answers`, with the policy's own
     sampling-time log-probs (T = 1) and made-up rewards."""
-    images = [np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8) for i in range(len(answers))]
+    images = [np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+              for i in range(len(answers))]
     encoded = policy.encode(images, ["p"] * len(answers))
     responses = [policy.answer_ids(a) for a in answers]
     with torch.no_grad():
         scored = policy(encoded, responses, 1.0)
-    row = lambda values: torch.tensor([values], dtype=torch.float32)  # [T=1, N]
+
+    def row(values):
+        return torch.tensor([values], dtype=torch.float32)  # [T=1, N]
+
     zeros = row([0.0] * len(answers))
     return Batch(encoded=encoded, responses=responses,
-                 token_logprobs=[lp[lp.shape[0] - len(r):] for lp, r in zip(scored["logprobs"], responses)],
+                 token_logprobs=[lp[lp.shape[0] - len(r):]
+                                 for lp, r in zip(scored["logprobs"], responses)],
                  old_logprobs=row(scored["seq_logprob"].tolist()), values=zeros, next_values=zeros,
-                 rewards=row([1.0, -1.0, 0.5, -0.5][:len(answers)]), format_rewards=zeros, terminated=zeros,
-                 truncated=zeros, format_valid=zeros + 1, actions=zeros, entropy=zeros, thought_tokens=zeros)
+                 rewards=row([1.0, -1.0, 0.5, -0.5][:len(answers)]), format_rewards=zeros,
+                 terminated=zeros, truncated=zeros, format_valid=zeros + 1, actions=zeros,
+                 entropy=zeros, thought_tokens=zeros)
 
 
 def test_static_teacher_keeps_the_warm_start(make_policy):
@@ -61,15 +67,16 @@ def test_static_teacher_keeps_the_warm_start(make_policy):
         for update in (1, 2, 3):
             perturb(policy)
             teacher.merge(policy, update)
-        unchanged = all(torch.equal(warm_start[k], v) for k, v in policy.adapter_state("teacher").items())
+        unchanged = all(torch.equal(warm_start[k], v)
+                        for k, v in policy.adapter_state("teacher").items())
         assert unchanged == (merge_every == 0)
         assert teacher.merges == 3 * merge_every
 
 
 def test_epoch_snapshots_are_merged_with_the_reference_weights(make_policy):
     """--merge-snapshot epoch: one merge per update of the epoch snapshots, each at alpha/4, and the
-    old teacher at 1 - alpha (EMA); the first merge holds the 4 snapshots alone, at 1/4 each. With the
-    linear operator the teacher is that weighted mean exactly."""
+    old teacher at 1 - alpha (EMA); the first merge holds the 4 snapshots alone, at 1/4 each. With
+    the linear operator the teacher is that weighted mean exactly."""
     torch.manual_seed(0)
     policy = make_policy()
     teacher = Teacher(policy, Args(merge_snapshot="epoch", merge="linear", ema_alpha=0.5))
@@ -82,7 +89,8 @@ def test_epoch_snapshots_are_merged_with_the_reference_weights(make_policy):
             snapshots.append(policy.adapter_state("policy"))
         teacher.merge(policy, update, snapshots)
         mean = {k: sum(s[k] for s in snapshots) / 4 for k in snapshots[0]}
-        expected = mean if expected is None else {k: 0.5 * mean[k] + 0.5 * expected[k] for k in mean}
+        expected = (mean if expected is None
+                    else {k: 0.5 * mean[k] + 0.5 * expected[k] for k in mean})
         merged = policy.adapter_state("teacher")
         assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in expected)
     assert teacher.merges == 2
@@ -96,14 +104,17 @@ def test_ppo_update_keeps_a_snapshot_per_epoch(make_policy):
     policy = make_policy()
     policy.eval()
     batch = rollout_of(policy)
-    args = Args(guidance="none", temperature=1.0, ppo_epochs=3, minibatch_size=2, micro_batch_size=2, target_kl=0.0)
+    args = Args(guidance="none", temperature=1.0, ppo_epochs=3, minibatch_size=2,
+                micro_batch_size=2, target_kl=0.0)
     start = policy.adapter_state("policy")
     snapshots = []
     optimizer = actor_critic_optimizer(policy, Args(lr=1e-3))
     logs = ppo_update(policy, optimizer, batch, None, args, snapshots)
     assert len(snapshots) == 3 and logs["optimizer_steps"] == 6
-    assert torch.equal(snapshots[-1][next(iter(start))], policy.adapter_state("policy")[next(iter(start))])
-    moved = [not all(torch.equal(a[k], b[k]) for k in a) for a, b in zip([start] + snapshots, snapshots)]
+    assert torch.equal(snapshots[-1][next(iter(start))],
+                       policy.adapter_state("policy")[next(iter(start))])
+    moved = [not all(torch.equal(a[k], b[k]) for k in a)
+             for a, b in zip([start] + snapshots, snapshots)]
     assert all(moved)  # each epoch's snapshot differs from the one before
 
     snapshots = []
@@ -114,13 +125,15 @@ def test_ppo_update_keeps_a_snapshot_per_epoch(make_policy):
 
 
 def test_thought_only_kl_ignores_the_action_tokens(make_policy):
-    """--guide-tokens thought: the teacher's KL does not see the action tokens' log-probs; all: it does."""
+    """--guide-tokens thought: the teacher's KL does not see the action tokens' log-probs; all: it
+    does."""
     torch.manual_seed(0)
     policy = make_policy()
     policy.eval()
     batch = rollout_of(policy)
+    # only the action tokens' log-probs change
     moved = [lp + 3.0 * thought_action_masks(policy.tokenizer, r.tolist(), envs.action_span)[1]
-             for lp, r in zip(batch.token_logprobs, batch.responses)]  # only the action tokens' log-probs change
+             for lp, r in zip(batch.token_logprobs, batch.responses)]
     teacher = Teacher(policy, Args())
     teacher.start(policy)
     for guide_tokens in ("thought", "all"):
@@ -133,7 +146,8 @@ def test_thought_only_kl_ignores_the_action_tokens(make_policy):
 
 
 class ScriptedTeacher:
-    """Stands in for the policy in Teacher.sft_targets: the teacher always answers `+`, with thoughts."""
+    """Stands in for the policy in Teacher.sft_targets: the teacher always answers `+`, with
+    thoughts."""
 
     def add_teacher(self, path):
         pass
@@ -142,32 +156,38 @@ class ScriptedTeacher:
         return contextlib.nullcontext()
 
     def generate(self, encoded, temperatures, max_new_tokens):
-        return None, ['{"thoughts": "current 1, target 3, so I move up", "action": "+"}'] * len(encoded)
+        return None, (['{"thoughts": "current 1, target 3, so I move up", "action": "+"}']
+                      * len(encoded))
 
     def answer_ids(self, text):
         return text
 
 
 def test_sft_targets_keep_the_teacher_action_only_when_guiding_every_token():
-    """--guide-tokens thought: the teacher's thoughts with the agent's action ("-"); all: its whole answer."""
+    """--guide-tokens thought: the teacher's thoughts with the agent's action ("-"); all: its
+    whole answer."""
     game = envs.NumberLineEnv()
-    batch = Batch(encoded=[None, None], responses=[], token_logprobs=[], old_logprobs=torch.zeros(1, 2),
-                  values=None, next_values=None, rewards=None, format_rewards=None, terminated=None,
-                  truncated=None, format_valid=torch.ones(1, 2), actions=torch.tensor([[0.0, 1.0]]), entropy=None,
+    batch = Batch(encoded=[None, None], responses=[], token_logprobs=[],
+                  old_logprobs=torch.zeros(1, 2), values=None, next_values=None, rewards=None,
+                  format_rewards=None, terminated=None, truncated=None,
+                  format_valid=torch.ones(1, 2), actions=torch.tensor([[0.0, 1.0]]), entropy=None,
                   thought_tokens=None)
     for guide_tokens, expected in (("thought", ["-", "+"]), ("all", ["+", "+"])):
-        teacher = Teacher(ScriptedTeacher(), Args(guidance="sft", guide_tokens=guide_tokens, num_envs=2))
+        teacher = Teacher(ScriptedTeacher(),
+                          Args(guidance="sft", guide_tokens=guide_tokens, num_envs=2))
         targets, sampled, _ = teacher.sft_targets(ScriptedTeacher(), batch, game)
         assert sampled == 2  # the scripted teacher parses at its first try
         assert [json.loads(t)["action"] for t in targets] == expected
-        assert all(json.loads(t)["thoughts"] == "current 1, target 3, so I move up" for t in targets)
+        assert all(json.loads(t)["thoughts"] == "current 1, target 3, so I move up"
+                   for t in targets)
 
 
 def test_train_runs_the_ablations_end_to_end(tiny_dir, tmp_path):
     """--merge-snapshot epoch with 2 PPO epochs merges once per update (2 after 2 updates), with
     --guide-tokens all; --merge-every 0 merges none."""
     from test_train import run_train
-    for flags, merges in ((["--merge-snapshot", "epoch", "--guide-tokens", "all", "--target-kl", "0"], 2),
+    for flags, merges in ((["--merge-snapshot", "epoch", "--guide-tokens", "all",
+                            "--target-kl", "0"], 2),
                           (["--merge-every", "0"], 0)):
         out = tmp_path / f"run{merges}"
         rows, _ = run_train(tiny_dir, out, "--guidance", "kl", "--ppo-epochs", "2", *flags)

@@ -48,15 +48,20 @@ class ScriptedEngine:
         return self._state(self.game[self.room][0]), 0, self.room == "won"
 
     def _state(self, feedback):
-        return State(feedback=feedback, won=self.room == "won", admissible_commands=sorted(self.game[self.room][1]))
+        return State(feedback=feedback, won=self.room == "won",
+                     admissible_commands=sorted(self.game[self.room][1]))
 
 
 GAME = {
-    "start": ("You are in the middle of a room.", {"go to countertop 1": "counter", "look": "start"}),
+    "start": ("You are in the middle of a room.",
+              {"go to countertop 1": "counter", "look": "start"}),
     "counter": ("You arrive at countertop 1. On the countertop 1, you see a mug 1.",
-                {"take mug 1 from countertop 1": "holding", "go to cabinet 1": "cabinet", "look": "counter"}),
-    "holding": ("You pick up the mug 1 from the countertop 1.", {"go to cabinet 1": "cabinet with mug", "look": "holding"}),
-    "cabinet": ("You arrive at cabinet 1. On the cabinet 1, you see nothing.", {"go to countertop 1": "counter"}),
+                {"take mug 1 from countertop 1": "holding", "go to cabinet 1": "cabinet",
+                 "look": "counter"}),
+    "holding": ("You pick up the mug 1 from the countertop 1.",
+                {"go to cabinet 1": "cabinet with mug", "look": "holding"}),
+    "cabinet": ("You arrive at cabinet 1. On the cabinet 1, you see nothing.",
+                {"go to countertop 1": "counter"}),
     "cabinet with mug": ("You arrive at cabinet 1.", {"put mug 1 in/on cabinet 1": "won"}),
     "won": ("You put the mug 1 in/on the cabinet 1.", {}),
 }
@@ -85,13 +90,15 @@ def test_without_the_package_one_line_says_what_to_install(monkeypatch, tmp_path
     with pytest.raises(ImportError) as error:
         gym.make("gtr/ALFWorld-v0")
     message = str(error.value)
-    assert "\n" not in message and "pip install alfworld" in message and "alfworld-download" in message
+    assert ("\n" not in message and "pip install alfworld" in message
+            and "alfworld-download" in message)
     assert "gtr/ALFWorld-v0" in gym.registry and "gtr/ALFWorld-v0" not in envs.ENV_IDS
 
     if missing_requirement() is None:
         return  # with the package and its data here, train.py would run, not stop
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--env", "gtr/ALFWorld-v0",
-                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                             "--env", "gtr/ALFWorld-v0", "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120)
     lines = [line for line in result.stderr.splitlines() if line.strip() and "arning" not in line]
     assert result.returncode != 0 and lines == [missing_requirement()], result.stderr[-2000:]
 
@@ -104,8 +111,10 @@ def test_plays_through_the_engine(scripted):
     assert (reward, terminated, info["steps"]) == (0.0, False, 1)
     assert "take mug 1 from countertop 1" in info["admissible_commands"]
     before = env._observation()
-    _, reward, terminated, truncated, info = play(env, "go to countertop 1")  # already there: inadmissible
-    assert (reward, terminated, truncated, info["feedback"]) == (-1.0, False, False, "Nothing happens.")
+    # already there: inadmissible
+    _, reward, terminated, truncated, info = play(env, "go to countertop 1")
+    assert ((reward, terminated, truncated, info["feedback"])
+            == (-1.0, False, False, "Nothing happens."))
     assert env.step(alfworld_env.MAX_COMMANDS - 1)[1] == -1.0  # an id no command has yet
     assert env.invalid_step()[1] == -1.0 and env.steps == 4
     play(env, "take mug 1 from countertop 1")
@@ -131,7 +140,8 @@ def test_time_limit_and_check_env(scripted):
     env = scripted(max_steps=3)
     outcomes = [play(env, "look")[2:4] for _ in range(3)]
     assert outcomes == [(False, False), (False, False), (False, True)]
-    env = gym.make("gtr/ALFWorld-v0", games=[GAME], image_size=96).unwrapped  # with a spec, as check_env wants
+    # with a spec, as check_env wants
+    env = gym.make("gtr/ALFWorld-v0", games=[GAME], image_size=96).unwrapped
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         check_env(env)
@@ -145,15 +155,17 @@ def test_pickling_replays_the_episode(scripted):
     play(env, "go to countertop 1")
     play(env, "take mug 1 from countertop 1")
     copy = pickle.loads(pickle.dumps(env))
-    assert (copy.steps, copy.feedback, copy.admissible_commands) == (env.steps, env.feedback, env.admissible_commands)
+    assert ((copy.steps, copy.feedback, copy.admissible_commands)
+            == (env.steps, env.feedback, env.admissible_commands))
     assert np.array_equal(copy._observation(), env._observation())
     play(copy, "go to cabinet 1")
     assert play(copy, "put mug 1 in/on cabinet 1")[1] == 50.0
 
 
 @pytest.mark.skipif(missing_requirement("valid_seen") is not None,
-                    reason="needs the alfworld package (TextWorld's PDDL engine, Fast Downward, jericho and spaCy, "
-                           "which build from source) and alfworld-download's games: pip install alfworld; alfworld-download")
+                    reason="needs the alfworld package (TextWorld's PDDL engine, Fast Downward, "
+                           "jericho and spaCy, which build from source) and alfworld-download's "
+                           "games: pip install alfworld; alfworld-download")
 def test_the_planner_solves_a_real_game():
     env = ALFWorldEnv(split="valid_seen", image_size=96)
     env.reset(seed=0)

@@ -26,7 +26,8 @@ def critics(tiny_dir):
     for critic in ("shared", "detached", "adapter"):
         torch.manual_seed(0)
         made[critic] = load_policy(tiny_model(tiny_dir), envs.action_span, lora_r=8, lora_alpha=16,
-                                   lora_dropout=0.0, critic=critic, answer_opening=envs.ANSWER_OPENING)
+                                   lora_dropout=0.0, critic=critic,
+                                   answer_opening=envs.ANSWER_OPENING)
         made[critic].eval()
     return made
 
@@ -39,9 +40,11 @@ def gradient_norm(loss, params):
 @pytest.mark.parametrize("critic", ["shared", "detached", "adapter"])
 def test_what_the_value_loss_and_the_policy_loss_reach(critics, critic):
     """detached and adapter: the value loss's gradient on the policy adapter is exactly zero, and
-    the policy loss's on the critic's weights too; shared: the value loss moves the policy adapter."""
+    the policy loss's on the critic's weights too; shared: the value loss moves the policy
+    adapter."""
     policy = critics[critic]
-    with torch.no_grad():  # the critic adapter starts as the policy (train.py), then moves on its own
+    # the critic adapter starts as the policy (train.py), then moves on its own
+    with torch.no_grad():
         for p in policy.adapter_parameters("critic").values():
             p.add_(0.01 * torch.randn_like(p))
     batch = rollout_of(policy)
@@ -76,9 +79,11 @@ def test_log_probs_do_not_depend_on_the_critic(critics):
 def test_the_critic_has_its_own_parameter_group(critics):
     """Actor and critic: disjoint groups, each with its learning rate and gradient clip."""
     policy = critics["adapter"]
-    optimizer = actor_critic_optimizer(policy, Args(lr=3e-5, critic_lr=1e-3, critic_max_grad_norm=1.0))
+    optimizer = actor_critic_optimizer(policy, Args(lr=3e-5, critic_lr=1e-3,
+                                                    critic_max_grad_norm=1.0))
     actor, critic = optimizer.param_groups
-    assert (actor["lr"], actor["max_grad_norm"], critic["lr"], critic["max_grad_norm"]) == (3e-5, 0.01, 1e-3, 1.0)
+    assert ((actor["lr"], actor["max_grad_norm"], critic["lr"], critic["max_grad_norm"])
+            == (3e-5, 0.01, 1e-3, 1.0))
     critic_ids = {id(p) for p in critic["params"]}
     assert not critic_ids & {id(p) for p in actor["params"]}
     assert critic_ids == {id(p) for p in policy.critic_parameters()}
@@ -110,10 +115,12 @@ def test_checkpoint_carries_the_critic(critics, tmp_path):
             p.add_(torch.randn_like(p))
     policy.update_return_stats(torch.tensor(5.0), torch.tensor(9.0), torch.tensor(10.0))
     policy.save(tmp_path / "adapters", adapters=["policy", "critic"])
-    loaded = load_policy(policy.model.get_base_model().name_or_path, envs.action_span, lora_r=8, lora_alpha=16,
-                         adapter_path=str(tmp_path / "adapters" / "policy"), critic="adapter")
+    loaded = load_policy(policy.model.get_base_model().name_or_path, envs.action_span, lora_r=8,
+                         lora_alpha=16, adapter_path=str(tmp_path / "adapters" / "policy"),
+                         critic="adapter")
     saved, restored = policy.adapter_state("critic"), loaded.adapter_state("critic")
-    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert (saved.keys() == restored.keys()
+            and all(torch.equal(saved[k], restored[k]) for k in saved))
     for key, tensor in policy.value_head.state_dict().items():
         assert torch.equal(tensor, loaded.value_head.state_dict()[key]), key
 
@@ -121,10 +128,11 @@ def test_checkpoint_carries_the_critic(critics, tmp_path):
 def train(tiny_dir, out, *flags):
     """train.py with tiny sizes (test_train.run_train's), any number of updates."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), "--num-envs", "4",
-           "--steps-per-update", "8", "--max-new-tokens", "24", "--lora-r", "8", "--lora-alpha", "16",
-           "--ppo-epochs", "1", "--minibatch-size", "8", "--micro-batch-size", "4", "--eval-episodes", "0",
-           "--warmup-sft-steps", "0", *flags]
-    result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=300)
+           "--steps-per-update", "8", "--max-new-tokens", "24", "--lora-r", "8",
+           "--lora-alpha", "16", "--ppo-epochs", "1", "--minibatch-size", "8",
+           "--micro-batch-size", "4", "--eval-episodes", "0", "--warmup-sft-steps", "0", *flags]
+    result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
@@ -135,8 +143,8 @@ def test_train_warms_the_critic_up_and_resumes_it(tiny_dir, tmp_path):
     --resume continues with the actor learning."""
     from peft.utils import load_peft_weights
     out = tmp_path / "run"
-    flags = ["--guidance", "kl", "--critic", "adapter", "--critic-warmup", "2", "--critic-lr", "1e-3",
-             "--value-norm", "--seed", "3"]
+    flags = ["--guidance", "kl", "--critic", "adapter", "--critic-warmup", "2",
+             "--critic-lr", "1e-3", "--value-norm", "--seed", "3"]
     rows = train(tiny_dir, out, *flags, "--updates", "2")
     assert [r["lr"] for r in rows] == [0.0, 0.0]
     adapters = out / "checkpoint" / "adapters"

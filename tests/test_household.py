@@ -22,8 +22,8 @@ from envs.household import (
     kind,
 )
 
-LAYOUT = {"apple 1": "countertop 1", "potato 1": "fridge 1", "mug 1": "cabinet 1", "book 1": "desk 1",
-          "cd 1": "drawer 1", "cd 2": "table 1"}
+LAYOUT = {"apple 1": "countertop 1", "potato 1": "fridge 1", "mug 1": "cabinet 1",
+          "book 1": "desk 1", "cd 1": "drawer 1", "cd 2": "table 1"}
 
 
 def fresh(task=None, objects=LAYOUT, seed=0, image_size=96):
@@ -72,9 +72,11 @@ def shows(pixels, color):
 def test_the_room_and_its_commands():
     env = HouseholdEnv()
     assert len(env.actions) == len(set(env.actions)) == env.action_space.n == 130
-    for command in ["go to fridge 1", "open cabinet 1", "close drawer 1", "take mug 1 from countertop 1",
-                    "put mug 1 in/on cabinet 1", "clean mug 1 with sink 1", "heat potato 1 with microwave 1",
-                    "cool apple 1 with fridge 1", "use desklamp 1", "examine book 1", "inventory", "look"]:
+    for command in ["go to fridge 1", "open cabinet 1", "close drawer 1",
+                    "take mug 1 from countertop 1", "put mug 1 in/on cabinet 1",
+                    "clean mug 1 with sink 1", "heat potato 1 with microwave 1",
+                    "cool apple 1 with fridge 1", "use desklamp 1", "examine book 1", "inventory",
+                    "look"]:
         assert command in env.actions
     assert "heat book 1 with microwave 1" not in env.actions  # only food and dishes are treated
     assert 5 <= len(RECEPTACLES) <= 8 and 3 <= len(OBJECTS) <= 6
@@ -87,7 +89,8 @@ def test_multi_word_commands_parse_and_span():
         assert env.parse(answer) == i
         start, end = action_span(answer)
         assert answer[start:end] == f'"action": "{command}"}}'
-    cases = {'{"thoughts": "x", "action": " take mug 1 from countertop 1 "}': "take mug 1 from countertop 1",
+    cases = {'{"thoughts": "x", "action": " take mug 1 from countertop 1 "}':
+             "take mug 1 from countertop 1",
              "{'thoughts': 'x', 'action': 'put cd 2 in/on drawer 1'}": "put cd 2 in/on drawer 1",
              '{"thoughts": "x", "action": "take mug 1"}': None,
              '{"thoughts": "x", "action": "Go to fridge 1"}': None,
@@ -101,8 +104,9 @@ def test_multi_word_commands_parse_and_span():
 def test_parse_never_raises_on_fuzz():
     actions = HouseholdEnv.actions
     rng = random.Random(0)
-    pieces = ['{', '}', '"', "'", ':', ',', '\\', '"action"', '"action": "', '"thoughts"', "go to ", "fridge 1",
-              "take ", "mug 1", " from ", "put ", " in/on ", "/", "cabinet 1", "look", " ", "\n", "ü", "\x00", '"}']
+    pieces = ['{', '}', '"', "'", ':', ',', '\\', '"action"', '"action": "', '"thoughts"', "go to ",
+              "fridge 1", "take ", "mug 1", " from ", "put ", " in/on ", "/", "cabinet 1", "look",
+              " ", "\n", "ü", "\x00", '"}']
     for _ in range(2000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
         result = parse_action(text, actions)
@@ -115,21 +119,25 @@ def test_admissible_commands_follow_the_state():
     assert start == [f"go to {r}" for r in RECEPTACLES] + ["inventory", "look"]
     do(env, "go to cabinet 1")  # closed: its contents are neither listed nor takeable
     here = set(env.admissible())
-    assert {"open cabinet 1", "examine mug 1", "take mug 1 from cabinet 1"} & here == {"open cabinet 1"}
+    assert ({"open cabinet 1", "examine mug 1", "take mug 1 from cabinet 1"} & here
+            == {"open cabinet 1"})
     assert "go to cabinet 1" not in here and "The cabinet 1 is closed." in env.prompt()
     do(env, "open cabinet 1")
     here = set(env.admissible())
-    assert {"close cabinet 1", "take mug 1 from cabinet 1", "examine mug 1"} <= here and "open cabinet 1" not in here
+    assert ({"close cabinet 1", "take mug 1 from cabinet 1", "examine mug 1"} <= here
+            and "open cabinet 1" not in here)
     assert "In the cabinet 1, you see a mug 1." in env.prompt()
     do(env, "take mug 1 from cabinet 1")
     here = set(env.admissible())
     assert {"put mug 1 in/on cabinet 1", "examine mug 1"} <= here
     assert not any(c.startswith("take ") for c in here)  # one object at a time
     do(env, "go to sink 1")
-    assert "clean mug 1 with sink 1" in env.admissible() and "heat mug 1 with microwave 1" not in env.admissible()
+    assert ("clean mug 1 with sink 1" in env.admissible()
+            and "heat mug 1 with microwave 1" not in env.admissible())
     do(env, "go to desk 1")
     assert {"use desklamp 1", "put mug 1 in/on desk 1", "examine book 1"} <= set(env.admissible())
-    assert env.prompt().count('"') == 2 * len(env.admissible()) + 8  # the admissible ones, and the JSON example
+    # the admissible ones, and the JSON example
+    assert env.prompt().count('"') == 2 * len(env.admissible()) + 8
 
 
 def test_inadmissible_command_changes_nothing_and_costs_the_penalty():
@@ -141,21 +149,26 @@ def test_inadmissible_command_changes_nothing_and_costs_the_penalty():
             if env.step(env.expert()[1])[2]:
                 env.reset(seed=seed)
         before = env._observation()
-        state = (env.location, env.holding, dict(env.where), sorted(env.opened), env.lamp_on, env.admissible())
+        state = (env.location, env.holding, dict(env.where), sorted(env.opened), env.lamp_on,
+                 env.admissible())
         bad = [i for i, c in enumerate(env.actions) if c not in env.admissible()]
         for step in (lambda: env.step(int(rng.choice(bad))), env.invalid_step):
             steps = env.steps
             obs, reward, terminated, truncated, info = step()
-            assert (reward, terminated, truncated, info["steps"], info["feedback"]) == (-1.0, False, False, steps + 1, "Nothing happens.")
+            assert ((reward, terminated, truncated, info["steps"], info["feedback"])
+                    == (-1.0, False, False, steps + 1, "Nothing happens."))
             assert np.array_equal(obs, before)
-            assert state == (env.location, env.holding, dict(env.where), sorted(env.opened), env.lamp_on, env.admissible())
+            assert state == (env.location, env.holding, dict(env.where), sorted(env.opened),
+                             env.lamp_on, env.admissible())
 
 
 def test_success_reward_and_time_limit():
     env = fresh({"type": "pick_and_place_simple", "object": "apple", "target": "table 1"})
-    rewards = [do(env, c)[1] for c in ["go to countertop 1", "take apple 1 from countertop 1", "go to table 1"]]
+    rewards = [do(env, c)[1]
+               for c in ["go to countertop 1", "take apple 1 from countertop 1", "go to table 1"]]
     _, reward, terminated, truncated, info = do(env, "put apple 1 in/on table 1")
-    assert rewards == [0.0, 0.0, 0.0] and (reward, terminated, truncated, info["success"]) == (50.0, True, False, True)
+    assert (rewards == [0.0, 0.0, 0.0]
+            and (reward, terminated, truncated, info["success"]) == (50.0, True, False, True))
 
     env = fresh({"type": "pick_and_place_simple", "object": "apple", "target": "table 1"})
     for i in range(50):  # "look" is always admissible and never helps: a time limit, not a rule
@@ -168,14 +181,17 @@ def test_success_reward_and_time_limit():
 
 def test_treatments_and_the_light():
     env = fresh({"type": "pick_heat_then_place_in_recep", "object": "apple", "target": "cabinet 1"})
-    for command in ["go to countertop 1", "take apple 1 from countertop 1", "go to fridge 1", "cool apple 1 with fridge 1"]:
+    for command in ["go to countertop 1", "take apple 1 from countertop 1", "go to fridge 1",
+                    "cool apple 1 with fridge 1"]:
         do(env, command)
     assert env.states["apple 1"] == {"cool"}
     do(env, "go to microwave 1")
-    assert do(env, "heat apple 1 with microwave 1")[4]["feedback"] == "You heat the apple 1 using the microwave 1."
+    assert (do(env, "heat apple 1 with microwave 1")[4]["feedback"]
+            == "You heat the apple 1 using the microwave 1.")
     do(env, "go to sink 1")
     do(env, "clean apple 1 with sink 1")
-    assert env.states["apple 1"] == {"hot", "clean"} and do(env, "examine apple 1")[4]["feedback"] == "This is a clean hot apple 1."
+    assert (env.states["apple 1"] == {"hot", "clean"}
+            and do(env, "examine apple 1")[4]["feedback"] == "This is a clean hot apple 1.")
     do(env, "go to cabinet 1")
     assert "put apple 1 in/on cabinet 1" not in env.admissible()  # closed
     do(env, "open cabinet 1")
@@ -187,7 +203,8 @@ def test_treatments_and_the_light():
     do(env, "take book 1 from desk 1")  # holding it where the lamp is on: looked at in the light
     assert env._goal_met()
     env = fresh({"type": "look_at_obj_in_light", "object": "cd"})
-    for command in ["go to desk 1", "use desklamp 1", "use desklamp 1", "go to table 1", "take cd 2 from table 1"]:
+    for command in ["go to desk 1", "use desklamp 1", "use desklamp 1", "go to table 1",
+                    "take cd 2 from table 1"]:
         do(env, command)
     assert not env.lamp_on and do(env, "go to desk 1")[2] is False
     assert do(env, "use desklamp 1")[1:3] == (50.0, True)
@@ -198,7 +215,8 @@ def test_pick_two_needs_both():
     for command in ["go to table 1", "take cd 2 from table 1", "go to countertop 1"]:
         do(env, command)
     assert do(env, "put cd 2 in/on countertop 1")[1:3] == (0.0, False)
-    for command in ["go to drawer 1", "open drawer 1", "take cd 1 from drawer 1", "go to countertop 1"]:
+    for command in ["go to drawer 1", "open drawer 1", "take cd 1 from drawer 1",
+                    "go to countertop 1"]:
         do(env, command)
     assert do(env, "put cd 1 in/on countertop 1")[1:3] == (50.0, True)
     assert env.goal == "put two cds on the countertop"
@@ -213,9 +231,11 @@ def test_expert_solves_every_task_object_and_place():
         for what in kinds:
             for target in [None] if task_type == "look_at_obj_in_light" else PLACES:
                 for seed in range(2):
-                    env.reset(seed=seed, options={"task": {"type": task_type, "object": what, "target": target}})
+                    env.reset(seed=seed, options={"task": {"type": task_type, "object": what,
+                                                           "target": target}})
                     total, info = play_expert(env)
-                    assert info["success"] and total == 50.0 and info["steps"] <= 20, (task_type, what, target)
+                    assert info["success"] and total == 50.0 and info["steps"] <= 20, (
+                        task_type, what, target)
 
 
 def test_expert_solves_random_deals():
@@ -267,11 +287,13 @@ def test_options_fix_layout_and_task():
     task = {"type": "pick_cool_then_place_in_recep", "object": "potato", "target": "drawer 1"}
     env = HouseholdEnv(image_size=64)
     first, info = env.reset(seed=1, options={"task": task, "cells": cells, "objects": LAYOUT})
-    assert env.cells == cells and env.where == LAYOUT and info["goal"] == "put a cool potato in the drawer"
+    assert (env.cells == cells and env.where == LAYOUT
+            and info["goal"] == "put a cool potato in the drawer")
     again, _ = env.reset(seed=99, options={"task": task, "cells": cells, "objects": LAYOUT})
     assert np.array_equal(first, again)  # nothing left to chance
     _, info = env.reset(seed=2, options={"task": task})
-    assert info["task_type"] == "pick_cool_then_place_in_recep" and env.where["potato 1"] != "drawer 1"
+    assert (info["task_type"] == "pick_cool_then_place_in_recep"
+            and env.where["potato 1"] != "drawer 1")
 
     for seed in range(100):  # random deals: no object of the goal's kind starts at the goal's place
         env.reset(seed=seed)
@@ -282,14 +304,18 @@ def test_options_fix_layout_and_task():
 
 @pytest.mark.parametrize("options, match", [
     ({"task": {"type": "pick_and_fly"}}, "not one of"),
-    ({"task": {"type": "pick_heat_then_place_in_recep", "object": "book", "target": "table 1"}}, "takes an object"),
+    ({"task": {"type": "pick_heat_then_place_in_recep", "object": "book", "target": "table 1"}},
+     "takes an object"),
     ({"task": {"type": "look_at_obj_in_light", "object": "book", "target": "desk 1"}}, "no target"),
-    ({"task": {"type": "pick_and_place_simple", "object": "mug", "target": "fridge 1"}}, "needs a target"),
+    ({"task": {"type": "pick_and_place_simple", "object": "mug", "target": "fridge 1"}},
+     "needs a target"),
     ({"task": "put a mug in the cabinet"}, "must be a dict"),
     ({"cells": RECEPTACLES[:7]}, "each of"),
     ({"objects": {"mug 1": "table 1"}}, "map each of"),
     ({"objects": LAYOUT | {"mug 1": "garden 1"}}, "receptacles are"),
-    ({"objects": LAYOUT, "task": {"type": "pick_and_place_simple", "object": "mug", "target": "cabinet 1"}}, "met before"),
+    ({"objects": LAYOUT,
+      "task": {"type": "pick_and_place_simple", "object": "mug", "target": "cabinet 1"}},
+     "met before"),
     ({"layout": {}}, "unknown option"),
 ])
 def test_bad_options_fail_clearly(options, match):
@@ -301,10 +327,12 @@ def test_bad_options_fail_clearly(options, match):
 
 
 def test_picture_shows_objects_the_agent_and_what_it_holds():
-    env = fresh({"type": "pick_clean_then_place_in_recep", "object": "mug", "target": "table 1"}, image_size=150)
+    env = fresh({"type": "pick_clean_then_place_in_recep", "object": "mug", "target": "table 1"},
+                image_size=150)
     obs = env._observation()
     assert shows(cell_pixels(env, obs, "countertop 1"), OBJECT_COLORS["apple"])  # on display
-    assert not shows(cell_pixels(env, obs, "cabinet 1"), OBJECT_COLORS["mug"])  # behind a closed door
+    # behind a closed door
+    assert not shows(cell_pixels(env, obs, "cabinet 1"), OBJECT_COLORS["mug"])
     do(env, "go to cabinet 1")
     framed = do(env, "open cabinet 1")[0]
     assert shows(cell_pixels(env, framed, "cabinet 1"), OBJECT_COLORS["mug"])
@@ -317,7 +345,8 @@ def test_picture_shows_objects_the_agent_and_what_it_holds():
     assert not shows(cell_pixels(env, held, "cabinet 1"), OBJECT_COLORS["mug"])
     do(env, "go to sink 1")
     clean = do(env, "clean mug 1 with sink 1")[0]
-    assert shows(cell_pixels(env, clean, None), STATE_COLORS["clean"]) and not shows(cell_pixels(env, held, None), STATE_COLORS["clean"])
+    assert (shows(cell_pixels(env, clean, None), STATE_COLORS["clean"])
+            and not shows(cell_pixels(env, held, None), STATE_COLORS["clean"]))
     do(env, "go to desk 1")
     lamp_off = env._observation()
     assert not np.array_equal(lamp_off, do(env, "use desklamp 1")[0])
@@ -343,17 +372,22 @@ def test_prompt_and_tiny_tokenizer(tmp_path):
             assert all(f'"{c}"' in text for c in env.admissible())
             thoughts, action = env.expert()
             prompt_lengths.append(len(tokenizer(text)["input_ids"]))
-            answer_lengths.append(len(tokenizer(format_answer(thoughts, env.actions[action]))["input_ids"]))
+            answer_lengths.append(
+                len(tokenizer(format_answer(thoughts, env.actions[action]))["input_ids"]))
             done = any(env.step(action)[2:4])
-    assert max(prompt_lengths) <= 256 and max(answer_lengths) <= 48  # train.py answers up to 64 tokens
+    # train.py answers up to 64 tokens
+    assert max(prompt_lengths) <= 256 and max(answer_lengths) <= 48
     with pytest.raises(ValueError, match="unknown environment family"):
         tiny_model(str(tmp_path), family="chess")
 
 
 def test_train_applies_the_environments_defaults():
     from train import parse_args
-    assert (lambda a: (a.thought_coef, a.format_reward, a.format_penalty))(parse_args(["--env", "gtr/Household-v0"])) == (0.2, 5.0, -5.0)
-    given = parse_args(["--env", "gtr/Household-v0", "--thought-coef", "0.5", "--format-penalty=-1"])
+    household = parse_args(["--env", "gtr/Household-v0"])
+    assert ((household.thought_coef, household.format_reward, household.format_penalty)
+            == (0.2, 5.0, -5.0))
+    given = parse_args(["--env", "gtr/Household-v0", "--thought-coef", "0.5",
+                        "--format-penalty=-1"])
     assert (given.thought_coef, given.format_reward, given.format_penalty) == (0.5, 5.0, -1.0)
     cards = parse_args(["--env", "gtr/Points24-v0"])
     assert (cards.thought_coef, cards.format_reward, cards.format_penalty) == (0.5, 3.0, -2.0)

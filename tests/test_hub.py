@@ -81,15 +81,19 @@ def test_sampling_ignores_the_checkpoint_generation_config(hub_dir, tmp_path):
     folder = tmp_path / "odd-sampling"
     shutil.copytree(hub_dir, folder)
     config = json.load(open(folder / "generation_config.json"))
-    config |= {"do_sample": True, "top_k": 1, "top_p": 0.5, "repetition_penalty": 50.0, "temperature": 5.0}
+    config |= {"do_sample": True, "top_k": 1, "top_p": 0.5, "repetition_penalty": 50.0,
+               "temperature": 5.0}
     json.dump(config, open(folder / "generation_config.json", "w"))
     torch.manual_seed(0)  # LoRA A's initialisation: the same policy whatever ran before
     policy = perturbed(load_policy(str(folder), envs.action_span, lora_r=8, lora_alpha=16))
     prompt = observations(policy, 1)
     allowed = [v for v in range(len(policy.tokenizer)) if not policy.suppressed[v]]
-    with torch.no_grad():  # p(first answer token) of every allowed token, as PPO's scoring computes it
-        last = policy.model.get_base_model().model(**policy._collate(prompt)).last_hidden_state[:, -1:]  # [1, 1, h]
-        logprobs, _ = policy._score(last.expand(1, len(allowed), -1), torch.tensor([allowed]))  # [1, allowed]
+    # p(first answer token) of every allowed token, as PPO's scoring computes it
+    with torch.no_grad():
+        last = policy.model.get_base_model().model(
+            **policy._collate(prompt)).last_hidden_state[:, -1:]  # [1, 1, h]
+        logprobs, _ = policy._score(last.expand(1, len(allowed), -1),
+                                    torch.tensor([allowed]))  # [1, allowed]
     p = dict(zip(allowed, logprobs[0].exp().tolist()))
     assert sum(p.values()) == pytest.approx(1.0, abs=1e-4)
 
@@ -131,13 +135,15 @@ def test_bf16_scoring_keeps_the_first_ratio_near_one(tiny_dir):
         def seq_logprobs(groups):
             scored = torch.zeros(32)
             for idx in groups:
-                scored[idx] = policy([encoded[i] for i in idx], [responses[i] for i in idx], 0.2)["seq_logprob"].float()
+                scored[idx] = policy([encoded[i] for i in idx], [responses[i] for i in idx],
+                                     0.2)["seq_logprob"].float()
             return scored
 
         order = torch.randperm(32, generator=torch.Generator().manual_seed(0)).tolist()
         gap = (seq_logprobs([order[i:i + 4] for i in range(0, 32, 4)])
                - seq_logprobs([list(range(i, i + 8)) for i in range(0, 32, 8)])).abs()
-    assert gap.max().item() < 0.06 and gap.mean().item() < 0.007, (gap.max().item(), gap.mean().item())
+    assert gap.max().item() < 0.06 and gap.mean().item() < 0.007, (
+        gap.max().item(), gap.mean().item())
 
 
 def test_scoring_keeps_no_full_vocabulary_tensor_for_backward(make_policy, monkeypatch):
@@ -154,14 +160,16 @@ def test_scoring_keeps_no_full_vocabulary_tensor_for_backward(make_policy, monke
         leaf = hidden.clone().requires_grad_(True)
         saved = {}
         with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: saved.setdefault(t.untyped_storage().data_ptr(),
+                                           t.untyped_storage().nbytes()) and t,
                 lambda t: t):
             logprobs, entropy = policy._score(leaf, ids, 0.5)
         logprobs.sum().backward()
         results[elements] = (logprobs.detach(), leaf.grad, sum(saved.values()))
         assert not entropy.requires_grad
     (whole, whole_grad, _), (chunked, chunked_grad, chunked_bytes) = results.values()
-    assert torch.allclose(whole, chunked, atol=1e-5) and torch.allclose(whole_grad, chunked_grad, atol=1e-6)
+    assert (torch.allclose(whole, chunked, atol=1e-5)
+            and torch.allclose(whole_grad, chunked_grad, atol=1e-6))
     one_vocabulary_copy = 2 * 300 * vocab * 4
     assert chunked_bytes < 0.25 * one_vocabulary_copy
 
@@ -172,8 +180,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_memo
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        policy = perturbed(load_policy(hub_dir, envs.action_span, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                                       gradient_checkpointing=checkpointing))
+        policy = perturbed(load_policy(hub_dir, envs.action_span, lora_r=8, lora_alpha=16,
+                                       lora_dropout=0.0, gradient_checkpointing=checkpointing))
         encoded = observations(policy, 4)
         torch.manual_seed(1)
         responses, _ = policy.generate(encoded, temperature=1.0, max_new_tokens=12)
@@ -181,11 +189,13 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients_with_less_memo
                    policy.answer_ids(envs.format_answer("x", "-")), policy.answer_ids("{}")]
         saved = {}
         with torch.autograd.graph.saved_tensors_hooks(
-                lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) and t,
+                lambda t: saved.setdefault(t.untyped_storage().data_ptr(),
+                                           t.untyped_storage().nbytes()) and t,
                 lambda t: t):
             out = policy(encoded, responses, 1.0, targets=targets)
         (out["seq_logprob"].sum() + out["target_logprobs"].sum() + out["value"].sum()).backward()
-        grads = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
+        grads = torch.cat([p.grad.flatten() for p in policy.model.parameters()
+                           if p.grad is not None])
         results.append((out, grads, sum(saved.values())))
     (plain, plain_grads, plain_bytes), (recomputed, recomputed_grads, recomputed_bytes) = results
     for key in ("seq_logprob", "target_logprobs", "value", "target_mask"):
@@ -198,7 +208,8 @@ def test_sampling_keeps_the_key_value_cache_under_gradient_checkpointing(hub_dir
     """Layers marked as training for gradient checkpointing are unmarked while sampling: marked,
     transformers before 5.24 drops their cache, and each new token reruns the whole prefix. Every
     decoder layer sees one token at a time after the prompt, and is marked again afterwards."""
-    policy = load_policy(hub_dir, envs.action_span, lora_r=8, lora_alpha=16, gradient_checkpointing=True)
+    policy = load_policy(hub_dir, envs.action_span, lora_r=8, lora_alpha=16,
+                         gradient_checkpointing=True)
     policy.eval()
     layers = policy._checkpoint_layers
     assert layers and all(layer.training for layer in layers)
@@ -225,11 +236,13 @@ def test_qwen3_vl_loads_samples_and_scores_targets_like_answers(tiny_dir):
     torch.manual_seed(0)
     policy = perturbed(load_policy(tiny_model(tiny_dir, architecture="qwen3_vl"), envs.action_span,
                                    lora_r=8, lora_alpha=16))
-    assert policy.model.get_base_model().config.model_type == "qwen3_vl" and policy.image_size == 128
+    assert (policy.model.get_base_model().config.model_type == "qwen3_vl"
+            and policy.image_size == 128)
     encoded = observations(policy, 2)
     target = policy.answer_ids(envs.format_answer("current 2, target 4", "+"))
     with torch.no_grad():
         responses, texts = policy.generate(encoded, temperature=1.0, max_new_tokens=8)
-        as_targets = policy(encoded, responses, 1.0, targets=[target, target])["target_logprobs"].sum(1)
+        as_targets = policy(encoded, responses, 1.0,
+                            targets=[target, target])["target_logprobs"].sum(1)
         as_answers = policy(encoded, [target, target], 1.0)["logprobs"].sum(1)
     assert len(texts) == 2 and torch.allclose(as_targets, as_answers, atol=1e-4)

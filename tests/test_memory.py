@@ -29,13 +29,15 @@ def small_config(attention="sdpa"):
     windowed and full vision attention, the 2 x 2 merger; hidden sizes 64 and 32."""
     from transformers import Qwen2_5_VLConfig
     config = Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096,
-                         bos_token_id=None, eos_token_id=None, pad_token_id=0,
-                         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[4, 2, 2])),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[1]),
+        text_config=dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=0,
+                         rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                              mrope_section=[4, 2, 2])),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
+                           out_hidden_size=64, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
         image_token_id=IMAGE, video_token_id=501, vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     config._attn_implementation = attention
@@ -50,7 +52,8 @@ def small_model(config, lora_dropout=0.0):
     from transformers import Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(0)
     base = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).requires_grad_(False)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout, target_modules=_lora_targets(base, True))
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout,
+                      target_modules=_lora_targets(base, True))
     return get_peft_model(base, lora)
 
 
@@ -59,14 +62,17 @@ def micro_batch():
     image_tokens = MB.grid[0] * MB.grid[1] // 4
     rows, mask = [], []
     for pad in (0, 3):
-        ids = [7] * (5 + 3 - pad) + [VISION_START] + [IMAGE] * image_tokens + [VISION_END] + [9] * 20 + [11] * MB.scored
+        ids = ([7] * (5 + 3 - pad) + [VISION_START] + [IMAGE] * image_tokens + [VISION_END]
+               + [9] * 20 + [11] * MB.scored)
         rows.append([0] * pad + ids)
         mask.append([0] * pad + [1] * len(ids))
     input_ids = torch.tensor(rows)  # [2, 52]
     assert input_ids.shape == (MB.batch, MB.seq_len)
     patches = MB.grid[0] * MB.grid[1]
-    return dict(input_ids=input_ids, attention_mask=torch.tensor(mask), mm_token_type_ids=(input_ids == IMAGE).int(),
-                pixel_values=torch.randn(MB.batch * patches, 3 * 2 * 14 * 14),  # [patches, channels x time x 14 x 14]
+    return dict(input_ids=input_ids, attention_mask=torch.tensor(mask),
+                mm_token_type_ids=(input_ids == IMAGE).int(),
+                # [patches, channels x time x 14 x 14]
+                pixel_values=torch.randn(MB.batch * patches, 3 * 2 * 14 * 14),
                 image_grid_thw=torch.tensor([[1, *MB.grid]] * MB.batch))
 
 
@@ -95,7 +101,8 @@ class SavedBytes:
     v views of one qkv output are one tensor in memory), weights and buffers left out."""
 
     def __init__(self, model):
-        self.weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.weights = {t.untyped_storage().data_ptr()
+                        for t in [*model.parameters(), *model.buffers()]}
         self.holders, self.sizes, self.live, self.peak = {}, {}, 0, 0
 
     def pack(self, tensor):
@@ -152,7 +159,8 @@ def test_saved_bytes_match_the_formula_with_checkpointing():
     model = small_model(config).train()
     backbone = model.get_base_model()
     backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    backbone.model.visual.patch_embed.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    backbone.model.visual.patch_embed.register_forward_hook(
+        lambda module, args, out: out.requires_grad_(True))
     checkpointed = memory.activation_bytes(config, MB, lora_r=8, checkpointing=True)["saved"]
     plain = memory.activation_bytes(config, MB, lora_r=8)["saved"]
     measured = measured_saved_bytes(model, micro_batch())
@@ -174,7 +182,8 @@ class LiveBytes(TorchDispatchMode):
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
-                self.storages.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+                self.storages.setdefault(storage.data_ptr(),
+                                         (StorageWeakRef(storage), storage.nbytes()))
         self.peak = max(self.peak, sum(size for _, size in self.storages.values()))
         return out
 
@@ -189,7 +198,8 @@ def test_the_scoring_head_holds_head_copies_of_the_float32_logits():
     suppressed = torch.zeros(vocab, dtype=torch.bool)
     temperature = torch.full((batch, 1, 1), 0.5)
     with LiveBytes() as live:
-        logits = torch.nn.functional.linear(states[:, :-1], weight).float().masked_fill(suppressed, float("-inf"))
+        logits = (torch.nn.functional.linear(states[:, :-1], weight).float()
+                  .masked_fill(suppressed, float("-inf")))
         logprobs = token_logprobs(logits, tokens, temperature)  # its graph holds the log-softmax
         with torch.no_grad():
             per_token_entropy(logits / temperature)
@@ -207,8 +217,8 @@ def test_flops_match_torchs_flop_counter():
     model = small_model(config).eval()
     with FlopCounterMode(display=False) as counter:
         score(model, micro_batch()).backward()
-    assert counter.get_total_flops() == pytest.approx(memory.ppo_flops(config, MB, lora_r=8, causal=False)["total"],
-                                                      rel=0.001)
+    assert counter.get_total_flops() == pytest.approx(
+        memory.ppo_flops(config, MB, lora_r=8, causal=False)["total"], rel=0.001)
 
 
 def test_parameter_counts():
@@ -216,7 +226,8 @@ def test_parameter_counts():
     model = small_model(config)
     counts = memory.parameter_counts(config, lora_r=8)
     assert counts["lora"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert counts["model"] == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    assert counts["model"] == sum(p.numel() for n, p in model.named_parameters()
+                                  if "lora_" not in n)
     # The published totals: 3.75 B and 8.29 B parameters.
     assert memory.parameter_counts(memory.model_config("Qwen2.5-VL-3B"))["model"] == 3_754_622_976
     assert memory.parameter_counts(memory.model_config("Qwen2.5-VL-7B"))["model"] == 8_292_166_656

@@ -37,16 +37,19 @@ def test_generate_logprobs_match_evaluate(policy):
     from transformers import GenerationConfig, LogitsProcessorList
 
     from policy import _SampleLogits
-    prompts = ["Move to the target.", "A much longer prompt: reach the target number, answer in JSON.", "x"]
+    prompts = ["Move to the target.",
+               "A much longer prompt: reach the target number, answer in JSON.", "x"]
     encoded = policy.encode(images(3), prompts)
     batch = policy._collate(encoded)
     torch.manual_seed(1)
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=16,
-                              eos_token_id=policy.stop_ids(), pad_token_id=policy.tokenizer.pad_token_id,
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                              max_new_tokens=16, eos_token_id=policy.stop_ids(),
+                              pad_token_id=policy.tokenizer.pad_token_id,
                               output_scores=True, return_dict_in_generate=True)
+    processor = _SampleLogits(policy.suppressed, torch.full((3, 1), 0.7))
     with torch.no_grad():
         out = policy.model.generate(**batch, generation_config=config,
-                                    logits_processor=LogitsProcessorList([_SampleLogits(policy.suppressed, torch.full((3, 1), 0.7))]))
+                                    logits_processor=LogitsProcessorList([processor]))
     new = out.sequences[:, batch["input_ids"].shape[1]:]
     sampled = torch.stack(out.scores, 1).float().log_softmax(-1).gather(-1, new[..., None])[..., 0]
     stop = policy.stop_ids()
@@ -84,7 +87,8 @@ def test_image_changes_logprobs(policy):
 
 
 def test_batch_and_padding_invariance(policy):
-    prompts = ["short", "a much longer prompt with many more words in it to force padding", "mid length one"]
+    prompts = ["short", "a much longer prompt with many more words in it to force padding",
+               "mid length one"]
     answers = [ANSWER, '{"thoughts": "no", "action": "-"}', "garbage"]
     encoded = policy.encode(images(3), prompts)
     responses = [policy.answer_ids(a) for a in answers]
@@ -93,7 +97,8 @@ def test_batch_and_padding_invariance(policy):
         for i in range(3):
             alone = policy([encoded[i]], [responses[i]])
             n = len(responses[i])
-            assert torch.allclose(alone["logprobs"][0, -n:], together["logprobs"][i, -n:], atol=1e-5)
+            assert torch.allclose(alone["logprobs"][0, -n:], together["logprobs"][i, -n:],
+                                  atol=1e-5)
             assert torch.allclose(alone["value"][0], together["value"][i], atol=1e-5)
             assert torch.allclose(alone["seq_logprob"][0], together["seq_logprob"][i], atol=1e-4)
 
@@ -132,7 +137,8 @@ def test_mask_and_parser_agree_on_a_quoted_action_key(policy):
     assert parse_action(answer, ["-", "+"]) == 0
     ids = policy.answer_ids(answer).tolist()
     _, action = thought_action_masks(policy.tokenizer, ids, action_span)
-    action_text = policy.tokenizer.decode([i for i, a in zip(ids, action) if a], skip_special_tokens=True)
+    action_text = policy.tokenizer.decode([i for i, a in zip(ids, action) if a],
+                                          skip_special_tokens=True)
     assert action_text.strip() == '"action": "-"}'
 
 
@@ -152,12 +158,14 @@ def test_masks_follow_text_offsets(policy):
 
 
 def test_action_split_across_tokens(policy):
-    """Byte-level fallback splits an unseen word into many tokens: the mask still covers all of it."""
+    """Byte-level fallback splits an unseen word into many tokens: the mask still covers all of
+    it."""
     answer = '{"thoughts": "q", "action": "zqxjvwk"}'
     ids = policy.answer_ids(answer).tolist()
     _, action = thought_action_masks(policy.tokenizer, ids, action_span)
     assert action.sum() >= 4
-    decoded = policy.tokenizer.decode([i for i, a in zip(ids, action) if a], skip_special_tokens=True)
+    decoded = policy.tokenizer.decode([i for i, a in zip(ids, action) if a],
+                                      skip_special_tokens=True)
     assert decoded.strip().startswith('"action": "zqxjvwk"')
 
 
@@ -172,7 +180,8 @@ def test_only_lora_and_value_head_get_gradients(policy):
         assert p.requires_grad == trainable, name
         if not trainable:
             assert p.grad is None, name
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in policy.named_parameters() if "lora_" in n)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for n, p in policy.named_parameters() if "lora_" in n)
     policy.zero_grad(set_to_none=True)
 
 
@@ -180,7 +189,8 @@ def test_save_load_round_trip(policy, tiny_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
     policy.save(str(tmp_path))
-    loaded = load_policy(tiny_model(tiny_dir), envs.action_span, adapter_path=os.path.join(str(tmp_path), "policy"))
+    loaded = load_policy(tiny_model(tiny_dir), envs.action_span,
+                         adapter_path=os.path.join(str(tmp_path), "policy"))
     encoded = policy.encode(images(2), ["a", "b"])
     responses = [policy.answer_ids(ANSWER)] * 2
     policy.eval()
@@ -216,7 +226,8 @@ def test_teacher_added_in_eval_mode_has_no_dropout(make_policy):
     policy.eval()
     policy.add_teacher()
     torch.manual_seed(0)
-    policy.load_adapter_state({k: torch.randn_like(v) * 0.1 for k, v in policy.adapter_state().items()})
+    policy.load_adapter_state({k: torch.randn_like(v) * 0.1
+                               for k, v in policy.adapter_state().items()})
     encoded, ids = policy.encode(images(2), ["p", "q"]), [policy.answer_ids(ANSWER)] * 2
     with torch.no_grad(), policy.use_adapter("teacher"):
         first, second = policy(encoded, ids)["logprobs"], policy(encoded, ids)["logprobs"]
@@ -230,8 +241,9 @@ def test_loading_errors(tmp_path, monkeypatch):
         load_policy(str(tmp_path / "missing"), envs.action_span)
     from transformers import Qwen2Config, Qwen2ForCausalLM
     text_only = tmp_path / "text-only"
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(text_only)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1)).save_pretrained(text_only)
     with pytest.raises(ValueError, match="not an image-text-to-text model"):
         load_policy(str(text_only), envs.action_span)
     import huggingface_hub.constants
@@ -247,8 +259,9 @@ def test_targets_share_the_prompt_exactly(policy):
     encoded = policy.encode(images(3), ["a", "a much longer prompt here", "ccc"])
     responses = [policy.answer_ids(ANSWER), policy.answer_ids('{"thoughts": "x", "action": "-"}'),
                  policy.answer_ids(ANSWER)]
-    targets = [policy.answer_ids('{"thoughts": "current 0, target 4, so I move up", "action": "+"}'),
-               None, policy.answer_ids('{"thoughts": "y", "action": "-"}')]
+    targets = [
+        policy.answer_ids('{"thoughts": "current 0, target 4, so I move up", "action": "+"}'),
+        None, policy.answer_ids('{"thoughts": "y", "action": "-"}')]
     lora = [p for n, p in policy.named_parameters() if "lora_" in n and p.requires_grad]
 
     def grads(loss):
@@ -261,7 +274,8 @@ def test_targets_share_the_prompt_exactly(policy):
     plain = policy(encoded, responses, temperature=0.2)
     for row, i in ((0, 0), (1, 2)):  # left-aligned targets vs right-aligned responses
         n = len(targets[i])
-        assert torch.allclose(shared["target_logprobs"][i, :n], alone["logprobs"][row, -n:], atol=1e-5)
+        assert torch.allclose(shared["target_logprobs"][i, :n], alone["logprobs"][row, -n:],
+                              atol=1e-5)
         assert torch.equal(shared["target_thought_mask"][i, :n], alone["thought_mask"][row, -n:])
     assert not shared["target_mask"][1].any() and shared["target_logprobs"][1].eq(0).all()
     for key in ("logprobs", "value", "seq_logprob"):  # the agent's part is untouched by the targets
@@ -278,14 +292,16 @@ def test_tiny_model_loaded_by_folder_sees_its_size(make_policy, tiny_dir):
     """Loaded by path (--model tiny-vlm/seed0-112px), the tiny model still sees 112 px images (16
     image tokens), not the 84 px its processor's own rounding would make of a 300 px frame."""
     make_policy()  # builds the cache
-    by_folder = load_policy(os.path.join(tiny_dir, "seed0-112px"), envs.action_span, lora_r=8, lora_alpha=16)
+    by_folder = load_policy(os.path.join(tiny_dir, "seed0-112px"), envs.action_span, lora_r=8,
+                            lora_alpha=16)
     assert by_folder.image_size == 112
     encoded = by_folder.encode(images(1), ["p"])[0]
     image_token = by_folder.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert (torch.as_tensor(encoded["input_ids"]) == image_token).sum() == 16
 
 
-def test_building_the_tiny_model_is_deterministic_and_leaves_the_rng_alone(make_policy, tiny_dir, tmp_path):
+def test_building_the_tiny_model_is_deterministic_and_leaves_the_rng_alone(make_policy, tiny_dir,
+                                                                           tmp_path):
     """A run that builds the tiny model (first use) and one that loads it from the cache start
     from the same RNG state and the same weights, so they are the same run."""
     from plumbing.tinyvlm import build_tiny_model

@@ -127,7 +127,8 @@ def test_ratio_guard_acts_per_sample():
     adv = torch.tensor([-1.0, 2.0])
     lp = torch.tensor([math.log(20.0), math.log(0.5)], requires_grad=True)
     loss, stats = policy_loss(lp, old, adv)
-    # guarded sample: clipped 1.1 * -1; the other: min(0.5 * 2, 0.9 * 2) = 1.0 (a per-batch guard gave 1.8)
+    # guarded sample: clipped 1.1 * -1; the other: min(0.5 * 2, 0.9 * 2) = 1.0 (a per-batch guard
+    # gave 1.8)
     assert loss.item() == pytest.approx(-(1.1 * -1.0 + 1.0) / 2)
     loss.backward()
     assert lp.grad[0].item() == 0.0 and lp.grad[1].item() < 0.0
@@ -140,7 +141,8 @@ def test_ratio_guard_acts_per_sample():
 
 
 def test_ratio_guard_does_not_depend_on_micro_batching():
-    """The mean of two halves' losses is the whole batch's loss (a per-micro-batch guard broke this)."""
+    """The mean of two halves' losses is the whole batch's loss (a per-micro-batch guard broke
+    this)."""
     old = torch.zeros(4)
     adv = torch.tensor([-1.0, 2.0, 0.5, -0.3])
     lp = torch.tensor([math.log(20.0), math.log(0.5), 0.3, -0.2])
@@ -213,11 +215,15 @@ def test_non_finite_gradient_step_is_skipped_and_weights_are_kept():
     from ppo import accumulated_step
     w = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.Adam([w], lr=0.1)
-    loss = lambda idx: (w[idx] * torch.tensor([float("nan"), 1.0, 1.0])[idx]).sum()
+
+    def loss(idx):
+        return (w[idx] * torch.tensor([float("nan"), 1.0, 1.0])[idx]).sum()
+
     (norm,), stepped = accumulated_step(loss, [0, 1, 2], 2, optimizer, [([w], 1.0)])
     assert not stepped and not math.isfinite(norm)
     assert torch.equal(w.detach(), torch.ones(3)) and w.grad is None
-    (norm,), stepped = accumulated_step(lambda idx: (w[idx] ** 2).sum(), [0, 1, 2], 2, optimizer, [([w], 1.0)])
+    (norm,), stepped = accumulated_step(lambda idx: (w[idx] ** 2).sum(), [0, 1, 2], 2, optimizer,
+                                        [([w], 1.0)])
     assert stepped and math.isfinite(norm) and (w.detach() < 1.0).all()
 
 
@@ -229,7 +235,8 @@ def test_accumulated_gradient_equals_the_whole_mini_batch():
     for micro in (5, 2):
         w = torch.nn.Parameter(torch.ones(3))
         optimizer = torch.optim.SGD([w], lr=0.0)
-        accumulated_step(lambda idx: (x[idx] @ w).pow(2).mean(), list(range(5)), micro, optimizer, [([w], 1e9)])
+        accumulated_step(lambda idx: (x[idx] @ w).pow(2).mean(), list(range(5)), micro, optimizer,
+                         [([w], 1e9)])
         grads.append(w.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -240,9 +247,13 @@ def test_each_group_is_clipped_on_its_own():
     from ppo import accumulated_step
     actor, critic = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     optimizer = torch.optim.SGD([actor, critic], lr=1.0)
-    loss = lambda idx: actor.sum() * 0.003 + critic.sum() * 100.0  # grad norms 0.0042 and 141
+
+    def loss(idx):
+        return actor.sum() * 0.003 + critic.sum() * 100.0  # grad norms 0.0042 and 141
+
     norms, stepped = accumulated_step(loss, [0], 1, optimizer, [([actor], 0.01), ([critic], 1.0)])
-    assert stepped and norms[0] == pytest.approx(0.003 * 2 ** 0.5) and norms[1] == pytest.approx(100 * 2 ** 0.5)
+    assert (stepped and norms[0] == pytest.approx(0.003 * 2 ** 0.5)
+            and norms[1] == pytest.approx(100 * 2 ** 0.5))
     assert torch.allclose(actor.detach(), torch.full((2,), -0.003))  # unclipped: under 0.01
     assert torch.allclose(critic.detach(), torch.full((2,), -(0.5 ** 0.5)))  # clipped to norm 1
 
@@ -266,7 +277,9 @@ def test_accumulation_averages_over_processes_once_per_step():
 
     module = CountingModule()
     optimizer = torch.optim.SGD([module.w], lr=0.1)
-    accumulated_step(lambda idx: module.w[idx].sum(), list(range(7)), 2, optimizer, [([module.w], 1.0)], model=module)
+    accumulated_step(lambda idx: module.w[idx].sum(), list(range(7)), 2, optimizer,
+                     [([module.w], 1.0)], model=module)
     assert module.unsynced == 3  # micro-batches [0,1] [2,3] [4,5] accumulate; [6] synchronises
-    accumulated_step(lambda idx: module.w[idx].sum(), list(range(2)), 2, optimizer, [([module.w], 1.0)], model=module)
+    accumulated_step(lambda idx: module.w[idx].sum(), list(range(2)), 2, optimizer,
+                     [([module.w], 1.0)], model=module)
     assert module.unsynced == 3  # a single micro-batch always synchronises

@@ -37,8 +37,8 @@ def test_an_answer_that_does_not_parse_gets_the_reference_kl(make_policy):
         assert abs(kl[1].item() - expected) < 1e-5
         assert torch.allclose(kl[[0, 2, 3]], torch.zeros(3), atol=1e-5)
     teacher.args = Args(micro_batch_size=2, temperature=1.0)
-    guidance = Guidance(teacher_kl=teacher.kl_penalties(policy, batch).reshape(1, 4), sft_targets=None,
-                        parse_rate=float("nan"), seconds=0.0)
+    guidance = Guidance(teacher_kl=teacher.kl_penalties(policy, batch).reshape(1, 4),
+                        sft_targets=None, parse_rate=float("nan"), seconds=0.0)
     batch.rewards = torch.tensor([[0.0, 1.0, 0.0, 0.0]])  # the unparsed answer won the step
     with_kl, _, _ = advantages_and_returns(batch, guidance, Args(guidance="kl"))
     without, _, _ = advantages_and_returns(batch, None, Args(guidance="none"))
@@ -46,7 +46,8 @@ def test_an_answer_that_does_not_parse_gets_the_reference_kl(make_policy):
 
 
 class ScriptedTeacher:
-    """Stands in for the policy in Teacher.sft_targets: the teacher always answers `+`, with thoughts."""
+    """Stands in for the policy in Teacher.sft_targets: the teacher always answers `+`, with
+    thoughts."""
 
     def add_teacher(self, path):
         pass
@@ -65,13 +66,16 @@ def test_an_answer_that_does_not_parse_gets_no_sft_target_by_default():
     """--sft-unparsed none (default, the reference): no target and no teacher answer where the
     agent's answer did not parse; teacher: the teacher's answer with the action played."""
     game = envs.NumberLineEnv()
-    batch = Batch(encoded=[None, None], responses=[], token_logprobs=[], old_logprobs=torch.zeros(1, 2),
-                  values=None, next_values=None, rewards=None, format_rewards=None, terminated=None,
-                  truncated=None, format_valid=torch.tensor([[1.0, 0.0]]),
-                  actions=torch.tensor([[0.0, 1.0]]), entropy=None, thought_tokens=None)
-    for sft_unparsed, actions, observations in (("none", ["-", None], 1), ("teacher", ["-", "+"], 2)):
+    batch = Batch(encoded=[None, None], responses=[], token_logprobs=[],
+                  old_logprobs=torch.zeros(1, 2), values=None, next_values=None, rewards=None,
+                  format_rewards=None, terminated=None, truncated=None,
+                  format_valid=torch.tensor([[1.0, 0.0]]), actions=torch.tensor([[0.0, 1.0]]),
+                  entropy=None, thought_tokens=None)
+    for sft_unparsed, actions, observations in (("none", ["-", None], 1),
+                                                ("teacher", ["-", "+"], 2)):
         args = Args(guidance="sft", sft_unparsed=sft_unparsed, num_envs=2)
-        targets, _, asked = Teacher(ScriptedTeacher(), args).sft_targets(ScriptedTeacher(), batch, game)
+        targets, _, asked = Teacher(ScriptedTeacher(), args).sft_targets(
+            ScriptedTeacher(), batch, game)
         assert [t and json.loads(t)["action"] for t in targets] == actions
         assert asked == observations
 
@@ -89,7 +93,8 @@ def test_kl_is_scored_at_the_kl_temperature(make_policy):
     sampling = 0.5
     with torch.no_grad():
         scored = policy(batch.encoded, batch.responses, sampling)
-    batch.token_logprobs = [lp[lp.shape[0] - len(r):] for lp, r in zip(scored["logprobs"], batch.responses)]
+    batch.token_logprobs = [lp[lp.shape[0] - len(r):]
+                            for lp, r in zip(scored["logprobs"], batch.responses)]
     for kl_temperature, scored_at in ((1.0, 1.0), (-1.0, sampling)):
         teacher.args = Args(kl_temperature=kl_temperature, temperature=sampling, micro_batch_size=4)
         kl = teacher.kl_penalties(policy, batch)
@@ -106,7 +111,8 @@ def test_kl_is_scored_at_the_kl_temperature(make_policy):
 def test_value_clip_keeps_the_value_near_its_rollout_value():
     """PPO2's clipped value loss (--value-clip): the pessimistic max of the plain error and the
     error of V clipped to old +- clip, here by hand."""
-    values, old, returns = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.5])
+    values, old, returns = (torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]),
+                            torch.tensor([0.0, 0.5]))
     # sample 0: plain (1-0)^2 = 1, clipped (0.1-0)^2 = 0.01 -> 1; sample 1: plain 0.25, clipped 0.25
     assert abs(value_loss(values, returns, old, clip=0.1).item() - 0.5 * (1.0 + 0.25) / 2) < 1e-6
     values = torch.tensor([0.3, 0.0])  # sample 0: plain 0.09, clipped (0.1)^2 = 0.01 -> 0.09
@@ -173,15 +179,18 @@ def test_bfloat16_old_logprobs_are_recomputed_in_the_first_epochs_micro_batches(
     policy.eval()
     batch = rollout_of(policy, ANSWERS + ANSWERS)
     batch.rewards = torch.tensor([[1.0, -1.0, 0.5, -0.5] * 2])
-    batch.encoded = policy.encode([np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8)
-                                   for i in range(8)], ["p" * (i + 1) for i in range(8)])  # 8 paddings
+    batch.encoded = policy.encode(
+        [np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+         for i in range(8)], ["p" * (i + 1) for i in range(8)])  # 8 paddings
     batch.responses, _ = policy.generate(batch.encoded, 0.2, 48)
     with torch.no_grad():  # the rollout's scoring: one batch, at the sampling temperature
-        batch.old_logprobs = policy(batch.encoded, batch.responses, 0.2)["seq_logprob"].float()[None]
-        in_pairs = torch.cat([policy(batch.encoded[i:i + 2], batch.responses[i:i + 2], 0.2)["seq_logprob"]
+        batch.old_logprobs = (policy(batch.encoded, batch.responses, 0.2)["seq_logprob"]
+                              .float()[None])
+        in_pairs = torch.cat([policy(batch.encoded[i:i + 2], batch.responses[i:i + 2],
+                                     0.2)["seq_logprob"]
                               for i in range(0, 8, 2)]).float()
     assert (in_pairs - batch.old_logprobs[0]).abs().max() > 1e-3
-    args = Args(guidance="none", temperature=0.2, ppo_epochs=1, minibatch_size=8, micro_batch_size=2,
-                target_kl=0.0, lr=1e-9, critic_lr=1e-9)
+    args = Args(guidance="none", temperature=0.2, ppo_epochs=1, minibatch_size=8,
+                micro_batch_size=2, target_kl=0.0, lr=1e-9, critic_lr=1e-9)
     logs = ppo_update(policy, actor_critic_optimizer(policy, args), batch, None, args)
     assert logs["first_log_ratio_max"] == 0.0

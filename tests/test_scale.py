@@ -67,19 +67,22 @@ def test_two_processes_agree(tiny_dir, tmp_path, guidance):
     reducer to outlive the process group (train.py:shutdown_distributed), gloo's teardown would
     deadlock, at this size in about one run of two on 2 CPU cores."""
     out = tmp_path / "ddp"
-    warm = ["--warmup-sft-steps", "20", "--max-new-tokens", "32", "--lora-r", "128", "--lora-alpha", "256"] \
-        if guidance == "sft" else []
-    train(tiny_dir, "--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--updates", "1",
-          "--minibatch-size", "4", "--guidance", guidance, "--eval-episodes", "2", *warm,
+    warm = (["--warmup-sft-steps", "20", "--max-new-tokens", "32", "--lora-r", "128",
+             "--lora-alpha", "256"] if guidance == "sft" else [])
+    train(tiny_dir, "--out", str(out), "--num-envs", "2", "--steps-per-update", "4",
+          "--updates", "1", "--minibatch-size", "4", "--guidance", guidance,
+          "--eval-episodes", "2", *warm,
           timeout=240,
-          launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port=29517"))
+          launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--master-port=29517"))
     if guidance == "sft":
         last = [json.loads(line) for line in open(out / "metrics.jsonl")][-1]
         assert last["teacher_parse_rate"] > 0 and last["sft_loss"] > 0
     ranks = [pickle.load(open(out / "checkpoint" / f"rank{r}.pkl", "rb")) for r in range(2)]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
     # Distinct seeds: every environment of both ranks has its own random stream.
-    streams = [str(e.unwrapped.np_random.bit_generator.state) for r in ranks for e in r["runner"].envs]
+    streams = [str(e.unwrapped.np_random.bit_generator.state)
+               for r in ranks for e in r["runner"].envs]
     assert len(set(streams)) == len(streams) == 4
     assert json.load(open(out / "config.json"))["world_size"] == 2
     assert updates(out)[-1] == 1
@@ -87,10 +90,12 @@ def test_two_processes_agree(tiny_dir, tmp_path, guidance):
 
 def test_kill_and_resume_continues_without_gap(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    flags = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
-             "--save-every", "1", "--guidance", "kl"]
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, *flags, "--updates", "50"],
-                               cwd=os.path.dirname(tiny_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4",
+             "--minibatch-size", "4", "--save-every", "1", "--guidance", "kl"]
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, *flags,
+                                "--updates", "50"],
+                               cwd=os.path.dirname(tiny_dir), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # kill it once a few updates are logged and saved
         if os.path.exists(out / "metrics.jsonl") and len(updates(out)) >= 3:
@@ -114,10 +119,11 @@ def test_resume_on_another_number_of_processes(tiny_dir, tmp_path):
     over, deals the environments afresh with a warning, and continues the metrics without a gap."""
     import torch
     out = tmp_path / "run"
-    flags = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
-             "--guidance", "kl"]
+    flags = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4",
+             "--minibatch-size", "4", "--guidance", "kl"]
     train(tiny_dir, *flags, "--updates", "1", "--eval-episodes", "2", timeout=240,  # and exits
-          launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-port=29519"))
+          launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                    "--master-port=29519"))
     result = train(tiny_dir, *flags, "--updates", "2", "--resume")
     assert "the environments are dealt afresh" in result.stderr
     assert updates(out) == [1, 2]
@@ -128,8 +134,8 @@ def test_resume_on_another_number_of_processes(tiny_dir, tmp_path):
 
 def test_incompatible_resume_fails_clearly(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
-            "--updates", "1", "--guidance", "none"]
+    base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4",
+            "--minibatch-size", "4", "--updates", "1", "--guidance", "none"]
     train(tiny_dir, *base)
     result = train(tiny_dir, *base, "--resume", "--env", "gtr/Blackjack-v0", check=False)
     assert result.returncode != 0
@@ -140,8 +146,8 @@ def test_incompatible_resume_fails_clearly(tiny_dir, tmp_path):
 
 def test_eval_only_reports_success_with_stderr(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
-            "--updates", "1", "--guidance", "none"]
+    base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4",
+            "--minibatch-size", "4", "--updates", "1", "--guidance", "none"]
     train(tiny_dir, *base)
     result = train(tiny_dir, *base, "--resume", "--eval-only", "--eval-episodes", "6")
     row = json.loads(open(out / "eval.jsonl").readlines()[-1])
@@ -153,16 +159,18 @@ def test_warm_start_checkpoint_seeds_other_runs(tiny_dir, tmp_path):
     """A warm start alone (--updates 0) leaves a checkpoint at update 0; --init starts RL from
     its policy, and an adapter of another rank is refused with the flag to fix."""
     warm = tmp_path / "warm"
-    flags = ["--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4", "--warmup-batch-size", "4"]
+    flags = ["--num-envs", "2", "--steps-per-update", "4", "--minibatch-size", "4",
+             "--warmup-batch-size", "4"]
     train(tiny_dir, "--out", str(warm), *flags, "--warmup-sft-steps", "2", "--updates", "0")
     assert updates(warm) == [0]
     policy = warm / "checkpoint" / "adapters" / "policy"
     assert (policy / "adapter_config.json").exists() and (policy / "value_head.pt").exists()
     out = tmp_path / "rl"
-    train(tiny_dir, "--out", str(out), *flags, "--updates", "1", "--guidance", "kl", "--init", str(policy))
+    train(tiny_dir, "--out", str(out), *flags, "--updates", "1", "--guidance", "kl",
+          "--init", str(policy))
     assert updates(out) == [1]
-    result = train(tiny_dir, "--out", str(tmp_path / "bad"), *flags, "--updates", "1", "--init", str(policy),
-                   "--lora-r", "16", check=False)
+    result = train(tiny_dir, "--out", str(tmp_path / "bad"), *flags, "--updates", "1",
+                   "--init", str(policy), "--lora-r", "16", check=False)
     assert result.returncode != 0 and "--lora-r 8" in result.stderr
 
 

@@ -49,13 +49,16 @@ def test_a_constant_thought_scores_low(env_id):
 def test_grounding_by_hand():
     facts = ["current 1", "target 4"]
     assert thought_grounding("current 1, target 4, so I move up", facts) == 1.0
-    assert thought_grounding("Current 1 and TARGET 4", facts) == 1.0           # any case
-    assert thought_grounding("current 12, target 4", facts) == 0.5             # "current 1" is not in "current 12"
-    assert thought_grounding("target 1, current 4", facts) == 0.0              # the labels say which is which
-    assert thought_grounding(None, facts) == 0.0                               # no thoughts name nothing
-    assert thought_grounding("cards 6, 10", ["6", "6"]) == 0.5                 # a value on two cards: named twice
+    assert thought_grounding("Current 1 and TARGET 4", facts) == 1.0  # any case
+    assert thought_grounding("current 12, target 4", facts) == 0.5    # "current 1" is not in
+                                                                      # "current 12"
+    assert thought_grounding("target 1, current 4", facts) == 0.0     # the labels say which is
+                                                                      # which
+    assert thought_grounding(None, facts) == 0.0                      # no thoughts name nothing
+    assert thought_grounding("cards 6, 10", ["6", "6"]) == 0.5        # a value on two cards: named
+                                                                      # twice
     assert thought_grounding("cards 6, 6; 6 + 6 = 12", ["6", "6"]) == 1.0
-    assert thought_grounding("cards 10, 2", ["1", "2"]) == 0.5                 # "1" is not in "10"
+    assert thought_grounding("cards 10, 2", ["1", "2"]) == 0.5        # "1" is not in "10"
     with pytest.raises(ValueError, match="facts is empty"):
         thought_grounding("anything", [])
 
@@ -65,18 +68,20 @@ def test_diversity_by_hand():
     # Pairs of answers to different states: 10 - 1 = 9; of those, only (b, b) shares a thought.
     assert thought_diversity(thoughts, states) == pytest.approx(1 - 1 / 9)
     pairs = [(i, j) for i in range(5) for j in range(i) if states[i] != states[j]]
-    assert thought_diversity(thoughts, states) == pytest.approx(np.mean([thoughts[i] != thoughts[j] for i, j in pairs]))
+    assert thought_diversity(thoughts, states) == pytest.approx(
+        np.mean([thoughts[i] != thoughts[j] for i, j in pairs]))
     # Several thoughts for one state neither raise nor lower it.
     assert thought_diversity(["x", "y", "z", "w"], [1, 1, 2, 2]) == 1.0
     assert thought_diversity(["x", "x", "z", "z"], [1, 1, 2, 2]) == 1.0
-    assert thought_diversity([None, None], [1, 2]) == 0.0                      # no thoughts are all alike
-    assert math.isnan(thought_diversity(["x", "y"], [1, 1]))                   # one state: nothing to compare
+    assert thought_diversity([None, None], [1, 2]) == 0.0      # no thoughts are all alike
+    assert math.isnan(thought_diversity(["x", "y"], [1, 1]))   # one state: nothing to compare
     with pytest.raises(ValueError, match="3 thoughts but 2 states"):
         thought_diversity(["x", "y", "z"], [1, 2])
 
 
 def test_rollout_records_the_facts_of_the_state_each_answer_replied_to(make_policy):
-    """Replaying the played actions on copies of the environments meets the recorded facts, step by step."""
+    """Replaying the played actions on copies of the environments meets the recorded facts, step
+    by step."""
     from rollout import Rollout
     torch.manual_seed(0)
     policy = make_policy()
@@ -95,7 +100,8 @@ def test_rollout_records_the_facts_of_the_state_each_answer_replied_to(make_poli
 
 
 def test_metrics_row_holds_grounding_and_diversity():
-    """log_update's row: expert answers score 1 and 1; one answer repeated in every state scores low and 0."""
+    """log_update's row: expert answers score 1 and 1; one answer repeated in every state scores
+    low and 0."""
     import collections
 
     from plumbing.report import log_update
@@ -113,12 +119,14 @@ def test_metrics_row_holds_grounding_and_diversity():
     logs = dict.fromkeys(["explained_variance", "approx_kl", "clip_fraction", "guard_fraction",
                           "grad_norm_policy_loss", "grad_norm_value_loss", "env_steps_per_s"], 0.0)
     written = Rows()
-    for texts in ([format_answer(thoughts, "+") for _, thoughts in states], [format_answer(states[0][1], "+")] * 16):
+    for texts in ([format_answer(thoughts, "+") for _, thoughts in states],
+                  [format_answer(states[0][1], "+")] * 16):
         batch = Batch(encoded=[], responses=[], token_logprobs=[], old_logprobs=zeros, values=zeros,
-                      next_values=zeros, rewards=zeros, format_rewards=zeros, terminated=zeros, truncated=zeros,
-                      format_valid=zeros, actions=zeros, entropy=zeros, thought_tokens=zeros,
-                      texts=texts, facts=[facts for facts, _ in states])
-        log_update(written, batch, None, logs, {"update": 1, "env_steps": 16}, collections.deque(), world=1)
+                      next_values=zeros, rewards=zeros, format_rewards=zeros, terminated=zeros,
+                      truncated=zeros, format_valid=zeros, actions=zeros, entropy=zeros,
+                      thought_tokens=zeros, texts=texts, facts=[facts for facts, _ in states])
+        log_update(written, batch, None, logs, {"update": 1, "env_steps": 16}, collections.deque(),
+                   world=1)
     expert, constant = written.rows
     assert expert["thought_grounding"] == 1.0 and expert["thought_diversity"] == 1.0
     assert constant["thought_grounding"] < 0.5 and constant["thought_diversity"] == 0.0
