@@ -297,9 +297,10 @@ class ActorCritic(nn.Module):
                     rows, self.opening_id)[:, None], temperature)[0]  # [batch, 1]
             out["opening_logprob"] = first[:, 0]  # [batch]
         if reuse_prompt:
-            out |= self._score_targets(targets, batch, agent_pass, positions, last_prompt)
+            out |= self._score_targets_on_prompt_cache(targets, batch, agent_pass, positions,
+                                                       last_prompt)
         elif targets is not None:
-            out |= self._score_targets_apart(encoded, targets)
+            out |= self._score_targets(encoded, targets)
         return out
 
     def _checkpointing(self):
@@ -357,14 +358,41 @@ class ActorCritic(nn.Module):
             entropy = per_token_entropy(logits / temperature)  # [batch, chunk]
         return token_logprobs(logits, ids, temperature), entropy
 
-    def _score_targets(self, targets, batch, agent_pass, positions, last_prompt):
+    def _score_targets(self, encoded, targets):
+        """SFT guidance (docs/ALGORITHM.md §4.2): score one more answer per sample (a 1-D tensor,
+        or None) at temperature 1, the plain way: each prompt is run again, followed by its
+        target. Returns `target_logprobs`, `target_mask`, `target_thought_mask`, each
+        [batch, max_target_len] and LEFT-aligned (the targets all start where the prompt ends).
+        `_score_targets_on_prompt_cache` gives the same outputs without the prompts' second pass;
+        this one is for gradient checkpointing, whose layers keep no key-value cache."""
+        targets = [t if t is not None else torch.zeros(0, dtype=torch.long) for t in targets]
+        batch = self._collate(encoded, targets)
+        target_width = max(1, max(len(t) for t in targets))
+        hidden = self.model.get_base_model().model(
+            **batch, use_cache=False).last_hidden_state  # [batch, seq, hidden]
+        right_logprobs, _ = self._score(hidden[:, -target_width - 1:-1],
+                                        batch["input_ids"][:, -target_width:])
+        target_mask, target_thought_mask, _ = self._aligned_masks(
+            targets, target_width, right=False)
+        # Right-aligned (the batch's left padding) to left-aligned: row i's last len_i entries
+        # first.
+        shift = torch.tensor([target_width - len(t) for t in targets],
+                             device=self.device)[:, None]  # [batch, 1]
+        columns = ((torch.arange(target_width, device=self.device) + shift)
+                   % target_width)  # [batch, target_width]
+        target_logprobs = right_logprobs.gather(1, columns)  # [batch, target_width]
+        return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
+                "target_mask": target_mask, "target_thought_mask": target_thought_mask}
+
+    def _score_targets_on_prompt_cache(self, targets, batch, agent_pass, positions, last_prompt):
         """SFT guidance (docs/ALGORITHM.md §4.2): score one more answer per sample (a 1-D tensor,
         or None) at temperature 1 as a second continuation of the SAME prompt.
 
         The prompt is run once: its keys and values (kept with their gradient) are reused, and
         the agent's answer is masked out, so a target costs its own tokens, not a second copy of
-        the ~100 prompt tokens. Returns `target_logprobs`, `target_mask`, `target_thought_mask`,
-        each [batch, max_target_len] and LEFT-aligned (the targets all start where the prompt ends).
+        the ~100 prompt tokens. `_score_targets`'s outputs. It pays: with the plain path a PPO
+        update with SFT targets took 1.98 times as long (`python scripts/sft_scoring.py`,
+        docs/PERFORMANCE.md).
         """
         rows = torch.arange(len(targets), device=self.device)
         targets = [t.to(self.device) if t is not None
@@ -395,29 +423,6 @@ class ActorCritic(nn.Module):
         predictors = torch.cat([hidden[rows, last_prompt][:, None], continuation[:, :-1]],
                                dim=1)  # [batch, tw, hidden]
         target_logprobs, _ = self._score(predictors, target_ids)  # [batch, target_width]
-        return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
-                "target_mask": target_mask, "target_thought_mask": target_thought_mask}
-
-    def _score_targets_apart(self, encoded, targets):
-        """`_score_targets` for gradient checkpointing, where layers keep no key-value cache to
-        reuse: the prompts are run again, followed by the targets (the same log-probs; the
-        prompt costs a second pass). Same outputs, left-aligned."""
-        targets = [t if t is not None else torch.zeros(0, dtype=torch.long) for t in targets]
-        batch = self._collate(encoded, targets)
-        target_width = max(1, max(len(t) for t in targets))
-        hidden = self.model.get_base_model().model(
-            **batch, use_cache=False).last_hidden_state  # [batch, seq, hidden]
-        right_logprobs, _ = self._score(hidden[:, -target_width - 1:-1],
-                                        batch["input_ids"][:, -target_width:])
-        target_mask, target_thought_mask, _ = self._aligned_masks(
-            targets, target_width, right=False)
-        # Right-aligned (the batch's left padding) to left-aligned: row i's last len_i entries
-        # first.
-        shift = torch.tensor([target_width - len(t) for t in targets],
-                             device=self.device)[:, None]  # [batch, 1]
-        columns = ((torch.arange(target_width, device=self.device) + shift)
-                   % target_width)  # [batch, target_width]
-        target_logprobs = right_logprobs.gather(1, columns)  # [batch, target_width]
         return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
                 "target_mask": target_mask, "target_thought_mask": target_thought_mask}
 
