@@ -3,8 +3,9 @@
     python bench.py --lora-r 8 --lora-alpha 16     # tiny model, CPU: the table the targets are for
     python bench.py --lora-r 8 --lora-alpha 16 --json   # the same as one JSON object
     python bench.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --max-new-tokens 128
-    python bench.py --model random-qwen2.5-vl-7b --device cuda --micro-batch-size 4 --num-envs 16 \
-        --max-new-tokens 256 --warmup-sft-steps 0 --generation-envs 1,8,32    # the paper's size, no download
+    python bench.py --model random-qwen2.5-vl-7b --device cuda --micro-batch-size 4 \
+        --num-envs 16 --max-new-tokens 256 --warmup-sft-steps 0 \
+        --generation-envs 1,8,32    # the paper's size, no download
 Every flag of train.py applies (the update measured is train.py's), plus the benchmark's own.
 
 Ratios (targets on a 2-core CPU with the tiny model at LoRA rank 8 in brackets; at rank 128 the
@@ -70,7 +71,7 @@ class BenchArgs(Args):
     json: bool = False
     """print one JSON object instead of a table"""
     generation_envs: str = ""
-    """comma-separated numbers of prompts for the generation throughput, e.g. 1,8,32 (empty: skip)"""
+    """comma-separated prompt counts for the generation throughput, e.g. 1,8,32 (empty: skip)"""
     peak_tflops: float = 0.0
     """the device's peak dense bf16 TFLOP/s for the MFU (0: look it up by GPU name; none on CPU)"""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
@@ -78,7 +79,8 @@ class BenchArgs(Args):
 
 
 # Dense bf16 peak TFLOP/s of GPUs by a part of their name (the vendors' data sheets, SXM parts).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+               "A10": 125.0, "4090": 165.0}
 
 
 def timed(fn):
@@ -88,14 +90,15 @@ def timed(fn):
 
 
 def ppo_epoch_flops(policy, batch, args):
-    """Model FLOPs of one PPO epoch over the rollout: scripts/memory.py:ppo_flops of micro-batches of
-    the rollout's mean prompt and answer lengths and its image grid (padding not counted)."""
+    """Model FLOPs of one PPO epoch over the rollout: scripts/memory.py:ppo_flops of micro-batches
+    of the rollout's mean prompt and answer lengths and its image grid (padding not counted)."""
     from scripts.memory import MicroBatch, ppo_flops
     prompt = statistics.mean(len(e["input_ids"]) for e in batch.encoded)
     answer = statistics.mean(len(r) for r in batch.responses)
     _, height, width = batch.encoded[0]["image_grid_thw"][0].tolist()
     per_sample = ppo_flops(policy.model.get_base_model().config,
-                           MicroBatch(batch=1, seq_len=round(prompt + answer), grid=(height, width), scored=round(answer)),
+                           MicroBatch(batch=1, seq_len=round(prompt + answer), grid=(height, width),
+                                      scored=round(answer)),
                            args.lora_r)["total"]
     return per_sample * len(batch.responses)
 
@@ -104,23 +107,30 @@ def main(args):
     _, _, device = setup_distributed(args.device)
     torch.manual_seed(0)
     try:
-        policy = build_policy(args, device, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
-    except (OSError, ValueError) as error:  # a --model that cannot be loaded: its message, no traceback
+        policy = build_policy(args, device,
+                              dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    except (OSError, ValueError) as error:
+        # a --model that cannot be loaded: its message, no traceback
         sys.exit(str(error))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = actor_critic_optimizer(policy, args)
     if args.warmup_sft_steps:  # so that answers parse (else SFT's teacher retries dominate)
         warm_start(policy, policy, trainable, args, rank=0, world=1)
     policy.eval()  # rollouts and PPO passes run without dropout, as in train.py
-    make_envs = lambda n: [gym.make(args.env) for _ in range(n)]
+
+    def make_envs(n):
+        return [gym.make(args.env) for _ in range(n)]
+
     results = {}
 
     # ---- Rollout: N environments in lockstep vs one at a time --------------------------------
     batched, single = Rollout(make_envs(args.num_envs), seed=0), Rollout(make_envs(1), seed=0)
     steps = args.steps_per_update // args.num_envs
-    t_batched = statistics.median(timed(lambda: batched.collect(policy, steps, args.temperature, args.max_new_tokens))
+    t_batched = statistics.median(timed(lambda: batched.collect(policy, steps, args.temperature,
+                                                                args.max_new_tokens))
                                   for _ in range(args.repeats))
-    t_single = statistics.median(timed(lambda: single.collect(policy, args.steps_per_update, args.temperature,
+    t_single = statistics.median(timed(lambda: single.collect(policy, args.steps_per_update,
+                                                              args.temperature,
                                                               args.max_new_tokens))
                                  for _ in range(args.repeats))
     results["rollout_speedup"] = t_single / t_batched  # same number of env steps in both
@@ -128,14 +138,16 @@ def main(args):
     # ---- Generation throughput: one batched generate over N prompts ------------------------------
     for n in [int(n) for n in args.generation_envs.split(",") if n]:
         games = [env.unwrapped for env in make_envs(n)]
-        encoded = policy.encode([env.reset(seed=i)[0] for i, env in enumerate(games)], [g.prompt() for g in games])
+        encoded = policy.encode([env.reset(seed=i)[0] for i, env in enumerate(games)],
+                                [g.prompt() for g in games])
         tokens, seconds = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
             responses, _ = policy.generate(encoded, args.temperature, args.max_new_tokens)
             seconds.append(time.perf_counter() - start)
             tokens.append(sum(len(r) for r in responses))
-        results[f"generation_tokens_per_s_{n}"] = statistics.median(t / s for t, s in zip(tokens, seconds))
+        results[f"generation_tokens_per_s_{n}"] = statistics.median(
+            t / s for t, s in zip(tokens, seconds))
 
     # ---- Memory: what the teacher adapter adds --------------------------------------------------
     def update_with(guidance):
@@ -148,8 +160,8 @@ def main(args):
             advice = teacher.guide(policy, batch, batched.envs[0].unwrapped)
         ppo_update(policy, optimizer, batch, advice, run)
 
-    base_bytes = sum(p.numel() * p.element_size() for n, p in policy.named_parameters() if "lora_" not in n
-                     and not n.startswith("value_head"))
+    base_bytes = sum(p.numel() * p.element_size() for n, p in policy.named_parameters()
+                     if "lora_" not in n and not n.startswith("value_head"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         update_with("none")
@@ -179,24 +191,28 @@ def main(args):
     results["kl_over_none"] = update_time["kl"] / update_time["none"]
     results["sft_over_none"] = update_time["sft"] / update_time["none"]
 
-    # ---- The PPO epochs alone, the teacher's KL pass alone, and the update's MFU ------------------
+    # ---- The PPO epochs alone, the teacher's KL pass alone, and the update's MFU --------------
     batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens)
     teacher.args = dataclasses.replace(args, guidance="kl", teacher="")
-    results["seconds_teacher_kl"] = statistics.median(teacher.guide(policy, batch, batched.envs[0].unwrapped).seconds
-                                                      for _ in range(args.repeats))
-    every_epoch = dataclasses.replace(args, guidance="none", target_kl=0.0)  # no early stop: a known amount of work
+    results["seconds_teacher_kl"] = statistics.median(
+        teacher.guide(policy, batch, batched.envs[0].unwrapped).seconds
+        for _ in range(args.repeats))
+    # no early stop: a known amount of work
+    every_epoch = dataclasses.replace(args, guidance="none", target_kl=0.0)
     # Before the first step the ratio is 1 up to how the scoring rounds: the rollout scores its
     # answers in batches of --num-envs, PPO in shuffled micro-batches with other padding.
     results["first_log_ratio_max"] = ppo_update(policy, optimizer, batch, None,
                                                 every_epoch)["first_log_ratio_max"]
     batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens)
-    ppo_seconds = statistics.median(timed(lambda: ppo_update(policy, optimizer, batch, None, every_epoch))
+    ppo_seconds = statistics.median(timed(lambda: ppo_update(policy, optimizer, batch, None,
+                                                             every_epoch))
                                     for _ in range(args.repeats))
     results["seconds_ppo_update"] = ppo_seconds
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
                                      and k in torch.cuda.get_device_name(device)), 0.0)
     if peak and policy.model.get_base_model().config.model_type == "qwen2_5_vl":
-        results["ppo_mfu"] = ppo_epoch_flops(policy, batch, args) * args.ppo_epochs / ppo_seconds / (peak * 1e12)
+        results["ppo_mfu"] = (ppo_epoch_flops(policy, batch, args) * args.ppo_epochs / ppo_seconds
+                              / (peak * 1e12))
 
     # ---- Merge: one TIES + EMA teacher update over one PPO update --------------------------------
     merge_time = statistics.median(timed(lambda: teacher.merge(policy, 1)) for _ in range(5))
@@ -212,11 +228,12 @@ def main(args):
         results["critic_adapter_over_shared"] = (statistics.median(seconds["adapter"])
                                                  / statistics.median(seconds["shared"]))
 
-    results.update({"seconds_per_update_none": update_time["none"], "seconds_per_update_kl": update_time["kl"],
+    results.update({"seconds_per_update_none": update_time["none"],
+                    "seconds_per_update_kl": update_time["kl"],
                     "seconds_per_update_sft": update_time["sft"], "seconds_per_merge": merge_time,
                     "device": str(device), "model": args.model, "num_envs": args.num_envs,
-                    "steps_per_update": args.steps_per_update, "max_new_tokens": args.max_new_tokens,
-                    "lora_r": args.lora_r})
+                    "steps_per_update": args.steps_per_update,
+                    "max_new_tokens": args.max_new_tokens, "lora_r": args.lora_r})
     if args.json:
         print(json.dumps(results))
         return results
@@ -225,15 +242,18 @@ def main(args):
         if name in results:
             print(f"{name}: {results[name]:.4g}")
     targets = {"rollout_speedup": ">= 3", "kl_over_none": "<= 1.3", "sft_over_none": "<= 1.6",
-               "merge_fraction": "<= 0.01", "teacher_memory_overhead": "<= 0.05", "second_copy_overhead": ""}
+               "merge_fraction": "<= 0.01", "teacher_memory_overhead": "<= 0.05",
+               "second_copy_overhead": ""}
     print(f"\n{'ratio':<26}{'value':>10}   target (2-core CPU, tiny model)")
     for name, target in targets.items():
         print(f"{name:<26}{results[name]:>10.4f}   {target}")
     print(f"\nPPO epochs alone {results['seconds_ppo_update']:.2f} s, the teacher's KL pass "
-          f"{results['seconds_teacher_kl']:.2f} s; first |log ratio| {results['first_log_ratio_max']:.4f} "
+          f"{results['seconds_teacher_kl']:.2f} s; "
+          f"first |log ratio| {results['first_log_ratio_max']:.4f} "
           f"(clip {args.clip})")
     print(f"seconds per update: none {update_time['none']:.2f}, kl {update_time['kl']:.2f}, "
-          f"sft {update_time['sft']:.2f}; per merge {merge_time:.4f}; memory {results['memory_method']}; "
+          f"sft {update_time['sft']:.2f}; per merge {merge_time:.4f}; "
+          f"memory {results['memory_method']}; "
           f"{args.steps_per_update} env steps per update on {device}")
     return results
 

@@ -13,14 +13,15 @@ Before RL, a tiny model is warm-started by SFT on the environments' expert demon
 paper starts RL from an SFT checkpoint: a real --model is one, and gets no warm start).
 
 Run (a tiny offline VLM is built on first use; nothing is downloaded):
-    python train.py                                   # warm start + GTR-Turbo (KL) on NumberLine, ~6 min on CPU
-    python train.py --guidance none                   # the RL4VLM baseline (PPO only)
+    python train.py                       # warm start + GTR-Turbo (KL) on NumberLine, ~6 min on CPU
+    python train.py --guidance none       # the RL4VLM baseline (PPO only)
     python train.py --guidance sft --env gtr/Points24-v0
-    torchrun --nproc_per_node=2 train.py              # one process per CPU core or GPU
-    python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --steps-per-update 1024 --max-new-tokens 256 \
-        --temperature 0.2 --lr 1e-5 --micro-batch-size 4     # the paper's sizes
+    torchrun --nproc_per_node=2 train.py  # one process per CPU core or GPU
+    python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --steps-per-update 1024 \
+        --max-new-tokens 256 --temperature 0.2 --lr 1e-5 --micro-batch-size 4  # the paper's sizes
 Outputs in --out: config.json, metrics.jsonl (one JSON object per update), eval.jsonl, checkpoint/
-(plumbing/checkpoint.py), and with --tensorboard or --wandb the same numbers there (plumbing/report.py).
+(plumbing/checkpoint.py), and with --tensorboard or --wandb the same numbers there
+(plumbing/report.py).
 """
 
 import collections
@@ -65,9 +66,10 @@ from teacher import Teacher
 @dataclass
 class Args:
     env: str = "gtr/NumberLine-v0"
-    """gymnasium id: gtr/NumberLine-v0, gtr/EZPoints-v0, gtr/Points24-v0, gtr/Blackjack-v0, gtr/Household-v0, gtr/ALFWorld-v0"""
+    """gymnasium id: gtr/{NumberLine, EZPoints, Points24, Blackjack, Household, ALFWorld}-v0"""
     model: str = "tiny"
-    """hub id or folder of a Qwen2(.5)-VL checkpoint; built offline: tiny, tiny-qwen2.5-vl, tiny-qwen3-vl, random-qwen2.5-vl-3b/7b"""
+    """hub id or folder of a Qwen2(.5)-VL checkpoint; built offline: tiny, tiny-qwen2.5-vl,
+    tiny-qwen3-vl, random-qwen2.5-vl-3b/7b"""
     guidance: Literal["none", "sft", "kl"] = "kl"
     """teacher guidance: none (RL4VLM PPO), sft (docs/ALGORITHM.md §4.2) or kl (§4.3)"""
     num_envs: int = 8
@@ -83,7 +85,7 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto, cpu, cuda"""
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    """recompute activations in backward instead of keeping them: on, off, auto (on for a real model, off for tiny ones)"""
+    """recompute activations in backward: on, off, auto (on for a real model, off for tiny ones)"""
     image_size: int = 0
     """resize observations to this many pixels before the processor (0: the model's default)"""
     # Sampling and the action log-prob (docs/ALGORITHM.md §2)
@@ -92,13 +94,13 @@ class Args:
     max_new_tokens: int = 64
     """longest answer in tokens (paper: 256)"""
     thought_coef: float = 0.5
-    """lambda: weight of the thought tokens in the action log-prob (0.5 card games; 0.2 Household, ALFWorld)"""
+    """lambda: thoughts' weight in the action log-prob (0.5 card games; 0.2 Household, ALFWorld)"""
     format_reward: float = 3.0
-    """reward for an answer that parses, added after GAE (0 here and in --format-penalty: off; Household: 5)"""
+    """parsed answer's reward, added after GAE (0 here and in --format-penalty: off; Household 5)"""
     format_penalty: float = -2.0
     """reward for an answer that does not parse (Household, ALFWorld: -5)"""
     unparsed_action: Literal["random", "penalty"] = "random"
-    """what an unparsed answer plays: random (the reference) or penalty (the env's illegal-move penalty)"""
+    """unparsed answers play: random (the reference) or penalty (the env's illegal-move penalty)"""
     # PPO (docs/ALGORITHM.md §3)
     gamma: float = 0.9
     """discount"""
@@ -111,9 +113,10 @@ class Args:
     vf_coef: float = 0.5
     """value loss coefficient"""
     value_clip: float = 0.0
-    """PPO2's clipped value loss: V kept within this of its rollout value (the reference: 0.1; 0: off)"""
+    """PPO2's value clip: V kept within this of its rollout value (the reference: 0.1; 0: off)"""
     critic: Literal["shared", "detached", "adapter"] = "shared"
-    """what the value head reads: shared (the policy's last prompt state, the reference), detached (the same, gradient stopped), adapter (its own LoRA adapter)"""
+    """what the value head reads: shared (the policy's last prompt state, the reference), detached
+    (the same, gradient stopped), adapter (its own LoRA adapter)"""
     critic_lr: float = 3e-5
     """Adam learning rate of the critic (value head, critic adapter), cosine-annealed like --lr"""
     critic_max_grad_norm: float = 0.01
@@ -123,11 +126,11 @@ class Args:
     critic_warmup: int = 0
     """the first this many updates train the critic only (the actor's learning rate is 0)"""
     value_target: Literal["env", "shaped"] = "env"
-    """critic's target: env (the environment's return) or shaped (+ format bonus and KL penalty, the reference)"""
+    """critic's target: env (the env's return) or shaped (+ format bonus, KL penalty; reference)"""
     max_grad_norm: float = 0.01
     """gradient norm clip"""
     target_kl: float = 0.02
-    """end an update's PPO epochs before a step whose mini-batch approx_kl exceeds 1.5x this (0: never)"""
+    """end an update's PPO epochs before a step whose mini-batch approx_kl > 1.5x this (0: never)"""
     ppo_epochs: int = 4
     """PPO epochs per update"""
     minibatch_size: int = 32
@@ -156,17 +159,18 @@ class Args:
     kl_estimator: Literal["clip", "abs", "k3", "forward"] = "clip"
     """per-token KL estimator: clip (paper), abs, k3, forward"""
     kl_temperature: float = 1.0
-    """temperature both policies are scored at for the KL (1: raw logits, the reference; -1: --temperature)"""
+    """temperature of both policies' KL scoring (1: raw logits, the reference; -1: --temperature)"""
     unparsed_kl: float = 100.0
-    """KL_hat of a step whose answer does not parse (the reference: 100; 0: score its tokens as if it parsed)"""
+    """KL_hat of an unparsed answer's step (reference: 100; 0: score its tokens as if it parsed)"""
     sft_coef: float = 1.0
     """weight of the SFT loss on the teacher's thoughts"""
     sft_unparsed: Literal["none", "teacher"] = "none"
-    """SFT target where the agent's answer does not parse: none (the reference) or teacher (its answer, the action played)"""
+    """SFT target where the agent's answer does not parse: none (the reference) or teacher (its
+    answer, the action played)"""
     teacher_temperature: float = 0.2
-    """first temperature of the teacher's SFT answers, x1.1 per retry (paper: 0.2; scored at 1, §4.2)"""
+    """teacher's SFT answers' first temperature, x1.1 per retry (paper: 0.2; scored at 1, §4.2)"""
     guide_tokens: Literal["thought", "all"] = "thought"
-    """tokens the teacher guides: thought (the paper) or all (ablation: KL on every token, SFT on the whole answer)"""
+    """tokens the teacher guides: thought (paper) or all (ablation: KL and SFT on every token)"""
     merge: Literal["ties", "linear", "dare"] = "ties"
     """merge operator: ties, linear, dare"""
     merge_weights: Literal["ema", "sma"] = "ema"
@@ -178,11 +182,12 @@ class Args:
     merge_space: Literal["factors", "delta"] = "factors"
     """merge LoRA A and B factors (the reference) or their product B@A (delta)"""
     merge_every: int = 1
-    """merge the policy into the teacher every this many updates (0: never, a static teacher: the warm start)"""
+    """merge the policy into the teacher every this many updates (0: never: teacher = warm start)"""
     merge_snapshot: Literal["update", "epoch"] = "update"
-    """what is merged: update (the policy after its PPO epochs) or epoch (the snapshots after each epoch share its weight, the reference)"""
+    """what is merged: update (the policy after its PPO epochs) or epoch (the snapshots after each
+    epoch share its weight, the reference)"""
     teacher: str = ""
-    """a fixed teacher adapter folder instead of the merged one (GTR with a local teacher; static ablation)"""
+    """fixed teacher adapter folder, not the merged one (GTR with local teacher; static ablation)"""
     init: str = ""
     """start from this saved policy adapter, e.g. a warm start's OUT/checkpoint/adapters/policy"""
     # SFT warm start on the environments' expert demonstrations (the paper starts RL from SFT)
@@ -207,23 +212,23 @@ class Args:
     eval_only: bool = False
     """evaluate the run in --out (with --resume) and exit"""
     tensorboard: bool = False
-    """also log every metric and evaluation to TensorBoard, in OUT/tensorboard (pip install tensorboard)"""
+    """also log metrics and evaluations to TensorBoard, OUT/tensorboard (pip install tensorboard)"""
     wandb: str = ""
-    """also log them to this Weights & Biases project (pip install wandb; WANDB_MODE=offline without network)"""
+    """also log to this Weights & Biases project (pip install wandb; offline: WANDB_MODE=offline)"""
 
 
 def check_args(args):
     """Every flag's value in its range, else the one line that names the flag, its value and what
     is valid (bench.py checks its flags here too)."""
-    for name in ("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip", "max_grad_norm",
-                 "ppo_epochs", "minibatch_size", "micro_batch_size", "lr", "lora_r", "lora_alpha",
-                 "critic_lr", "critic_max_grad_norm", "warmup_lr", "warmup_batch_size", "save_every",
-                 "teacher_temperature"):
+    for name in ("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip",
+                 "max_grad_norm", "ppo_epochs", "minibatch_size", "micro_batch_size", "lr",
+                 "lora_r", "lora_alpha", "critic_lr", "critic_max_grad_norm", "warmup_lr",
+                 "warmup_batch_size", "save_every", "teacher_temperature"):
         if getattr(args, name) <= 0:
             invalid(name, getattr(args, name), "positive")
-    for name in ("updates", "seed", "thought_coef", "vf_coef", "target_kl", "lr_min", "lr_updates",
-                 "kl_coef", "sft_coef", "value_clip", "unparsed_kl", "critic_warmup", "eval_episodes",
-                 "eval_every", "merge_every"):
+    for name in ("updates", "seed", "thought_coef", "vf_coef", "target_kl", "lr_min",
+                 "lr_updates", "kl_coef", "sft_coef", "value_clip", "unparsed_kl", "critic_warmup",
+                 "eval_episodes", "eval_every", "merge_every"):
         if getattr(args, name) < 0:
             invalid(name, getattr(args, name), "non-negative")
     for name in ("gamma", "gae_lambda"):
@@ -239,7 +244,8 @@ def check_args(args):
     if 0 < args.image_size < 28 or args.image_size < 0:
         invalid("image_size", args.image_size, "0 (the model's own) or at least 28")
     if args.eval_temperature < 0 and args.eval_temperature != -1:
-        invalid("eval_temperature", args.eval_temperature, "-1 (the sampling temperature) or non-negative")
+        invalid("eval_temperature", args.eval_temperature,
+                "-1 (the sampling temperature) or non-negative")
     if args.kl_temperature <= 0 and args.kl_temperature != -1:
         invalid("kl_temperature", args.kl_temperature, "-1 (the sampling temperature) or positive")
     if args.warmup_sft_steps < -1:
@@ -264,22 +270,27 @@ def check_extras(args):
             if getattr(args, package):
                 importlib.import_module(package)
         except ImportError:
-            sys.exit(f"--{package} needs the {package} package, an optional extra: pip install {package}")
+            sys.exit(f"--{package} needs the {package} package, an optional extra: "
+                     f"pip install {package}")
     missing = envs.REQUIREMENTS[args.env]() if args.env in envs.REQUIREMENTS else None
     if missing:
         sys.exit(missing)
 
 
 def parse_args(argv=None):
-    """Train.py's flags, checked: stop early, with the fix in the message, on flags that would fail deep in a library."""
+    """Train.py's flags, checked: stop early, with the fix in the message, on flags that would fail
+    deep in a library."""
     args = parse_dataclass(Args, argv, __doc__)
-    if args.env in envs.ENV_DEFAULTS:  # lambda and the format reward of the paper's ALFWorld runs (README)
+    # lambda and the format reward of the paper's ALFWorld runs (README)
+    if args.env in envs.ENV_DEFAULTS:
         args = parse_dataclass(Args, argv, __doc__, defaults=envs.ENV_DEFAULTS[args.env])
     check_args(args)
     if args.env not in gym.registry:
-        sys.exit(f"--env {args.env!r} is not a registered gymnasium id; bundled: {', '.join(envs.ENV_IDS)}")
+        sys.exit(f"--env {args.env!r} is not a registered gymnasium id; "
+                 f"bundled: {', '.join(envs.ENV_IDS)}")
     if args.steps_per_update % args.num_envs:
-        sys.exit(f"--steps-per-update {args.steps_per_update} must be a multiple of --num-envs {args.num_envs}")
+        sys.exit(f"--steps-per-update {args.steps_per_update} must be a multiple of "
+                 f"--num-envs {args.num_envs}")
     if args.eval_only and not args.resume:
         sys.exit("--eval-only evaluates a saved run: add --resume (and --out RUN)")
     check_extras(args)
@@ -287,15 +298,19 @@ def parse_args(argv=None):
 
 
 def build_policy(args, device, adapter_path=None, dtype=None):
-    """The actor-critic of --model (an offline one, plumbing/tinyvlm.py, is built on first use) with the
-    LoRA flags; `dtype` as load_policy's (None: float32 on CPU, bfloat16 on GPU)."""
-    model = offline_model(args.model, envs.FAMILY_OF.get(args.env, "cards"), args.seed, args.image_size or 112, device)
-    return load_policy(model or args.model, envs.action_span, device=device, thought_coef=args.thought_coef,
-                       image_size=args.image_size or None, adapter_path=adapter_path, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,
+    """The actor-critic of --model (an offline one, plumbing/tinyvlm.py, is built on first use) with
+    the LoRA flags; `dtype` as load_policy's (None: float32 on CPU, bfloat16 on GPU)."""
+    model = offline_model(args.model, envs.FAMILY_OF.get(args.env, "cards"), args.seed,
+                          args.image_size or 112, device)
+    return load_policy(model or args.model, envs.action_span, device=device,
+                       thought_coef=args.thought_coef, image_size=args.image_size or None,
+                       adapter_path=adapter_path, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,
                        lora_targets=args.lora_targets, dtype=dtype, critic=args.critic,
                        answer_opening=envs.ANSWER_OPENING,
-                       gradient_checkpointing={"on": True, "off": False, "auto": args.model not in TINY_MODELS}[args.gradient_checkpointing])
+                       gradient_checkpointing={
+                           "on": True, "off": False, "auto": args.model not in TINY_MODELS,
+                       }[args.gradient_checkpointing])
 
 
 def actor_critic_optimizer(policy, args):
@@ -323,11 +338,14 @@ def main(args, rank, world, device):
     torch.manual_seed(args.seed + rank)
     resume = checkpoint.latest(args.out) if args.resume else None
     try:
-        policy = build_policy(args, device, os.path.join(resume, "adapters", "policy") if resume else args.init or None)
-    except (OSError, ValueError) as error:  # a --model that cannot be loaded: its message, no traceback
+        policy = build_policy(args, device, (os.path.join(resume, "adapters", "policy") if resume
+                                             else args.init or None))
+    except (OSError, ValueError) as error:
+        # a --model that cannot be loaded: its message, no traceback
         sys.exit(str(error))
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    # DDP broadcasts rank 0's weights to every rank and all-reduces gradients; the rest runs on the bare module.
+    # DDP broadcasts rank 0's weights to every rank and all-reduces gradients; the rest runs on the
+    # bare module.
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     optimizer = actor_critic_optimizer(policy, args)
     runner, counters = None, {"update": 0, "env_steps": 0, "merges": 0}
@@ -335,7 +353,8 @@ def main(args, rank, world, device):
         runner, counters = checkpoint.load(resume, optimizer, rank, world)
     if runner is None:
         # Distinct seeds per rank, offset by the update when resumed on another number of processes.
-        runner = Rollout([gym.make(args.env) for _ in range(args.num_envs)], unparsed_action=args.unparsed_action,
+        runner = Rollout([gym.make(args.env) for _ in range(args.num_envs)],
+                         unparsed_action=args.unparsed_action,
                          seed=args.seed + 1000 * rank + 7919 * counters["update"])
     if args.eval_only:
         return run_evaluation(policy, args, rank, world, counters["update"])
@@ -346,7 +365,8 @@ def main(args, rank, world, device):
             metrics.write(row)
         if args.eval_episodes:
             run_evaluation(policy, args, rank, world, 0, metrics)  # the level RL has to rise above
-    # Attached after the warm start, so the warm start is the same whatever the guidance (a seed's methods share it).
+    # Attached after the warm start, so the warm start is the same whatever the guidance (a seed's
+    # methods share it).
     teacher = Teacher(policy, args) if args.guidance != "none" else None
     if teacher and resume:
         teacher.load(policy, os.path.join(resume, "adapters"), counters)
@@ -361,35 +381,37 @@ def main(args, rank, world, device):
         checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world)
 
     recent = collections.deque(maxlen=10)  # (successes, episodes) of the last 10 updates
-    for update in tqdm(range(counters["update"] + 1, args.updates + 1), disable=rank != 0, desc="updates",
-                       initial=counters["update"], total=args.updates):
+    for update in tqdm(range(counters["update"] + 1, args.updates + 1), disable=rank != 0,
+                       desc="updates", initial=counters["update"], total=args.updates):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(update, args, group["base_lr"])
         if update <= args.critic_warmup:  # the critic learns first; the actor stands still
             optimizer.param_groups[0]["lr"] = 0.0
         lr = optimizer.param_groups[0]["lr"]
-        # Rollouts, teacher and PPO passes run in eval mode: LoRA dropout would make the first ratio differ from 1.
+        # Rollouts, teacher and PPO passes run in eval mode: LoRA dropout would make the first ratio
+        # differ from 1.
         policy.eval()
         start = time.perf_counter()
-        # ---- 1. Rollout (rollout.py, docs/ALGORITHM.md §3) ----------------------------------------
+        # ---- 1. Rollout (rollout.py, docs/ALGORITHM.md §3) ------------------------------------
         batch = runner.collect(policy, args.steps_per_update // args.num_envs, args.temperature,
                                args.max_new_tokens, args.format_reward, args.format_penalty)
         time_rollout = time.perf_counter() - start
-        # ---- 2. Guide: the merged teacher's KL penalties or SFT answers (teacher.py, §4.2-4.3) -----
+        # ---- 2. Guide: the merged teacher's KL penalties or SFT answers (teacher.py, §4.2-4.3) -
         guidance = teacher.guide(policy, batch, runner.envs[0].unwrapped) if teacher else None
-        # ---- 3. PPO epochs on the rollout (ppo.py, §3) ----------------------------------------------
+        # ---- 3. PPO epochs on the rollout (ppo.py, §3) ----------------------------------------
         start = time.perf_counter()
         # --merge-snapshot epoch: ppo_update keeps the policy adapter after each epoch for step 4.
         snapshots = [] if teacher and args.merge_snapshot == "epoch" else None
         logs = ppo_update(model, optimizer, batch, guidance, args, snapshots)
         time_update = time.perf_counter() - start
-        # ---- 4. Merge the new policy into the teacher (teacher.py, merge.py, §4.1) ------------------
+        # ---- 4. Merge the new policy into the teacher (teacher.py, merge.py, §4.1) ------------
         time_merge = teacher.merge(policy, update, snapshots or ()) if teacher else 0.0
 
-        counters["update"], counters["env_steps"] = update, counters["env_steps"] + args.steps_per_update * world
+        counters["update"], counters["env_steps"] = (
+            update, counters["env_steps"] + args.steps_per_update * world)
         counters["merges"] = teacher.merges if teacher else 0
-        timing = {"time_rollout": time_rollout, "time_update": time_update, "time_merge": time_merge,
-                  "time_teacher": guidance.seconds if guidance else 0.0,
+        timing = {"time_rollout": time_rollout, "time_update": time_update,
+                  "time_merge": time_merge, "time_teacher": guidance.seconds if guidance else 0.0,
                   "env_steps_per_s": args.steps_per_update * world / time_rollout, "lr": lr}
         log_update(metrics, batch, guidance, logs | timing, counters, recent, world)
         if update % args.save_every == 0 or update == args.updates:
@@ -418,7 +440,8 @@ def advantages_and_returns(batch, guidance, args):
     if args.value_target == "shaped":
         returns = returns + (advantages - env_advantages)
     # Which signal the policy gradient follows: the environment's reward or the format bonus.
-    diagnostics = variance_shares(advantages, adv_var_env=env_advantages, adv_var_format=batch.format_rewards)
+    diagnostics = variance_shares(advantages, adv_var_env=env_advantages,
+                                  adv_var_format=batch.format_rewards)
     diagnostics["explained_variance"] = explained_variance(batch.values, returns)
     return normalize_advantages(advantages.flatten()), returns.flatten(), diagnostics
 
@@ -451,8 +474,10 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
         steps_in_epoch = 0
         for start in range(0, samples, args.minibatch_size):
             minibatch = order[start:start + args.minibatch_size]
-            # §4.2: the SFT loss is the NLL over the mini-batch's guided tokens, however it is split.
-            sft_tokens = sum(guidance.sft_tokens[i] for i in minibatch) / len(minibatch) if targets else 0.0
+            # §4.2: the SFT loss is the NLL over the mini-batch's guided tokens, however it is
+            # split.
+            sft_tokens = (sum(guidance.sft_tokens[i] for i in minibatch) / len(minibatch)
+                          if targets else 0.0)
             # One gradient over the mini-batch, accumulated over micro-batches; DDP all-reduces it
             # in the last micro-batch's backward only.
             optimizer.zero_grad(set_to_none=True)
@@ -461,8 +486,8 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
                 idx = minibatch[micro:micro + args.micro_batch_size]
                 last = micro + args.micro_batch_size >= len(minibatch)
                 with contextlib.nullcontext() if last or world == 1 else model.no_sync():
-                    loss = micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values,
-                                            targets, sft_tokens, args, logs, idx,
+                    loss = micro_batch_loss(model, batch, advantages, returns, old_logprobs,
+                                            old_values, targets, sft_tokens, args, logs, idx,
                                             diagnose=epoch == start == micro == 0)
                     (loss * len(idx) / len(minibatch)).backward()
             if epoch == start == 0:  # before any step the ratio is 1 up to rounding (bf16)
@@ -482,9 +507,10 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
             snapshots.append(policy.adapter_state("policy"))
         if stop:
             break
-    return diagnostics | {"sft_loss": float("nan")} | {k: float(np.mean(v)) for k, v in logs.items()} | {
-        "log_ratio_max": max(logs["log_ratio_max"]), "skipped_steps": int(sum(logs["skipped_steps"])),
-        "optimizer_steps": steps}
+    return (diagnostics | {"sft_loss": float("nan")}
+            | {k: float(np.mean(v)) for k, v in logs.items()}
+            | {"log_ratio_max": max(logs["log_ratio_max"]),
+               "skipped_steps": int(sum(logs["skipped_steps"])), "optimizer_steps": steps})
 
 
 @torch.no_grad()
@@ -509,39 +535,45 @@ def micro_batch_targets(targets, idx):
     return [targets[i] for i in idx]
 
 
-def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values, targets, sft_tokens,
-                     args, logs, idx, diagnose=False):
+def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values, targets,
+                     sft_tokens, args, logs, idx, diagnose=False):
     """PPO loss (+ the SFT loss on the teacher's thoughts) of the micro-batch `idx`, in ONE model
     call, and policy_loss's statistics; both are appended to `logs` too. `sft_tokens`: guided
     tokens per sample of the mini-batch (SFT guidance). `diagnose`: also log each loss's gradient
     norm on the policy adapter (the update's first micro-batch, before any step)."""
-    # Answers scored at the sampling temperature (§2); SFT guidance: the teacher's answers in the same call, a second
-    # continuation of each prompt, at temperature 1 (the reference's). None where no teacher answer parsed here.
+    # Answers scored at the sampling temperature (§2); SFT guidance: the teacher's answers in the
+    # same call, a second continuation of each prompt, at temperature 1 (the reference's). None
+    # where no teacher answer parsed here.
     sft_targets = micro_batch_targets(targets, idx)
-    out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx], args.temperature,
-                targets=sft_targets)
+    out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx],
+                args.temperature, targets=sft_targets)
     device = out["value"].device
     policy = model.module if hasattr(model, "module") else model  # DDP wraps the policy
-    pg_loss, stats = policy_loss(out["seq_logprob"], old_logprobs[idx].to(device), advantages[idx].to(device),
-                                 args.clip, args.ratio_guard)
+    pg_loss, stats = policy_loss(out["seq_logprob"], old_logprobs[idx].to(device),
+                                 advantages[idx].to(device), args.clip, args.ratio_guard)
     # The critic regresses on its normalised scale (identity without --value-norm); PPO2's value
     # clip (--value-clip) keeps V within a band around its value at rollout time.
-    critic_loss = value_loss(policy.normalize(out["value"]), policy.normalize(returns[idx].to(device)),
-                             policy.normalize(old_values[idx].to(device)), clip=args.value_clip or None)
+    critic_loss = value_loss(policy.normalize(out["value"]),
+                             policy.normalize(returns[idx].to(device)),
+                             policy.normalize(old_values[idx].to(device)),
+                             clip=args.value_clip or None)
     vf_loss = args.vf_coef * critic_loss
     if diagnose:
         # Their gradients on the policy adapter: with --critic shared, if the value loss's is much
         # larger, the critic's regression, not the policy gradient, moves it (0 otherwise).
         actor = list(policy.adapter_parameters("policy").values())
-        for name, norm in gradient_norms({"policy_loss": pg_loss, "value_loss": vf_loss}, actor).items():
+        for name, norm in gradient_norms({"policy_loss": pg_loss, "value_loss": vf_loss},
+                                         actor).items():
             logs[f"grad_norm_{name}"].append(norm)
     loss = pg_loss + vf_loss
     for key, value in (stats | {"policy_loss": pg_loss, "value_loss": critic_loss}).items():
         logs[key].append(value.item())
-    if sft_targets is not None:  # the teacher's thought tokens are imitated, or its whole answer (--guide-tokens all)
+    # the teacher's thought tokens are imitated, or its whole answer (--guide-tokens all)
+    if sft_targets is not None:
         guided = out["target_mask"] if args.guide_tokens == "all" else out["target_thought_mask"]
-        # ppo_update weights this micro-batch's loss by its share of the mini-batch's samples; dividing the NLL by sft_tokens x its samples makes the accumulated SFT term
-        # the NLL summed over the mini-batch's guided tokens, divided by their number.
+        # ppo_update weights this micro-batch's loss by its share of the mini-batch's samples;
+        # dividing the NLL by sft_tokens x its samples makes the accumulated SFT term the NLL
+        # summed over the mini-batch's guided tokens, divided by their number.
         guidance_loss = sft_loss(out["target_logprobs"], guided, tokens=sft_tokens * len(idx))
         loss = loss + args.sft_coef * guidance_loss
         logs["sft_loss"].append(sft_loss(out["target_logprobs"], guided).item())

@@ -37,7 +37,8 @@ def parse_dataclass(cls, argv=None, description=None, defaults=None):
     a `Literal[...]` field's values its choices. `defaults` ({field: value}) replaces fields'
     defaults, e.g. per environment: a flag given explicitly still wins."""
     helps = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a subclass adds fields
+    # a subclass adds fields
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
         body = ast.parse(inspect.getsource(klass)).body[0].body
         for i, node in enumerate(body[:-1]):
             if isinstance(node, ast.AnnAssign) and isinstance(body[i + 1], ast.Expr):
@@ -46,7 +47,8 @@ def parse_dataclass(cls, argv=None, description=None, defaults=None):
     for f in dataclasses.fields(cls):
         flag, text = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default})"
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=text)
         elif typing.get_origin(f.type) is typing.Literal:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=text,
                                 choices=typing.get_args(f.type))
@@ -59,4 +61,7 @@ def parse_dataclass(cls, argv=None, description=None, defaults=None):
 def invalid(name, value, valid):
     """Stop with the one line that names the flag, its value and what is valid."""
     program = os.path.basename(sys.argv[0])
-    sys.exit(f"{program}: argument --{name.replace('_', '-')}: {value!r} is not valid; it must be {valid}")
+    sys.exit(
+        f"{program}: argument --{name.replace('_', '-')}: {value!r} is not valid; "
+        f"it must be {valid}"
+    )

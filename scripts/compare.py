@@ -1,4 +1,5 @@
-"""The paper's comparison (docs/ALGORITHM.md §4.4) at toy scale: PPO only vs GTR-Turbo SFT vs GTR-Turbo KL.
+"""The paper's comparison (docs/ALGORITHM.md §4.4) at toy scale: PPO only vs GTR-Turbo SFT vs
+GTR-Turbo KL.
 
 For each environment and seed, one SFT warm start (`train.py --updates 0`) is trained and
 evaluated; then each method is a `train.py` run that starts from it (`--init`), with the same
@@ -16,10 +17,12 @@ figure whose file names are --name with .md and .png added:
     python scripts/compare.py                     # every run, table, figure
     python scripts/compare.py --report-only       # table and figure from the runs already in --out
     python scripts/compare.py --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
-    python scripts/compare.py --methods none --envs gtr/NumberLine-v0 --updates 60 --eval-episodes 128 \
-        --out runs/ppo --name ppo_numberline   # PPO alone over 3 seeds (docs/RESULTS.md)
-    python scripts/compare.py --envs gtr/NumberLine-v0 --methods kl,sma --variants "sma=kl --merge-weights sma"
-                                               # an ablation: each variant is a method with its flags
+    python scripts/compare.py --methods none --envs gtr/NumberLine-v0 --updates 60 \
+        --eval-episodes 128 --out runs/ppo --name ppo_numberline
+                                              # PPO alone over 3 seeds (docs/RESULTS.md)
+    python scripts/compare.py --envs gtr/NumberLine-v0 --methods kl,sma \
+        --variants "sma=kl --merge-weights sma"
+                                              # an ablation: each variant is a method with its flags
 
 Finished runs (their final eval line written) are kept, so an interrupted comparison continues
 where it stopped.
@@ -48,7 +51,8 @@ class CompareArgs:
     methods: str = "none,sft,kl"
     """comma-separated --guidance values, or names of --variants"""
     variants: str = ""
-    """ablations: 'name=guidance flags...' separated by ';', e.g. 'sma=kl --merge-weights sma; static=kl --merge-every 0'"""
+    """ablations: 'name=guidance flags...' separated by ';',
+    e.g. 'sma=kl --merge-weights sma; static=kl --merge-every 0'"""
     seeds: int = 3
     """seeds per method and environment (0, 1, ...)"""
     updates: int = 25
@@ -58,7 +62,7 @@ class CompareArgs:
     train_flags: str = ""
     """further train.py flags shared by every RL run"""
     eval_episodes: int = 64
-    """evaluation episodes (sampled at the training temperature) after the warm start and after RL"""
+    """evaluation episodes (sampled at the training temperature) after the warm start and RL"""
     jobs: int = 2
     """runs at a time (each gets cores / jobs threads)"""
     out: str = "runs/compare"
@@ -78,8 +82,8 @@ def variants(args):
         name, _, command = spec.partition("=")
         guidance, *flags = command.split()
         if not name.strip() or guidance not in METHODS:
-            sys.exit(f"--variants: {spec.strip()!r} must read 'name=guidance flags...' with a guidance among "
-                     f"{', '.join(METHODS)}")
+            sys.exit(f"--variants: {spec.strip()!r} must read 'name=guidance flags...' with a "
+                     f"guidance among {', '.join(METHODS)}")
         parsed[name.strip()] = (guidance, flags)
     return parsed
 
@@ -100,21 +104,24 @@ def run_dir(args, env, method, seed):
 def finished(path, updates):
     """A run is done when its evaluation after the last update is written."""
     evals = os.path.join(path, "eval.jsonl")
-    return os.path.exists(evals) and any(json.loads(line)["update"] == updates for line in open(evals))
+    return os.path.exists(evals) and any(json.loads(line)["update"] == updates
+                                         for line in open(evals))
 
 
 def train(args, env, method, seed, threads):
     """One train.py run in a subprocess with `threads` CPU threads; skipped when already done."""
     path = run_dir(args, env, method, seed)
-    common = [sys.executable, os.path.join(ROOT, "train.py"), "--env", env, "--seed", str(seed), "--out", path,
-              "--eval-episodes", str(args.eval_episodes)]
+    common = [sys.executable, os.path.join(ROOT, "train.py"), "--env", env, "--seed", str(seed),
+              "--out", path, "--eval-episodes", str(args.eval_episodes)]
     if method == "warm":
         updates, cmd = 0, common + ["--updates", "0", *args.warmup_flags.split()]
     else:
         init = os.path.join(run_dir(args, env, "warm", seed), "checkpoint", "adapters", "policy")
         guidance, flags = variants(args).get(method, (method, []))
-        updates, cmd = args.updates, common + ["--guidance", guidance, "--init", init, "--warmup-sft-steps", "0",
-                                               "--updates", str(args.updates), *args.train_flags.split(), *flags]
+        updates, cmd = args.updates, common + ["--guidance", guidance, "--init", init,
+                                               "--warmup-sft-steps", "0",
+                                               "--updates", str(args.updates),
+                                               *args.train_flags.split(), *flags]
     if finished(path, updates):
         return path
     os.makedirs(path, exist_ok=True)
@@ -157,8 +164,9 @@ def quarters(rows, key):
 
 def pair(per_seed):
     """'first +- se / last +- se' over seeds of (first, last) pairs."""
-    (f, fse), (l, lse) = mean_se([p[0] for p in per_seed]), mean_se([p[1] for p in per_seed])
-    return f"{f:.3f} +- {fse:.3f} / {l:.3f} +- {lse:.3f}"
+    (first, first_se), (last, last_se) = (mean_se([p[0] for p in per_seed]),
+                                          mean_se([p[1] for p in per_seed]))
+    return f"{first:.3f} +- {first_se:.3f} / {last:.3f} +- {last_se:.3f}"
 
 
 def smooth(values, window=5):
@@ -172,16 +180,19 @@ def smooth(values, window=5):
 
 def report(args, envs, methods):
     """Both tables from the finished runs. A seed counts once all its methods have finished, so
-    every row compares the methods on the same seeds (an interrupted comparison reports the rest)."""
-    lines = ["| environment | method | seeds | success after warm start | final success | final return | "
-             "train success: first / last quarter | format valid: first / last quarter | "
-             "thought grounding: first / last quarter | thought diversity: first / last quarter | "
-             "entropy: first / middle / last update | s per update | teacher: parsed / answers sampled per observation | "
+    every row compares the methods on the same seeds (an interrupted comparison reports the
+    rest)."""
+    lines = ["| environment | method | seeds | success after warm start | final success | "
+             "final return | train success: first / last quarter | "
+             "format valid: first / last quarter | thought grounding: first / last quarter | "
+             "thought diversity: first / last quarter | entropy: first / middle / last update | "
+             "s per update | teacher: parsed / answers sampled per observation | "
              "final success minus the first method's, paired over seeds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    per_seed = ["| environment | method | seed | warm start: held-out SFT loss | success after warm start | "
-                "final success | train success: first / last quarter | format valid: first / last quarter | "
-                "thought grounding: first / last quarter | thought diversity: first / last quarter |",
+    per_seed = ["| environment | method | seed | warm start: held-out SFT loss | "
+                "success after warm start | final success | train success: first / last quarter | "
+                "format valid: first / last quarter | thought grounding: first / last quarter | "
+                "thought diversity: first / last quarter |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for env in envs:
@@ -198,37 +209,45 @@ def report(args, envs, methods):
             finals[method] = [evals[-1]["eval_success_rate"] for _, evals in runs]
             final = mean_se(finals[method])
             ret = mean_se([evals[-1]["eval_return"] for _, evals in runs])
-            success = [quarters(rows, "success_rate") for rows, _ in runs]  # per seed: (first, last)
+            # per seed: (first, last)
+            success = [quarters(rows, "success_rate") for rows, _ in runs]
             valid = [quarters(rows, "format_valid") for rows, _ in runs]
             grounding = [quarters(rows, "thought_grounding") for rows, _ in runs]
             diversity = [quarters(rows, "thought_diversity") for rows, _ in runs]
             entropy = [mean_se([rows[i]["entropy"] for rows, _ in runs])[0]
                        for i in (0, len(runs[0][0]) // 2, len(runs[0][0]) - 1)]
-            seconds = mean_se([sum(r["time_rollout"] + r["time_teacher"] + r["time_update"] + r["time_merge"]
-                                   for r in rows) / len(rows) for rows, _ in runs])
+            seconds = mean_se([sum(r["time_rollout"] + r["time_teacher"] + r["time_update"]
+                                   + r["time_merge"] for r in rows) / len(rows)
+                               for rows, _ in runs])
             parsed = mean_se([r.get("teacher_parse_rate") for rows, _ in runs for r in rows])[0]
             sampled = mean_se([r.get("teacher_samples") for rows, _ in runs for r in rows])[0]
-            # The methods of a seed share its warm start: their difference per seed is the sharp measure.
+            # The methods of a seed share its warm start: their difference per seed is the sharp
+            # measure.
             paired = mean_se([f - b for f, b in zip(finals[method], finals[methods[0]])])
-            lines.append(f"| {env.split('/')[-1]} | {label(args, method)} | {len(seeds)} | {start[0]:.3f} +- {start[1]:.3f} | "
+            lines.append(f"| {env.split('/')[-1]} | {label(args, method)} | {len(seeds)} | "
+                         f"{start[0]:.3f} +- {start[1]:.3f} | "
                          f"**{final[0]:.3f} +- {final[1]:.3f}** | {ret[0]:.2f} +- {ret[1]:.2f} | "
-                         f"{pair(success)} | {pair(valid)} | {pair(grounding)} | {pair(diversity)} | "
-                         f"{' / '.join(f'{e:.3f}' for e in entropy)} | "
-                         f"{seconds[0]:.1f} | {parsed:.3f} / {sampled:.2f} | {paired[0]:+.3f} +- {paired[1]:.3f} |")
+                         f"{pair(success)} | {pair(valid)} | {pair(grounding)} | "
+                         f"{pair(diversity)} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
+                         f"{seconds[0]:.1f} | {parsed:.3f} / {sampled:.2f} | "
+                         f"{paired[0]:+.3f} +- {paired[1]:.3f} |")
             curves[env, method] = runs
             for i, s in enumerate(seeds):
                 loss = warm[s][0][0]["warmup_loss_after"]
-                per_seed.append(f"| {env.split('/')[-1]} | {label(args, method)} | {s} | {loss:.3f} | "
-                                f"{warm[s][1][-1]['eval_success_rate']:.3f} | {finals[method][i]:.3f} | "
-                                f"{success[i][0]:.3f} / {success[i][1]:.3f} | {valid[i][0]:.3f} / {valid[i][1]:.3f} | "
+                per_seed.append(f"| {env.split('/')[-1]} | {label(args, method)} | {s} | "
+                                f"{loss:.3f} | {warm[s][1][-1]['eval_success_rate']:.3f} | "
+                                f"{finals[method][i]:.3f} | "
+                                f"{success[i][0]:.3f} / {success[i][1]:.3f} | "
+                                f"{valid[i][0]:.3f} / {valid[i][1]:.3f} | "
                                 f"{grounding[i][0]:.3f} / {grounding[i][1]:.3f} | "
                                 f"{diversity[i][0]:.3f} / {diversity[i][1]:.3f} |")
     if not curves:
         sys.exit("no finished comparison runs to report")
     rows, evals = next(iter(curves.values()))[0]
-    header = (f"Per seed one warm start (`{args.warmup_flags}`) that every method starts from, then "
-              f"{args.updates} updates of {rows[0]['env_steps']} environment steps. Success is sampled at "
-              f"T = {evals[-1]['eval_temperature']} over {evals[-1]['eval_episodes']} fresh episodes per seed "
+    header = (f"Per seed one warm start (`{args.warmup_flags}`) that every method starts from, "
+              f"then {args.updates} updates of {rows[0]['env_steps']} environment steps. "
+              f"Success is sampled at T = {evals[-1]['eval_temperature']} over "
+              f"{evals[-1]['eval_episodes']} fresh episodes per seed "
               f"(mean +- standard error over seeds). Further flags of every RL run: "
               f"`{args.train_flags or 'none'}`.\n\n")
     text = header + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n"
@@ -259,7 +278,8 @@ def plot(args, envs, methods, curves):
                 se = [0.0 if math.isnan(s) else s for s in (mean_se(v)[1] for v in zip(*per_seed))]
                 line, = axes[row][col].plot(steps, mean, label=label(args, method))
                 axes[row][col].fill_between(steps, [m - s for m, s in zip(mean, se)],
-                                            [m + s for m, s in zip(mean, se)], color=line.get_color(), alpha=0.2)
+                                            [m + s for m, s in zip(mean, se)],
+                                            color=line.get_color(), alpha=0.2)
         axes[0][col].set_title(env.split("/")[-1])
         axes[0][col].set_ylabel("training success rate (5-update mean)")
         axes[1][col].set_ylabel("answers that parse (5-update mean)")
@@ -274,10 +294,12 @@ def plot(args, envs, methods, curves):
 
 
 def main(args):
-    envs, methods, named = args.envs.split(","), args.methods.split(","), variants(args)  # checks --variants
+    envs, methods, named = (args.envs.split(","), args.methods.split(","),
+                            variants(args))  # checks --variants
     unknown = [m for m in methods if m not in METHODS and m not in named]
     if unknown:
-        sys.exit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join([*METHODS, *named])}")
+        sys.exit(f"--methods: unknown {', '.join(unknown)}; "
+                 f"choose among {', '.join([*METHODS, *named])}")
     if not args.report_only:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         pairs = [(env, seed) for seed in range(args.seeds) for env in envs]

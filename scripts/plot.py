@@ -25,9 +25,11 @@ PANELS = [("success rate (training) and evaluations", ["success_rate"]),
           ("episode return", ["episode_return"]),
           ("answers that parse", ["format_valid"]),
           ("token entropy at the sampling T", ["entropy"]),
-          ("thought collapse: facts named, pairs of states told apart", ["thought_grounding", "thought_diversity"]),
+          ("thought collapse: facts named, pairs of states told apart",
+           ["thought_grounding", "thought_diversity"]),
           ("teacher: KL estimate / SFT loss", ["teacher_kl", "sft_loss"]),
-          ("PPO: approx_kl, clip and guard fractions", ["approx_kl", "clip_fraction", "guard_fraction"]),
+          ("PPO: approx_kl, clip and guard fractions",
+           ["approx_kl", "clip_fraction", "guard_fraction"]),
           ("critic: explained variance", ["explained_variance"]),
           ("gradient norms on the LoRA weights", ["grad_norm_policy_loss", "grad_norm_value_loss"])]
 
@@ -48,7 +50,8 @@ def read(run):
     rows = [json.loads(line) for line in open(metrics) if line.strip()]
     evals = os.path.join(run, "eval.jsonl")
     return ([r for r in rows if r.get("phase") != "warm_start"],
-            [json.loads(line) for line in open(evals) if line.strip()] if os.path.exists(evals) else [])
+            ([json.loads(line) for line in open(evals) if line.strip()]
+             if os.path.exists(evals) else []))
 
 
 def plot(runs, out, window):
@@ -67,12 +70,13 @@ def plot(runs, out, window):
             for key in keys:
                 values = [r.get(key) for r in rows]
                 if any(v is not None for v in values):
-                    label = os.path.basename(os.path.normpath(run)) + ("" if len(keys) == 1 else f" {key}")
+                    label = os.path.basename(os.path.normpath(run)) + (
+                        "" if len(keys) == 1 else f" {key}")
                     ax.plot(steps, smooth(values, window), label=label)
             ax.set_title(title, fontsize=10)
         for e in evals:  # evaluations at their update, with +- one standard error
-            axes[0][0].errorbar(e["update"] * steps_per_update, e["eval_success_rate"], yerr=e["eval_success_stderr"],
-                                fmt="o", color="black", capsize=3)
+            axes[0][0].errorbar(e["update"] * steps_per_update, e["eval_success_rate"],
+                                yerr=e["eval_success_stderr"], fmt="o", color="black", capsize=3)
     for ax in axes.flat[len(PANELS):]:  # an odd number of panels leaves one cell empty
         ax.set_axis_off()
     for ax in axes.flat:
@@ -91,7 +95,8 @@ def main(argv):
     args = parse_dataclass(PlotArgs, argv[first_flag:], __doc__)
     if args.smooth <= 0:
         invalid("smooth", args.smooth, "positive")
-    plot(runs, args.out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png"), args.smooth)
+    plot(runs, args.out or (os.path.join(runs[0], "plot.png") if len(runs) == 1 else "plot.png"),
+         args.smooth)
 
 
 if __name__ == "__main__":

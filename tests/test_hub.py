@@ -1,10 +1,10 @@
 """Real checkpoints at small size: a tiny random Qwen2.5-VL laid out as a hub checkpoint.
 
-Hub checkpoints differ from what transformers 5 saves (preprocessor_config.json, chat_template.json,
-Qwen's sampling defaults in generation_config.json) and real models run in bfloat16 with a 152k
-vocabulary; these tests check that loading, on-policy sampling, scoring precision and memory
-hold up there (issue "Real checkpoints and GPUs"; docs/ALGORITHM.md §2, §6). train.py's guided smoke
-runs (tests/test_train.py) train on it.
+Hub checkpoints differ from what transformers 5 saves (preprocessor_config.json,
+chat_template.json, Qwen's sampling defaults in generation_config.json) and real models run in
+bfloat16 with a 152k vocabulary; these tests check that loading, on-policy sampling, scoring
+precision and memory hold up there (docs/ALGORITHM.md §2, §6). train.py's guided smoke runs
+(tests/test_train.py) train on it.
 """
 import json
 import math

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METRICS = ["update", "env_steps", "success_rate", "episode_return", "episode_length", "format_valid",
-           "entropy", "thought_tokens", "thought_grounding", "thought_diversity", "policy_loss", "value_loss", "approx_kl", "clip_fraction", "lr",
+METRICS = ["update", "env_steps", "success_rate", "episode_return", "episode_length",
+           "format_valid", "entropy", "thought_tokens", "thought_grounding", "thought_diversity",
+           "policy_loss", "value_loss", "approx_kl", "clip_fraction", "lr",
            "explained_variance", "grad_norm_critic", "opening_prob",
            "time_rollout", "time_update", "env_steps_per_s"]
 GUIDANCE_METRICS = ["teacher_kl", "sft_loss", "teacher_parse_rate", "time_teacher", "time_merge"]
@@ -20,13 +21,16 @@ def run_train(tiny_dir, out, *flags):
     """Run train.py with tiny sizes in the folder that holds the session's tiny model cache."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), "--num-envs", "4",
            "--steps-per-update", "8", "--updates", "2", "--max-new-tokens", "24", "--lora-r", "8",
-           "--lora-alpha", "16", "--ppo-epochs", "1", "--minibatch-size", "8", "--micro-batch-size", "4", "--eval-episodes", "2", "--warmup-sft-steps", "0",
+           "--lora-alpha", "16", "--ppo-epochs", "1", "--minibatch-size", "8",
+           "--micro-batch-size", "4", "--eval-episodes", "2", "--warmup-sft-steps", "0",
            *flags]
-    result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["update"] for r in rows] == [1, 2]
-    assert json.load(open(os.path.join(out, "config.json")))["guidance"] == flags[flags.index("--guidance") + 1]
+    assert (json.load(open(os.path.join(out, "config.json")))["guidance"]
+            == flags[flags.index("--guidance") + 1])
     return rows, result
 
 
@@ -46,8 +50,9 @@ def test_guided_smoke(tiny_dir, tmp_path, guidance):
     """Both guidances on the tiny Qwen2.5-VL in hub layout, with gradient checkpointing (the tiny
     Qwen2-VL is covered by the other smoke runs). Short answers: the untrained teacher never
     parses, so SFT guidance makes all its 20 tries."""
-    rows, _ = run_train(tiny_dir, tmp_path / "run", "--guidance", guidance, "--model", "tiny-qwen2.5-vl",
-                        "--gradient-checkpointing", "on", "--max-new-tokens", "8")
+    rows, _ = run_train(tiny_dir, tmp_path / "run", "--guidance", guidance,
+                        "--model", "tiny-qwen2.5-vl", "--gradient-checkpointing", "on",
+                        "--max-new-tokens", "8")
     for row in rows:
         assert all(k in row for k in METRICS + GUIDANCE_METRICS + ["first_log_ratio_max"])
     assert rows[0]["first_log_ratio_max"] < 1e-3  # float32 on CPU: the first ratio is 1
@@ -62,8 +67,10 @@ def test_guided_smoke(tiny_dir, tmp_path, guidance):
         for row in rows:
             asked = row["format_valid"] > 0
             assert (row["teacher_samples"] > 0) == asked
-            assert (0.0 <= row["teacher_parse_rate"] <= 1.0) if asked else row["teacher_parse_rate"] is None
-    assert os.path.exists(tmp_path / "run" / "checkpoint" / "adapters" / "teacher" / "adapter_config.json")
+            assert ((0.0 <= row["teacher_parse_rate"] <= 1.0) if asked
+                    else row["teacher_parse_rate"] is None)
+    assert os.path.exists(tmp_path / "run" / "checkpoint" / "adapters" / "teacher"
+                          / "adapter_config.json")
 
 
 def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
@@ -80,10 +87,11 @@ def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
              ("scripts/compare.py", ["--jobs", "0"], "--jobs: 0 is not valid"),
              ("scripts/compare.py", ["--variants", "x=gpt4"], "--variants: 'x=gpt4' must read")]
     for script, flags, message in cases:
-        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags, "--out", str(tmp_path / "run")],
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags,
+                                 "--out", str(tmp_path / "run")],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        lines = [line for line in result.stderr.splitlines() if line.strip() and "Warning" not in line
-                 and not line.startswith("  warnings.warn")]
+        lines = [line for line in result.stderr.splitlines() if line.strip()
+                 and "Warning" not in line and not line.startswith("  warnings.warn")]
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
 
@@ -132,13 +140,15 @@ def test_teacher_adapter_equals_merged_weights(make_policy):
 
 
 def test_warm_start_lowers_held_out_sft_loss(make_policy):
-    """A short SFT warm start on expert demonstrations lowers the loss on held-out demonstrations."""
+    """A short SFT warm start on expert demonstrations lowers the loss on held-out
+    demonstrations."""
     from demonstrations import warm_start
     from train import Args
     torch.manual_seed(0)
     policy = make_policy()
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    args = Args(warmup_sft_steps=15, warmup_batch_size=8, num_envs=4, micro_batch_size=8, warmup_lr=3e-3)
+    args = Args(warmup_sft_steps=15, warmup_batch_size=8, num_envs=4, micro_batch_size=8,
+                warmup_lr=3e-3)
     row = warm_start(policy, policy, trainable, args, rank=0, world=1)
     assert row["phase"] == "warm_start" and row["warmup_steps"] == 15
     assert row["warmup_loss_after"] < 0.7 * row["warmup_loss_before"]
@@ -146,23 +156,28 @@ def test_warm_start_lowers_held_out_sft_loss(make_policy):
 
 def test_bench_smoke(tiny_dir):
     """bench.py runs end to end and reports every ratio and figure (no timing asserted), here on
-    a small random Qwen2.5-VL built like the paper-size ones (plumbing/tinyvlm.py:random_model), so that
-    the MFU's FLOP count runs too (with a made-up peak)."""
+    a small random Qwen2.5-VL built like the paper-size ones (plumbing/tinyvlm.py:random_model), so
+    that the MFU's FLOP count runs too (with a made-up peak)."""
     from plumbing.tinyvlm import random_model
     model = random_model("random-qwen2.5-vl-3b", tiny_dir, text=dict(
-        num_hidden_layers=1, vocab_size=2048, hidden_size=256, intermediate_size=512, num_attention_heads=2,
-        num_key_value_heads=1), vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
-                                            fullatt_block_indexes=[0], out_hidden_size=256))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json", "--model", model, "--num-envs", "2",
-                             "--steps-per-update", "4", "--max-new-tokens", "8", "--warmup-sft-steps", "2",
-                             "--repeats", "1", "--lora-r", "8", "--lora-alpha", "16", "--minibatch-size", "4",
+        num_hidden_layers=1, vocab_size=2048, hidden_size=256, intermediate_size=512,
+        num_attention_heads=2, num_key_value_heads=1),
+        vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
+                    fullatt_block_indexes=[0], out_hidden_size=256))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json",
+                             "--model", model, "--num-envs", "2",
+                             "--steps-per-update", "4", "--max-new-tokens", "8",
+                             "--warmup-sft-steps", "2", "--repeats", "1", "--lora-r", "8",
+                             "--lora-alpha", "16", "--minibatch-size", "4",
                              "--generation-envs", "1,2", "--peak-tflops", "1"],
-                            cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=300)
+                            cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ratios = json.loads(result.stdout.strip().splitlines()[-1])
-    for key in ["rollout_speedup", "kl_over_none", "sft_over_none", "merge_fraction", "teacher_memory_overhead",
-                "generation_tokens_per_s_1", "generation_tokens_per_s_2", "seconds_ppo_update",
-                "seconds_teacher_kl", "ppo_mfu"]:
+    for key in ["rollout_speedup", "kl_over_none", "sft_over_none", "merge_fraction",
+                "teacher_memory_overhead", "generation_tokens_per_s_1",
+                "generation_tokens_per_s_2", "seconds_ppo_update", "seconds_teacher_kl",
+                "ppo_mfu"]:
         assert ratios[key] > 0, key
 
 
@@ -170,7 +185,8 @@ def test_bench_smoke(tiny_dir):
 def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy, guide_tokens):
     """micro_batch_loss's SFT term (the teacher's answers scored on the shared prompts) equals
     the SFT loss of those answers scored as ordinary responses at T = 1, over their thought
-    tokens (--guide-tokens all: every token); a None target (the teacher never parsed) is left out."""
+    tokens (--guide-tokens all: every token); a None target (the teacher never parsed) is left
+    out."""
     import collections
 
     from distill import sft_loss
@@ -179,24 +195,28 @@ def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy, guide
     torch.manual_seed(0)
     policy = make_policy()
     policy.eval()
-    images = [np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8) for i in range(3)]
+    images = [np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+              for i in range(3)]
     answers = [policy.answer_ids('{"thoughts": "current 1, target 3", "action": "+"}'),
                policy.answer_ids('{"thoughts": "current 4, target 0", "action": "-"}'),
                policy.answer_ids('{"thoughts": "4", "action": "-"}')]
     zeros = torch.zeros(1, 3)
-    batch = Batch(encoded=policy.encode(images, ["p", "q", "r"]), responses=answers, token_logprobs=[],
-                  old_logprobs=zeros, values=zeros, next_values=zeros, rewards=zeros, format_rewards=zeros,
-                  terminated=zeros, truncated=zeros, format_valid=torch.ones(1, 3), actions=zeros,
-                  entropy=zeros, thought_tokens=zeros)
+    batch = Batch(encoded=policy.encode(images, ["p", "q", "r"]), responses=answers,
+                  token_logprobs=[], old_logprobs=zeros, values=zeros, next_values=zeros,
+                  rewards=zeros, format_rewards=zeros, terminated=zeros, truncated=zeros,
+                  format_valid=torch.ones(1, 3), actions=zeros, entropy=zeros,
+                  thought_tokens=zeros)
     other = policy.answer_ids('{"thoughts": "current 0, target 4, so I move up", "action": "-"}')
     targets = [answers[0], other, None]
     logs = collections.defaultdict(list)
-    micro_batch_loss(policy, batch, [0, 1, 2], torch.zeros(3), torch.zeros(3), torch.zeros(3), targets,
-                     Args(guidance="sft", guide_tokens=guide_tokens), logs)
+    micro_batch_loss(policy, batch, torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.zeros(3),
+                     targets, 1.0, Args(guidance="sft", guide_tokens=guide_tokens), logs, [0, 1, 2])
     with torch.no_grad():
         expected = policy(batch.encoded[:2], [answers[0], other], 1.0)
-    mask = expected["response_mask"] & (expected["thought_mask"] if guide_tokens == "thought" else True)
-    assert logs["sft_loss"][0] == pytest.approx(sft_loss(expected["logprobs"], mask).item(), abs=1e-5)
+    mask = expected["response_mask"] & (
+        expected["thought_mask"] if guide_tokens == "thought" else True)
+    assert logs["sft_loss"][0] == pytest.approx(sft_loss(expected["logprobs"], mask).item(),
+                                                abs=1e-5)
 
 
 def test_critic_learns_the_environment_return_and_bonuses_move_only_their_step():
@@ -207,20 +227,28 @@ def test_critic_learns_the_environment_return_and_bonuses_move_only_their_step()
     from rollout import Batch
     from teacher import Guidance
     from train import Args, advantages_and_returns
-    col = lambda *x: torch.tensor(x, dtype=torch.float32)[:, None]  # [T, 1]
+
+    def col(*x):
+        return torch.tensor(x, dtype=torch.float32)[:, None]  # [T, 1]
+
     zeros = col(0.0, 0.0, 0.0)
     batch = Batch(encoded=[], responses=[], token_logprobs=[], old_logprobs=zeros,
-                  values=col(2.0, 5.0, 9.0), next_values=col(5.0, 9.0, 0.0), rewards=col(0.0, -1.0, 1.0),
-                  format_rewards=col(3.0, -2.0, 3.0), terminated=col(0.0, 0.0, 1.0), truncated=zeros,
+                  values=col(2.0, 5.0, 9.0), next_values=col(5.0, 9.0, 0.0),
+                  rewards=col(0.0, -1.0, 1.0), format_rewards=col(3.0, -2.0, 3.0),
+                  terminated=col(0.0, 0.0, 1.0), truncated=zeros,
                   format_valid=zeros, actions=zeros, entropy=zeros, thought_tokens=zeros)
-    env_adv, env_ret = gae(batch.rewards, batch.values, batch.next_values, batch.terminated, batch.truncated, 0.9, 0.95)
-    guidance = Guidance(teacher_kl=col(0.5, 0.0, 2.0), sft_targets=None, parse_rate=float("nan"), seconds=0.0)
-    adv, ret, diagnostics = advantages_and_returns(batch, guidance, Args(guidance="kl", kl_coef=1.0))
+    env_adv, env_ret = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
+                           batch.truncated, 0.9, 0.95)
+    guidance = Guidance(teacher_kl=col(0.5, 0.0, 2.0), sft_targets=None, parse_rate=float("nan"),
+                        seconds=0.0)
+    adv, ret, diagnostics = advantages_and_returns(batch, guidance,
+                                                   Args(guidance="kl", kl_coef=1.0))
     shaped = env_adv + batch.format_rewards - guidance.teacher_kl  # A' = A + b - beta * KL
     assert torch.allclose(adv, normalize_advantages(shaped.flatten()))
     assert torch.allclose(ret, env_ret.flatten())
     assert 0.0 < diagnostics["adv_var_env"] and 0.0 < diagnostics["adv_var_format"]
-    _, ret, _ = advantages_and_returns(batch, guidance, Args(guidance="kl", kl_coef=1.0, value_target="shaped"))
+    _, ret, _ = advantages_and_returns(batch, guidance,
+                                       Args(guidance="kl", kl_coef=1.0, value_target="shaped"))
     assert torch.allclose(ret, (env_ret + batch.format_rewards - guidance.teacher_kl).flatten())
 
 
@@ -239,7 +267,8 @@ def test_readme_states_the_default_configuration():
     assert len(rows) >= 8
     defaults = Args()
     for flag, value in rows:
-        assert str(getattr(defaults, flag.replace("-", "_"))) == value, f"README says --{flag} {value}"
+        assert str(getattr(defaults, flag.replace("-", "_"))) == value, (
+            f"README says --{flag} {value}")
 
 
 def test_tensorboard_and_wandb_log_every_metric(tiny_dir, tmp_path, monkeypatch):
@@ -264,34 +293,43 @@ def test_missing_logging_extra_is_named_in_one_line(tmp_path):
     code = (f"import sys, runpy; sys.path.insert(0, {ROOT!r}); sys.modules['tensorboard'] = None; "
             f"sys.argv = ['train.py', '--tensorboard', '--out', {str(tmp_path / 'run')!r}]; "
             f"runpy.run_path({os.path.join(ROOT, 'train.py')!r}, run_name='__main__')")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "--tensorboard needs the tensorboard package, an optional extra: pip install tensorboard" in result.stderr
+    assert ("--tensorboard needs the tensorboard package, an optional extra: "
+            "pip install tensorboard") in result.stderr
 
 
 def test_plot_draws_a_run(tiny_dir, tmp_path):
     """scripts/plot.py draws a short run (its metrics and evaluations) into one PNG."""
-    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra (requirements-dev.txt)")
+    pytest.importorskip("matplotlib",
+                        reason="matplotlib is an optional extra (requirements-dev.txt)")
     run = tmp_path / "run"
     run_train(tiny_dir, run, "--guidance", "kl")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"), str(run), "--smooth", "2"],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"), str(run),
+                             "--smooth", "2"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run / "plot.png").stat().st_size > 10_000
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"), str(tmp_path / "none")],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"),
+                             str(tmp_path / "none")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "no metrics.jsonl there" in result.stderr
 
 
 def test_compare_smoke(tiny_dir, tmp_path):
-    """scripts/compare.py runs a warm start and the three methods from it, and writes the table."""
+    """scripts/compare.py runs a warm start and the three methods from it, and writes the
+    table."""
     small = "--num-envs 2 --lora-r 8 --lora-alpha 16 --max-new-tokens 16"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"), "--seeds", "1",
-                             "--envs", "gtr/NumberLine-v0", "--updates", "1", "--jobs", "1", "--eval-episodes", "2",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"),
+                             "--seeds", "1", "--envs", "gtr/NumberLine-v0", "--updates", "1",
+                             "--jobs", "1", "--eval-episodes", "2",
                              f"--warmup-flags=--warmup-sft-steps 2 --warmup-batch-size 4 {small}",
-                             f"--train-flags=--steps-per-update 4 --minibatch-size 4 --ppo-epochs 1 {small}",
+                             "--train-flags=--steps-per-update 4 --minibatch-size 4 "
+                             f"--ppo-epochs 1 {small}",
                              "--out", str(tmp_path / "runs"), "--docs", str(tmp_path)],
-                            cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=600)
+                            cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     table = open(tmp_path / "comparison.md").read()
     for method in ("PPO only (RL4VLM)", "GTR-Turbo SFT", "GTR-Turbo KL"):
