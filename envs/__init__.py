@@ -1,4 +1,5 @@
-"""The visual environments (docs/ALGORITHM.md §5): RL4VLM's four card games and Household, rebuilt here.
+"""The visual environments (docs/ALGORITHM.md §5): RL4VLM's four card games and Household,
+rebuilt here.
 
 Importing the package registers them with gymnasium:
 
@@ -15,8 +16,8 @@ Importing the package registers them with gymnasium:
 
 Every environment takes ``image_size`` (default 300) and ``render_mode`` (None or "rgb_array");
 NumberLine also ``max_position`` (default 5). The answer format helpers (answer.py) and the
-thought-collapse measures (thoughts.py) are re-exported here. ``gtr/ALFWorld-v0`` is registered too; it needs the optional
-``alfworld`` package and its data (alfworld_env.py).
+thought-collapse measures (thoughts.py) are re-exported here. ``gtr/ALFWorld-v0`` is registered
+too; it needs the optional ``alfworld`` package and its data (alfworld_env.py).
 """
 import gymnasium
 
@@ -40,11 +41,13 @@ ENV_CLASSES = {
 ENV_IDS = list(ENV_CLASSES)  # the bundled ones: they run with nothing more installed
 
 # The tiny model's tokenizer is trained on the prompts of one family of environments
-# (plumbing/tinyvlm.py). Families keep it short for each, and keep the card games' tiny model the one
-# their published results used: a new family never changes another family's model.
-FAMILIES = {"cards": ["gtr/NumberLine-v0", "gtr/EZPoints-v0", "gtr/Points24-v0", "gtr/Blackjack-v0"],
+# (plumbing/tinyvlm.py). Families keep it short for each, and keep the card games' tiny model the
+# one their published results used: a new family never changes another family's model.
+FAMILIES = {"cards": ["gtr/NumberLine-v0", "gtr/EZPoints-v0", "gtr/Points24-v0",
+                      "gtr/Blackjack-v0"],
             "household": ["gtr/Household-v0"]}
-FAMILY_OF = {env_id: family for family, ids in FAMILIES.items() for env_id in ids} | {"gtr/ALFWorld-v0": "household"}
+FAMILY_OF = ({env_id: family for family, ids in FAMILIES.items() for env_id in ids}
+             | {"gtr/ALFWorld-v0": "household"})
 
 # Where the paper's hyperparameters differ for ALFWorld (lambda 0.2; a format reward of +5 / -5 in
 # the reference's ALFWorld runs against +3 / -2 on the cards), train.py uses these defaults for
@@ -60,6 +63,7 @@ for _env_id, _cls in ENV_CLASSES.items() | {("gtr/ALFWorld-v0", ALFWorldEnv)}:
     if _env_id not in gymnasium.registry:  # importing twice (e.g. a reload) must not warn
         gymnasium.register(id=_env_id, entry_point=_cls)
 
-__all__ = ["ENV_IDS", "ENV_CLASSES", "FAMILIES", "FAMILY_OF", "ENV_DEFAULTS", "NumberLineEnv", "EZPointsEnv",
-           "Points24Env", "BlackjackEnv", "HouseholdEnv", "ALFWorldEnv", "REQUIREMENTS", "ANSWER_OPENING", "format_answer", "parse_action",
-           "extract_thoughts", "action_span", "thought_grounding", "thought_diversity"]
+__all__ = ["ENV_IDS", "ENV_CLASSES", "FAMILIES", "FAMILY_OF", "ENV_DEFAULTS", "NumberLineEnv",
+           "EZPointsEnv", "Points24Env", "BlackjackEnv", "HouseholdEnv", "ALFWorldEnv",
+           "REQUIREMENTS", "ANSWER_OPENING", "format_answer", "parse_action", "extract_thoughts",
+           "action_span", "thought_grounding", "thought_diversity"]

@@ -1,4 +1,5 @@
-"""Render one sample frame of every environment as a PNG: ``python -m envs [folder]`` (default docs/).
+"""Render one sample frame of every environment as a PNG: ``python -m envs [folder]`` (default
+docs/).
 
 Useful to look at what the agent sees after changing the drawing code (docs/ALGORITHM.md §5).
 """
@@ -27,11 +28,13 @@ def sample_frames(image_size: int = 300) -> dict:
     env = BlackjackEnv(image_size=image_size)
     frames["Blackjack"] = env.reset(seed=0, options={"player": [1, 7, 3], "dealer": [13, 5]})[0]
     env = HouseholdEnv(image_size=image_size)
-    env.reset(seed=0, options={"task": {"type": "pick_heat_then_place_in_recep", "object": "potato", "target": "table 1"},
-                               "objects": {"apple 1": "countertop 1", "potato 1": "fridge 1", "mug 1": "table 1",
-                                           "book 1": "desk 1", "cd 1": "drawer 1", "cd 2": "countertop 1"}})
-    for command in ["go to fridge 1", "open fridge 1", "take potato 1 from fridge 1", "go to microwave 1",
-                    "heat potato 1 with microwave 1"]:
+    env.reset(seed=0, options={"task": {"type": "pick_heat_then_place_in_recep", "object": "potato",
+                                        "target": "table 1"},
+                               "objects": {"apple 1": "countertop 1", "potato 1": "fridge 1",
+                                           "mug 1": "table 1", "book 1": "desk 1",
+                                           "cd 1": "drawer 1", "cd 2": "countertop 1"}})
+    for command in ["go to fridge 1", "open fridge 1", "take potato 1 from fridge 1",
+                    "go to microwave 1", "heat potato 1 with microwave 1"]:
         obs = env.step(env.actions.index(command))[0]
     frames["Household"] = obs
     return frames

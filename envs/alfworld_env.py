@@ -5,8 +5,8 @@ Concept: the paper's second benchmark (docs/ALGORITHM.md §5). ``gtr/Household-v
 (household.py) has its shape and runs anywhere; this adapter plays the real games where the
 ``alfworld`` package (with TextWorld's PDDL engine) and its game files are installed:
 
-    pip install alfworld            # TextWorld and Fast Downward come with it
-    alfworld-download               # the game files, into $ALFWORLD_DATA (default ~/.cache/alfworld)
+    pip install alfworld     # TextWorld and Fast Downward come with it
+    alfworld-download        # the game files, into $ALFWORLD_DATA (default ~/.cache/alfworld)
 
 Without them, ``gym.make("gtr/ALFWorld-v0")`` (and ``train.py --env gtr/ALFWorld-v0``, before
 anything runs) stops with one line that says what to install and download.
@@ -55,7 +55,8 @@ from .base import VisualTextEnv, check_option_keys
 from .drawing import INK, draw_text, wrap_words
 
 MAX_COMMANDS = 65536
-INSTALL = ("gtr/ALFWorld-v0 needs the alfworld package and its game files: pip install alfworld, then "
+INSTALL = ("gtr/ALFWorld-v0 needs the alfworld package and its game files: "
+           "pip install alfworld, then "
            "alfworld-download (into $ALFWORLD_DATA, default ~/.cache/alfworld)")
 
 # Every ALFWorldEnv of the process shares one vocabulary, so an action id means one command
@@ -65,7 +66,8 @@ _INDEX: dict[str, int] = {}
 
 
 def game_folder(split: str) -> str:
-    return os.path.join(os.path.expanduser(os.path.expandvars(os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld"))),
+    return os.path.join(os.path.expanduser(os.path.expandvars(
+                            os.environ.get("ALFWORLD_DATA", "~/.cache/alfworld"))),
                         "json_2.1.1", split)
 
 
@@ -88,7 +90,8 @@ def solvable_games(folder: str) -> tuple[str, ...]:
     """ALFWorld's solvable games under a folder, as AlfredTWEnv.collect_game_files finds them."""
     games = []
     for root, _, files in sorted(os.walk(folder)):
-        if "traj_data.json" in files and "game.tw-pddl" in files and "movable" not in root and "Sliced" not in root:
+        if ("traj_data.json" in files and "game.tw-pddl" in files and "movable" not in root
+                and "Sliced" not in root):
             path = os.path.join(root, "game.tw-pddl")
             with open(path) as f:
                 if json.load(f).get("solvable"):
@@ -100,7 +103,8 @@ def register(commands) -> None:
     for command in commands:
         if command not in _INDEX:
             if len(VOCABULARY) >= MAX_COMMANDS:
-                raise RuntimeError(f"more than {MAX_COMMANDS} distinct ALFWorld commands in one process; "
+                raise RuntimeError(f"more than {MAX_COMMANDS} distinct ALFWorld commands in one "
+                                   "process; "
                                    "raise envs.alfworld_env.MAX_COMMANDS.")
             _INDEX[command] = len(VOCABULARY)
             VOCABULARY.append(command)
@@ -142,7 +146,8 @@ class ALFWorldEnv(VisualTextEnv):
         index = options.get("game", None)
         if index is None:
             index = int(self.np_random.integers(len(self.games)))
-        elif isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.games):
+        elif (isinstance(index, bool) or not isinstance(index, int)
+              or not 0 <= index < len(self.games)):
             raise ValueError(f"game must be an index in 0..{len(self.games) - 1}, got {index!r}.")
         self._start(index)
         return self._observation(), self._info()
@@ -155,7 +160,8 @@ class ALFWorldEnv(VisualTextEnv):
         match = re.search(r"Your task is to: (.*?)\.?\s*$", state.feedback)
         self.goal = match.group(1) if match else ""
         # The intro's welcome banner and task line are not the room: the room is what remains.
-        self._read(state, state.feedback.split("\n\n")[1] if "\n\n" in state.feedback else state.feedback)
+        self._read(state, state.feedback.split("\n\n")[1] if "\n\n" in state.feedback
+                   else state.feedback)
 
     def _read(self, state, feedback: str) -> None:
         self.feedback, self.won = feedback.strip(), bool(state["won"])
@@ -173,14 +179,16 @@ class ALFWorldEnv(VisualTextEnv):
         return self._finish_step(self.success_reward if self.won else 0.0)
 
     def invalid_step(self):
-        """An inadmissible command, or an answer that names none: -1, nothing changes, the step counts."""
+        """An inadmissible command, or an answer that names none: -1, nothing changes, the step
+        counts."""
         self.feedback = "Nothing happens."
         return self._finish_step(self.inadmissible_penalty)
 
     def facts(self) -> list[str]:
         """The object the goal names ("put a clean mug in cabinet": mug), which a thought about this
         task names (docs/ALGORITHM.md §4.5); the whole goal where no article introduces one."""
-        match = re.search(r"\b(?:a|an|some|two|the)\s+(?:clean |hot |cool |heated |cooled )?(\w+)", self.goal)
+        match = re.search(r"\b(?:a|an|some|two|the)\s+(?:clean |hot |cool |heated |cooled )?(\w+)",
+                          self.goal)
         return [match.group(1) if match else self.goal or "task"]
 
     def _finish_step(self, reward: float):
@@ -192,12 +200,14 @@ class ALFWorldEnv(VisualTextEnv):
         return self._observation(), reward, self.won, truncated, info
 
     def _info(self) -> dict:
-        return {"goal": self.goal, "game": self.game_index, "steps": self.steps, "feedback": self.feedback,
+        return {"goal": self.goal, "game": self.game_index, "steps": self.steps,
+                "feedback": self.feedback,
                 "admissible_commands": list(self.admissible_commands)}
 
     def prompt(self) -> str:
         commands = ", ".join(f'"{c}"' for c in self.admissible_commands)
-        return (f"You are in a household; the image shows what you observe. Your task is to: {self.goal}. "
+        return (f"You are in a household; the image shows what you observe. "
+                f"Your task is to: {self.goal}. "
                 f"{self.feedback} Admissible actions: {commands}. {ANSWER_INSTRUCTION}")
 
     def expert(self) -> tuple[str, int]:
@@ -209,12 +219,14 @@ class ALFWorldEnv(VisualTextEnv):
         engine = self._engine.unwrapped
         plan = engine._pddl_state.replan(engine._entity_infos)
         if not plan or plan[0] not in self.admissible_commands:
-            raise RuntimeError(f"ALFWorld's planner found no admissible next command (plan: {plan[:3]}).")
+            raise RuntimeError(f"ALFWorld's planner found no admissible next command "
+                               f"(plan: {plan[:3]}).")
         return f"my plan from here: {', '.join(plan[:3])}", _INDEX[plan[0]]
 
     def _draw(self, image) -> None:
         s, words = self.image_size, self.feedback.split()
-        # The largest font whose wrapped lines fit the picture (the smallest legible one if none does).
+        # The largest font whose wrapped lines fit the picture (the smallest legible one if none
+        # does).
         size = next((size for size in range(max(6, s // 8), 6, -1)
                      if len(wrap_words(words, size, s * 0.92)) * size * 1.25 <= s * 0.92), 6)
         for i, line in enumerate(wrap_words(words, size, s * 0.92)):

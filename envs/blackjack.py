@@ -1,9 +1,9 @@
 """Blackjack, drawn as cards: "hit" for another card or "stand" and let the dealer play.
 
 Concept: RL4VLM's gym_cards Blackjack (docs/ALGORITHM.md §5), which is gymnasium's Blackjack-v1 with
-``natural=False`` and ``sab=False`` rendered as a picture. The image shows the dealer's hand
-(the first card face up, the rest face down) and the player's hand; the agent must read the
-cards, add them up (J, Q, K count 10; an ace counts 11 unless that busts, then 1) and decide.
+``natural=False`` and ``sab=False`` rendered as a picture. The image shows the dealer's hand (the
+first card face up, the rest face down) and the player's hand; the agent must read the cards, add
+them up (J, Q, K count 10; an ace counts 11 unless that busts, then 1) and decide.
 
 Rules (gymnasium's): an infinite deck (every draw is uniform over the 13 ranks, so ten-valued
 cards come 4 times in 13); the player and the dealer start with two cards. "hit": one more
@@ -77,12 +77,14 @@ class BlackjackEnv(VisualTextEnv):
         super().reset(seed=seed)
         options = check_option_keys(options, {"player", "dealer"})
         if options and set(options) != {"player", "dealer"}:
-            raise ValueError('Blackjack options need both "player" and "dealer", e.g. {"player": [10, 6], "dealer": [9, 13]}.')
+            raise ValueError('Blackjack options need both "player" and "dealer", '
+                             'e.g. {"player": [10, 6], "dealer": [9, 13]}.')
         if options:
             player = check_ranks(options["player"], lambda n: n >= 2, "player (2 or more cards)")
             dealer = check_ranks(options["dealer"], lambda n: n >= 2, "dealer (2 or more cards)")
             if hand_total(player)[0] > 21:
-                raise ValueError(f"player hand {player} is already bust (over 21); give a hand of 21 or less.")
+                raise ValueError(f"player hand {player} is already bust (over 21); "
+                                 "give a hand of 21 or less.")
             self.dealer = [self._card(r) for r in dealer]
             self.player = [self._card(r) for r in player]
         else:  # gymnasium's order: the dealer's two cards, then the player's two
@@ -125,12 +127,15 @@ class BlackjackEnv(VisualTextEnv):
     def _info(self) -> dict:
         total, soft = hand_total(self._ranks(self.player))
         return {"player": self._ranks(self.player), "dealer": self._ranks(self.dealer),
-                "player_suits": [s for _, s in self.player], "dealer_suits": [s for _, s in self.dealer],
-                "player_total": total, "usable_ace": soft, "dealer_showing": card_value(self.dealer[0][0])}
+                "player_suits": [s for _, s in self.player],
+                "dealer_suits": [s for _, s in self.dealer],
+                "player_total": total, "usable_ace": soft,
+                "dealer_showing": card_value(self.dealer[0][0])}
 
     def prompt(self) -> str:
         return (
-            "You are playing Blackjack. The image shows the dealer's cards (one face up) and your cards. "
+            "You are playing Blackjack. "
+            "The image shows the dealer's cards (one face up) and your cards. "
             "Cards 2-10 count their number, J, Q and K count 10, an ace counts 11 or 1. "
             'Get closer to 21 than the dealer without going over: "hit" takes a card, "stand" ends '
             f"your turn and the dealer draws to 17. {self._admissible_text()} {ANSWER_INSTRUCTION}"
@@ -149,7 +154,8 @@ class BlackjackEnv(VisualTextEnv):
         up = card_value(self.dealer[0][0])
         hit = basic_strategy(total, soft, 11 if up == 1 else up)
         hand, dealer = self.facts()
-        return f"my hand is {hand} and the dealer {dealer}, so I {'hit' if hit else 'stand'}", int(hit)
+        return (f"my hand is {hand} and the dealer {dealer}, so I {'hit' if hit else 'stand'}",
+                int(hit))
 
     def _draw(self, image) -> None:
         s = self.image_size

@@ -1,10 +1,10 @@
 """EZPoints: make 12 from two cards with + or *, one token per step.
 
-Concept: the easy version of Points24 in RL4VLM's gym_cards (docs/ALGORITHM.md §5). The image shows two
-cards (J, Q, K count 10) and the formula so far; actions are '1'..'10', '+', '*' and '='.
-Every deal is solvable: as in gym_cards, the first card is 2..K and the second card completes
-it to 12, by '*' (half the time, when the first value divides 12) or by '+'; the two are then
-swapped half the time.
+Concept: the easy version of Points24 in RL4VLM's gym_cards (docs/ALGORITHM.md §5). The image shows
+two cards (J, Q, K count 10) and the formula so far; actions are '1'..'10', '+', '*' and '='. Every
+deal is solvable: as in gym_cards, the first card is 2..K and the second card completes it to 12, by
+'*' (half the time, when the first value divides 12) or by '+'; the two are then swapped half the
+time.
 
 Rules: those of Points24 (see points24.py, which holds the shared ``PointsEnv``) with target
 12, both cards, and a formula length limit of 5: a step that starts with a formula longer than

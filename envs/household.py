@@ -1,12 +1,12 @@
 """Household: ALFWorld's six household tasks in one small room seen from above, text commands in.
 
 Concept: the shape of ALFWorld, the paper's second benchmark (docs/ALGORITHM.md §5), without its
-downloaded game files and 3-D simulator: long horizons, text commands whose admissible set
-changes with the state, and a sparse success signal. The image is the room from above, drawn
-with Pillow: eight pieces of furniture (the receptacles) in the cells of a 3 x 3 grid, the
-objects that can be seen in or on them, the agent (a blue frame around the receptacle it stands
-at, a blue dot in the middle of the room at the start) and, in the middle cell, what it holds. The prompt gives the goal, the feedback of the last
-command and the commands that are admissible now.
+downloaded game files and 3-D simulator: long horizons, text commands whose admissible set changes
+with the state, and a sparse success signal. The image is the room from above, drawn with Pillow:
+eight pieces of furniture (the receptacles) in the cells of a 3 x 3 grid, the objects that can be
+seen in or on them, the agent (a blue frame around the receptacle it stands at, a blue dot in the
+middle of the room at the start) and, in the middle cell, what it holds. The prompt gives the goal,
+the feedback of the last command and the commands that are admissible now.
 
 The room (fixed, so that the action space is a fixed ``Discrete`` over every command of it):
 - receptacles ``fridge 1``, ``microwave 1``, ``sink 1``, ``cabinet 1``, ``drawer 1``,
@@ -85,15 +85,18 @@ from .answer import ANSWER_INSTRUCTION
 from .base import VisualTextEnv, check_option_keys
 from .drawing import INK, draw_text
 
-RECEPTACLES = ["fridge 1", "microwave 1", "sink 1", "cabinet 1", "drawer 1", "countertop 1", "table 1", "desk 1"]
+RECEPTACLES = ["fridge 1", "microwave 1", "sink 1", "cabinet 1", "drawer 1", "countertop 1",
+               "table 1", "desk 1"]
 OPENABLE = ("fridge 1", "microwave 1", "cabinet 1", "drawer 1")  # also the expert's search order
 PLACES = ["cabinet 1", "drawer 1", "countertop 1", "table 1", "desk 1"]
-INSIDE = ("fridge 1", "microwave 1", "sink 1", "cabinet 1", "drawer 1")  # "in the ..."; the others "on the ..."
+# "in the ..."; the others "on the ..."
+INSIDE = ("fridge 1", "microwave 1", "sink 1", "cabinet 1", "drawer 1")
 OBJECTS = ["apple 1", "potato 1", "mug 1", "book 1", "cd 1", "cd 2"]
 LAMP, DESK = "desklamp 1", "desk 1"
 FOOD_AND_DISHES = ("apple", "potato", "mug")
 # The appliance of each treatment, and the state it gives an object.
-TREATMENTS = {"clean": ("sink 1", "clean"), "heat": ("microwave 1", "hot"), "cool": ("fridge 1", "cool")}
+TREATMENTS = {"clean": ("sink 1", "clean"), "heat": ("microwave 1", "hot"),
+              "cool": ("fridge 1", "cool")}
 OPPOSITE = {"hot": "cool", "cool": "hot"}  # heating undoes cooling and the reverse; cleaning lasts
 
 # ALFWorld's task types: (objects they take, the state a placed object needs, how many).
@@ -109,11 +112,12 @@ TASK_TYPES = list(TASKS)
 LOOK = "look_at_obj_in_light"
 
 # The picture: a colour per kind of furniture and object, and rings of a colour per state.
-FURNITURE_COLORS = {"fridge": (190, 225, 245), "microwave": (175, 175, 180), "sink": (140, 190, 235),
-                    "cabinet": (215, 175, 120), "drawer": (190, 150, 105), "countertop": (215, 215, 200),
+FURNITURE_COLORS = {"fridge": (190, 225, 245), "microwave": (175, 175, 180),
+                    "sink": (140, 190, 235), "cabinet": (215, 175, 120),
+                    "drawer": (190, 150, 105), "countertop": (215, 215, 200),
                     "table": (165, 115, 65), "desk": (130, 160, 110)}
-OBJECT_COLORS = {"apple": (220, 30, 30), "potato": (150, 100, 40), "mug": (40, 80, 200), "book": (30, 150, 60),
-                 "cd": (190, 190, 200)}
+OBJECT_COLORS = {"apple": (220, 30, 30), "potato": (150, 100, 40), "mug": (40, 80, 200),
+                 "book": (30, 150, 60), "cd": (190, 190, 200)}
 AGENT_BLUE = (0, 90, 255)
 CELL_PAD = 0.012  # the gap between a grid cell's edge and its furniture, as a fraction of the image
 STATE_COLORS = {"hot": (255, 110, 0), "cool": (0, 200, 230), "clean": (170, 60, 230)}
@@ -144,8 +148,10 @@ def _commands() -> list[tuple]:
     commands = [("go to", None, r) for r in RECEPTACLES]
     commands += [(verb, None, r) for verb in ("open", "close") for r in OPENABLE]
     commands += [(verb, o, r) for verb in ("take", "put") for o in OBJECTS for r in RECEPTACLES]
-    commands += [(verb, o, TREATMENTS[verb][0]) for verb in TREATMENTS for o in OBJECTS if kind(o) in FOOD_AND_DISHES]
-    commands += [("use", None, LAMP)] + [("examine", o, None) for o in OBJECTS] + [("inventory", None, None), ("look", None, None)]
+    commands += [(verb, o, TREATMENTS[verb][0]) for verb in TREATMENTS for o in OBJECTS
+                 if kind(o) in FOOD_AND_DISHES]
+    commands += ([("use", None, LAMP)] + [("examine", o, None) for o in OBJECTS]
+                 + [("inventory", None, None), ("look", None, None)])
     return commands
 
 
@@ -162,7 +168,8 @@ def command_text(verb: str, obj: str | None, receptacle: str | None) -> str:
 def listing(objects) -> str:
     """ALFWorld's enumeration: 'a mug 1, and a cd 2', or 'nothing'."""
     names = [f"a {o}" for o in objects]
-    return "nothing" if not names else names[0] if len(names) == 1 else ", ".join(names[:-1]) + ", and " + names[-1]
+    return ("nothing" if not names else names[0] if len(names) == 1
+            else ", ".join(names[:-1]) + ", and " + names[-1])
 
 
 class HouseholdEnv(VisualTextEnv):
@@ -181,7 +188,8 @@ class HouseholdEnv(VisualTextEnv):
         self.where: dict[str, str | None] = dict.fromkeys(OBJECTS, RECEPTACLES[0])  # None: in hand
         self.states: dict[str, set] = {o: set() for o in OBJECTS}
         self.opened: set[str] = set()
-        self.location: str | None = None  # None: the middle of the room, where every episode starts
+        # None: the middle of the room, where every episode starts
+        self.location: str | None = None
         self.holding: str | None = None
         self.lamp_on = False
         self.steps = 0
@@ -195,11 +203,14 @@ class HouseholdEnv(VisualTextEnv):
         self.task = self._check_task(options["task"]) if "task" in options else self._draw_task()
         self.cells = self._check_cells(options["cells"]) if "cells" in options else [
             RECEPTACLES[i] for i in self.np_random.permutation(len(RECEPTACLES))]
-        self.where = self._check_objects(options["objects"]) if "objects" in options else self._draw_objects()
+        self.where = (self._check_objects(options["objects"]) if "objects" in options
+                      else self._draw_objects())
         self.states = {o: set() for o in OBJECTS}
-        self.opened, self.location, self.holding, self.lamp_on, self.steps = set(), None, None, False, 0
+        self.opened, self.location, self.holding, self.lamp_on, self.steps = (set(), None, None,
+                                                                              False, 0)
         if self._goal_met():
-            raise ValueError(f"the goal {self.goal!r} is met before the first step; put its objects elsewhere.")
+            raise ValueError(f"the goal {self.goal!r} is met before the first step; "
+                             "put its objects elsewhere.")
         self.feedback = "You are in the middle of a room."
         return self._observation(), self._info()
 
@@ -226,7 +237,8 @@ class HouseholdEnv(VisualTextEnv):
         if task_type not in TASKS:
             raise ValueError(f"task type {task_type!r} is not one of {TASK_TYPES}.")
         if what not in TASKS[task_type][0]:
-            raise ValueError(f"{task_type} takes an object among {list(TASKS[task_type][0])}, got {what!r}.")
+            raise ValueError(f"{task_type} takes an object among {list(TASKS[task_type][0])}, "
+                             f"got {what!r}.")
         if task_type == LOOK and target is not None:
             raise ValueError(f"{LOOK} has no target (the desklamp is the place); drop {target!r}.")
         if task_type != LOOK and target not in PLACES:
@@ -243,10 +255,12 @@ class HouseholdEnv(VisualTextEnv):
     @staticmethod
     def _check_objects(objects) -> dict:
         if not isinstance(objects, dict) or set(objects) != set(OBJECTS):
-            raise ValueError(f"objects must map each of {OBJECTS} to a receptacle, got {objects!r}.")
+            raise ValueError(f"objects must map each of {OBJECTS} to a receptacle, "
+                             f"got {objects!r}.")
         for obj, receptacle in objects.items():
             if receptacle not in RECEPTACLES:
-                raise ValueError(f"objects puts {obj} in {receptacle!r}; receptacles are {RECEPTACLES}.")
+                raise ValueError(f"objects puts {obj} in {receptacle!r}; "
+                                 f"receptacles are {RECEPTACLES}.")
         return dict(objects)
 
     @property
@@ -261,14 +275,15 @@ class HouseholdEnv(VisualTextEnv):
         return self._finish_step(self.success_reward if self._goal_met() else 0.0)
 
     def invalid_step(self):
-        """An inadmissible command, or an answer that names none: -1, nothing changes, the step counts."""
+        """An inadmissible command, or an answer that names none: -1, nothing changes, the step
+        counts."""
         self.feedback = "Nothing happens."
         return self._finish_step(self.inadmissible_penalty)
 
     def facts(self) -> list[str]:
-        """The kind of object the agent deals with now: the one it holds, else the one its goal asks
-        for (docs/ALGORITHM.md §4.5). A thought that has stopped looking at the state names the
-        same object whatever it holds and whatever the task."""
+        """The kind of object the agent deals with now: the one it holds, else the one its goal
+        asks for (docs/ALGORITHM.md §4.5). A thought that has stopped looking at the state names
+        the same object whatever it holds and whatever the task."""
         task_type, what, _ = self.task
         return [kind(self.holding) if self.holding is not None else what]
 
@@ -282,8 +297,9 @@ class HouseholdEnv(VisualTextEnv):
         return self._observation(), reward, terminated, truncated, info
 
     def _info(self) -> dict:
-        return {"goal": self.goal, "task_type": self.task[0], "location": self.location, "holding": self.holding,
-                "steps": self.steps, "feedback": self.feedback, "admissible_commands": self.admissible()}
+        return {"goal": self.goal, "task_type": self.task[0], "location": self.location,
+                "holding": self.holding, "steps": self.steps, "feedback": self.feedback,
+                "admissible_commands": self.admissible()}
 
     # ------------------------------------------------------------------------- rules
 
@@ -293,7 +309,8 @@ class HouseholdEnv(VisualTextEnv):
 
     def _visible_here(self) -> list[str]:
         here = self.location
-        return [o for o in OBJECTS if here is not None and self.where[o] == here and self._reachable(here)]
+        return [o for o in OBJECTS
+                if here is not None and self.where[o] == here and self._reachable(here)]
 
     def _admissible(self, verb, obj, receptacle) -> bool:
         here = receptacle == self.location
@@ -302,7 +319,8 @@ class HouseholdEnv(VisualTextEnv):
         if verb in ("open", "close"):
             return here and (receptacle in self.opened) == (verb == "close")
         if verb == "take":
-            return here and self.holding is None and self.where[obj] == receptacle and self._reachable(receptacle)
+            return (here and self.holding is None and self.where[obj] == receptacle
+                    and self._reachable(receptacle))
         if verb == "put":
             return here and self.holding == obj and self._reachable(receptacle)
         if verb in TREATMENTS:
@@ -315,7 +333,8 @@ class HouseholdEnv(VisualTextEnv):
 
     def admissible(self) -> list[str]:
         """The commands admissible now, in the action space's order."""
-        return [text for text, command in zip(self.actions, self.COMMANDS) if self._admissible(*command)]
+        return [text for text, command in zip(self.actions, self.COMMANDS)
+                if self._admissible(*command)]
 
     def _execute(self, verb, obj, receptacle) -> str:
         """Apply an admissible command; returns ALFWorld-style feedback."""
@@ -345,7 +364,8 @@ class HouseholdEnv(VisualTextEnv):
             states = " ".join(sorted(self.states[obj]))
             return f"This is a {states + ' ' if states else ''}{obj}."
         if verb == "inventory":
-            return f"You are carrying: a {self.holding}." if self.holding else "You are not carrying anything."
+            return (f"You are carrying: a {self.holding}." if self.holding
+                    else "You are not carrying anything.")
         if self.location is None:  # look
             return "You are in the middle of a room."
         return f"You are at {self.location}. " + self._contents(self.location)
@@ -366,15 +386,18 @@ class HouseholdEnv(VisualTextEnv):
     def _goal_met(self) -> bool:
         task_type, what, _ = self.task
         if task_type == LOOK:
-            return self.location == DESK and self.lamp_on and self.holding is not None and kind(self.holding) == what
+            return (self.location == DESK and self.lamp_on and self.holding is not None
+                    and kind(self.holding) == what)
         return sum(map(self._counts, OBJECTS)) >= TASKS[task_type][2]
 
     # ------------------------------------------------------------------------- text side
 
     def prompt(self) -> str:
         commands = ", ".join(f'"{c}"' for c in self.admissible())
-        return (f"You are in a room, seen from above in the image: the furniture, the objects you can see, "
-                f"where you are (in blue) and what you hold (in the middle). Your task is to: {self.goal}. "
+        return (f"You are in a room, seen from above in the image: "
+                f"the furniture, the objects you can see, "
+                f"where you are (in blue) and what you hold (in the middle). "
+                f"Your task is to: {self.goal}. "
                 f"{self.feedback} Admissible actions: {commands}. {ANSWER_INSTRUCTION}")
 
     def expert(self) -> tuple[str, int]:
@@ -393,30 +416,38 @@ class HouseholdEnv(VisualTextEnv):
             if verb and state not in self.states[held]:
                 appliance = TREATMENTS[verb][0]
                 if here != appliance:
-                    return f"the {what} must be {state}, so I go to the {kind(appliance)}", ("go to", None, appliance)
+                    return (f"the {what} must be {state}, so I go to the {kind(appliance)}",
+                            ("go to", None, appliance))
                 return f"I {verb} the {what} here", (verb, held, appliance)
             goal_place = DESK if task_type == LOOK else target
             if here != goal_place:
-                return f"I have the {what}, so I go to the {kind(goal_place)}", ("go to", None, goal_place)
+                return (f"I have the {what}, so I go to the {kind(goal_place)}",
+                        ("go to", None, goal_place))
             if task_type == LOOK:
-                return f"I hold the {what} at the desk, so I switch the lamp on", ("use", None, LAMP)
+                return (f"I hold the {what} at the desk, so I switch the lamp on",
+                        ("use", None, LAMP))
             if not self._reachable(here):
-                return f"the {kind(here)} is closed, so I open it for the {what}", ("open", None, here)
+                return (f"the {kind(here)} is closed, so I open it for the {what}",
+                        ("open", None, here))
             return f"I put the {what} {place_phrase(here)}", ("put", held, here)
         if held is not None:  # the wrong thing in hand: put it down first
             if not self._reachable(here):
-                return f"I must put the {kind(held)} down, so I open the {kind(here)}", ("open", None, here)
+                return (f"I must put the {kind(held)} down, so I open the {kind(here)}",
+                        ("open", None, here))
             return f"I do not need the {kind(held)}, so I put it down", ("put", held, here)
         wanted = [o for o in OBJECTS if kind(o) == what and self.where[o] is not None
                   and self._reachable(self.where[o]) and not self._counts(o)]
         if wanted:
             source = self.where[wanted[0]]
             if here != source:
-                return f"I see a {what} {place_phrase(source)}, so I go there", ("go to", None, source)
+                return (f"I see a {what} {place_phrase(source)}, so I go there",
+                        ("go to", None, source))
             return f"I take the {what}", ("take", wanted[0], source)
-        closed = next(r for r in OPENABLE if r not in self.opened)  # a hidden object is in a closed one
+        # a hidden object is in a closed one
+        closed = next(r for r in OPENABLE if r not in self.opened)
         if here != closed:
-            return f"no {what} in sight, so I look in the {kind(closed)}", ("go to", None, closed)
+            return (f"no {what} in sight, so I look in the {kind(closed)}",
+                    ("go to", None, closed))
         return f"no {what} in sight, so I open the {kind(closed)}", ("open", None, closed)
 
     # ------------------------------------------------------------------------- picture
@@ -436,9 +467,12 @@ class HouseholdEnv(VisualTextEnv):
             x0, y0, x1, y1 = self._cell_box(receptacle)
             fill = FURNITURE_COLORS[kind(receptacle)]
             draw.rectangle((x0, y0, x1, y1), fill=fill, outline=INK, width=max(1, s // 150))
-            draw_text(image, ((x0 + x1) / 2, y0 + label_size * 0.8), kind(receptacle), label_size, center=True)
-            inner = (x0 + 0.08 * (x1 - x0), y0 + 0.3 * (y1 - y0), x1 - 0.08 * (x1 - x0), y1 - 0.08 * (y1 - y0))
-            if not self._reachable(receptacle):  # a closed door with a handle: the inside is hidden
+            draw_text(image, ((x0 + x1) / 2, y0 + label_size * 0.8), kind(receptacle), label_size,
+                      center=True)
+            inner = (x0 + 0.08 * (x1 - x0), y0 + 0.3 * (y1 - y0), x1 - 0.08 * (x1 - x0),
+                     y1 - 0.08 * (y1 - y0))
+            # a closed door with a handle: the inside is hidden
+            if not self._reachable(receptacle):
                 draw.rectangle(inner, fill=tuple(v // 2 for v in fill), outline=INK)
                 hx, hy = inner[2] - 0.12 * (inner[2] - inner[0]), (inner[1] + inner[3]) / 2
                 r = max(1.5, s / 100)
@@ -446,9 +480,11 @@ class HouseholdEnv(VisualTextEnv):
                 continue
             draw.rectangle(inner, fill=(250, 250, 245), outline=INK)
             if receptacle == DESK:
-                lamp_x, lamp_y, r = inner[2] - 0.15 * (inner[2] - inner[0]), inner[1] + 0.25 * (inner[3] - inner[1]), s / 40
+                lamp_x, lamp_y, r = (inner[2] - 0.15 * (inner[2] - inner[0]),
+                                     inner[1] + 0.25 * (inner[3] - inner[1]), s / 40)
                 if self.lamp_on:  # a glow around the lamp
-                    draw.ellipse((lamp_x - 2 * r, lamp_y - 2 * r, lamp_x + 2 * r, lamp_y + 2 * r), fill=(255, 240, 120))
+                    draw.ellipse((lamp_x - 2 * r, lamp_y - 2 * r, lamp_x + 2 * r, lamp_y + 2 * r),
+                                 fill=(255, 240, 120))
                 draw.ellipse((lamp_x - r, lamp_y - r, lamp_x + r, lamp_y + r),
                              fill=(255, 200, 0) if self.lamp_on else (90, 90, 90), outline=INK)
             inside = [o for o in OBJECTS if self.where[o] == receptacle]
@@ -459,26 +495,33 @@ class HouseholdEnv(VisualTextEnv):
                 self._draw_object(draw, obj, cx, cy, slot * 0.3)
         middle = s / 3
         if self.holding is not None:  # the hand: what the agent holds, large, in the middle cell
-            draw.rectangle((middle * 1.15, middle * 1.15, middle * 1.85, middle * 1.85), fill=(225, 235, 255), outline=INK)
+            draw.rectangle((middle * 1.15, middle * 1.15, middle * 1.85, middle * 1.85),
+                           fill=(225, 235, 255), outline=INK)
             self._draw_object(draw, self.holding, s / 2, s / 2, middle * 0.24)
-        if self.location is None:  # the agent: a blue dot in the middle of the room, or a blue frame
+        # the agent: a blue dot in the middle of the room, or a blue frame
+        if self.location is None:
             r = s / 28
             draw.ellipse((s / 2 - r, s / 2 - r, s / 2 + r, s / 2 + r), fill=AGENT_BLUE, outline=INK)
         else:
             x0, y0, x1, y1 = self._cell_box(self.location)
             pad = s * CELL_PAD  # the frame lies in the gap between cells, clear of the label
-            draw.rectangle((x0 - pad, y0 - pad, x1 + pad, y1 + pad), outline=AGENT_BLUE, width=max(2, s // 60))
+            draw.rectangle((x0 - pad, y0 - pad, x1 + pad, y1 + pad), outline=AGENT_BLUE,
+                           width=max(2, s // 60))
 
     def _draw_object(self, draw, obj: str, cx: float, cy: float, r: float) -> None:
-        """One object as a coloured shape of radius ``r``; rings mark its states (hot, cool, clean)."""
+        """One object as a coloured shape of radius ``r``; rings mark its states (hot, cool,
+        clean)."""
         for i, state in enumerate(sorted(self.states[obj])):
             grow = r * (1.3 + 0.3 * i)
-            draw.ellipse((cx - grow, cy - grow, cx + grow, cy + grow), outline=STATE_COLORS[state], width=max(2, int(r / 4)))
+            draw.ellipse((cx - grow, cy - grow, cx + grow, cy + grow), outline=STATE_COLORS[state],
+                         width=max(2, int(r / 4)))
         shape = kind(obj)
         color = OBJECT_COLORS[shape]
         if shape == "mug":  # a cup with a handle
-            draw.rectangle((cx - 0.7 * r, cy - 0.8 * r, cx + 0.5 * r, cy + 0.8 * r), fill=color, outline=INK)
-            draw.rectangle((cx + 0.5 * r, cy - 0.4 * r, cx + r, cy + 0.3 * r), outline=color, width=max(1, int(r / 4)))
+            draw.rectangle((cx - 0.7 * r, cy - 0.8 * r, cx + 0.5 * r, cy + 0.8 * r), fill=color,
+                           outline=INK)
+            draw.rectangle((cx + 0.5 * r, cy - 0.4 * r, cx + r, cy + 0.3 * r), outline=color,
+                           width=max(1, int(r / 4)))
         elif shape == "book":
             draw.rectangle((cx - 0.7 * r, cy - r, cx + 0.7 * r, cy + r), fill=color, outline=INK)
             draw.line((cx - 0.45 * r, cy - r, cx - 0.45 * r, cy + r), fill=INK)
@@ -487,4 +530,5 @@ class HouseholdEnv(VisualTextEnv):
         else:  # apple, cd: discs; a cd has a hole
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color, outline=INK)
             if shape == "cd":
-                draw.ellipse((cx - 0.3 * r, cy - 0.3 * r, cx + 0.3 * r, cy + 0.3 * r), fill=(255, 255, 255), outline=INK)
+                draw.ellipse((cx - 0.3 * r, cy - 0.3 * r, cx + 0.3 * r, cy + 0.3 * r),
+                             fill=(255, 255, 255), outline=INK)

@@ -1,7 +1,7 @@
 """NumberLine: move a current number to a target number, one step of +1 or -1 at a time.
 
-Concept: the simplest of RL4VLM's gym_cards tasks (docs/ALGORITHM.md §5). The image shows two lines of
-text, "Target: t" and "Current: c", with t != c in 0..max_position; the agent answers "+" or "-".
+Concept: the simplest of RL4VLM's gym_cards tasks (docs/ALGORITHM.md §5). The image shows two lines
+of text, "Target: t" and "Current: c", with t != c in 0..max_position; the agent answers "+" or "-".
 It tests whether the model reads two digits from a picture and compares them.
 
 Rules (as in gym_cards):
@@ -26,10 +26,10 @@ Use::
 
     import gymnasium as gym, envs
     env = gym.make("gtr/NumberLine-v0").unwrapped
-    obs, info = env.reset(seed=0)                  # or options={"position": 1, "target": 4}
-    text = env.prompt()                            # the instruction for the language model
-    thoughts, action = env.expert()                # ("current 1, target 4, so I move up", 1)
-    env.facts()                                    # ["current 1", "target 4"]: what a grounded thought names
+    obs, info = env.reset(seed=0)        # or options={"position": 1, "target": 4}
+    text = env.prompt()                  # the instruction for the language model
+    thoughts, action = env.expert()      # ("current 1, target 4, so I move up", 1)
+    env.facts()                          # ["current 1", "target 4"]: what a grounded thought names
     obs, reward, terminated, truncated, info = env.step(env.parse(answer_text))
 """
 from __future__ import annotations
@@ -44,7 +44,8 @@ class NumberLineEnv(VisualTextEnv):
 
     actions = ["-", "+"]
 
-    def __init__(self, max_position: int = 5, image_size: int = 300, render_mode: str | None = None):
+    def __init__(self, max_position: int = 5, image_size: int = 300,
+                 render_mode: str | None = None):
         super().__init__(image_size, render_mode)
         if isinstance(max_position, bool) or not isinstance(max_position, int) or max_position < 1:
             raise ValueError(f"max_position must be an integer >= 1, got {max_position!r}.")
@@ -56,13 +57,17 @@ class NumberLineEnv(VisualTextEnv):
         options = check_option_keys(options, {"position", "target"})
         if options:
             if set(options) != {"position", "target"}:
-                raise ValueError('NumberLine options need both "position" and "target", e.g. {"position": 1, "target": 4}.')
+                raise ValueError('NumberLine options need both "position" and "target", '
+                                 'e.g. {"position": 1, "target": 4}.')
             for key in ("position", "target"):
                 value = options[key]
-                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.max_position:
-                    raise ValueError(f"{key} must be an integer in 0..{self.max_position}, got {value!r}.")
+                if (isinstance(value, bool) or not isinstance(value, int)
+                        or not 0 <= value <= self.max_position):
+                    raise ValueError(f"{key} must be an integer in 0..{self.max_position}, "
+                                     f"got {value!r}.")
             if options["position"] == options["target"]:
-                raise ValueError("position must differ from target: the episode would be over before it starts.")
+                raise ValueError("position must differ from target: "
+                                 "the episode would be over before it starts.")
             self.position, self.target = options["position"], options["target"]
         else:
             self.target = int(self.np_random.integers(0, self.max_position + 1))

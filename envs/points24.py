@@ -1,7 +1,7 @@
 """Points24: write a formula with the four cards' values that equals 24, one token per step.
 
-Concept: the hardest of RL4VLM's gym_cards tasks and GTR-Turbo's main benchmark (docs/ALGORITHM.md §4.4,
-§5). The image shows four cards (J, Q, K count 10, A counts 1) and the formula written so far.
+Concept: the hardest of RL4VLM's gym_cards tasks and GTR-Turbo's main benchmark (docs/ALGORITHM.md
+§4.4, §5). The image shows four cards (J, Q, K count 10, A counts 1) and the formula written so far.
 The agent adds one token per step: a number '1'..'10', an operator '+', '-', '*', '/', a
 parenthesis, or '=' to submit. Deals are uniform (ranks 1..13) and not always solvable.
 
@@ -17,21 +17,21 @@ Rules (as in gym_cards, quirks included):
 
 Deviations from gym_cards, on purpose: the formula is evaluated by a small exact parser over
 fractions instead of Python's ``eval`` of the joined tokens. ``eval`` rounds (8/(3-8/3) gave
-23.999... and was refused), read two number tokens in a row as one number ("2","4" made 24)
-and accepted unary minus and '**'. Here only the grammar of binary + - * / with parentheses
-counts. The length limit ends the episode with ``terminated=True`` where gym_cards says
-``truncated=True``: it is a rule of the game, not a time limit, and it leaves the state
-unchanged, so an agent that bootstraps truncated episodes from V(final state) would bootstrap
-a state from itself (with the +3 format bonus, a fixed point of (-1 + 3) / (1 - 0.9) = +20,
-more than a success earns) and learn to run formulas out to the limit. Randomness comes from ``self.np_random``, so ``reset(seed=...)`` reproduces a deal.
-A blank is drawn as "_" so the agent can see it.
+23.999... and was refused), read two number tokens in a row as one number ("2","4" made 24) and
+accepted unary minus and '**'. Here only the grammar of binary + - * / with parentheses counts. The
+length limit ends the episode with ``terminated=True`` where gym_cards says ``truncated=True``: it
+is a rule of the game, not a time limit, and it leaves the state unchanged, so an agent that
+bootstraps truncated episodes from V(final state) would bootstrap a state from itself (with the +3
+format bonus, a fixed point of (-1 + 3) / (1 - 0.9) = +20, more than a success earns) and learn to
+run formulas out to the limit. Randomness comes from ``self.np_random``, so ``reset(seed=...)``
+reproduces a deal. A blank is drawn as "_" so the agent can see it.
 
-Expert: a solver that completes the current formula (see ``complete``; exact fractions). For
-any formula that can still be completed, the agent's own included, it finds the shortest
-completion, and the expert emits its next token (the deal's first plan takes < 50 ms; a plan
-is cached, so following it costs nothing more). When no completion exists (an unsolvable deal, a blank, a dead
-end), it chooses '=' at once: every such episode can earn at best -1 (from '=' or from the
-length truncation), and only '=' takes it without wasted steps.
+Expert: a solver that completes the current formula (see ``complete``; exact fractions). For any
+formula that can still be completed, the agent's own included, it finds the shortest completion, and
+the expert emits its next token (the deal's first plan takes < 50 ms; a plan is cached, so following
+it costs nothing more). When no completion exists (an unsolvable deal, a blank, a dead end), it
+chooses '=' at once: every such episode can earn at best -1 (from '=' or from the length
+truncation), and only '=' takes it without wasted steps.
 
 ``PointsEnv`` holds all of this with the target, card count, operators and length limit as
 class attributes; ``EZPointsEnv`` (ez_points.py) is the two-card variant.
@@ -58,7 +58,8 @@ from .drawing import draw_text, wrap_words
 # Precedence levels of a (sub)formula: 1 = a sum or difference at its top, 2 = a product or
 # quotient, 3 = a single number or something in parentheses. An operand "needs" a level: the
 # right side of '/' needs 3 (8 / (2 * 2) differs from 8 / 2 * 2), and so on.
-RULES = {"+": (1, 1, 1), "-": (1, 2, 1), "*": (2, 2, 2), "/": (2, 3, 2)}  # op: (left need, right need, level)
+# op: (left need, right need, level)
+RULES = {"+": (1, 1, 1), "-": (1, 2, 1), "*": (2, 2, 2), "/": (2, 3, 2)}
 
 # While a formula is read left to right, each open parenthesis level is a "frame"
 # (acc, addop, prod, mulop): the sum so far and its pending + or -, the product of the current
@@ -162,7 +163,8 @@ def _splits(cards: tuple) -> list[tuple[tuple, tuple]]:
 
 @lru_cache(maxsize=4096)
 def expressions(cards: tuple, ops: str, parens: bool) -> dict:
-    """Every value a formula over exactly the (sorted) card values reaches, with its shortest tokens.
+    """Every value a formula over exactly the (sorted) card values reaches, with its shortest
+    tokens.
 
     ``{value: [t1, t2, t3]}``: t_k is the shortest token tuple of that value usable where level
     k is needed (wrapped in parentheses if that helps and they are allowed; None if impossible).
@@ -180,7 +182,8 @@ def expressions(cards: tuple, ops: str, parens: bool) -> dict:
             if op in "+*" and part > rest:  # a + b and b + a: the mirrored split adds nothing
                 continue
             left_need, right_need, level = RULES[op]
-            rights = [(b, t[right_need - 1]) for b, t in right.items() if t[right_need - 1] is not None]
+            rights = [(b, t[right_need - 1]) for b, t in right.items()
+                      if t[right_need - 1] is not None]
             for a, a_tokens in left.items():
                 if a_tokens[left_need - 1] is None:
                     continue
@@ -191,9 +194,11 @@ def expressions(cards: tuple, ops: str, parens: bool) -> dict:
                     length = len(a_tokens[left_need - 1]) + 1 + len(b_tokens)
                     best = table.setdefault(value, [None, None, None])
                     for need in (1, 2, 3):
-                        # Too low a level for this need: parentheses make it an operand (2 more tokens).
+                        # Too low a level for this need: parentheses make it an operand (2 more
+                        # tokens).
                         wrap = level < need
-                        if (wrap and not parens) or (best[need - 1] is not None and len(best[need - 1]) <= length + 2 * wrap):
+                        if (wrap and not parens) or (best[need - 1] is not None
+                                                     and len(best[need - 1]) <= length + 2 * wrap):
                             continue
                         tokens = a_tokens[left_need - 1] + (op,) + b_tokens
                         best[need - 1] = ("(",) + tokens + (")",) if wrap else tokens
@@ -222,7 +227,8 @@ def _chains(cards: tuple, ops: str, parens: bool, kind: str) -> dict:
                     continue
                 step = 1 / value if op == "/" else -value if op == "-" else value
                 for (left, effect), more in _chains(rest, ops, parens, kind).items():
-                    _keep(out, (left, step * effect if kind == "*" else step + effect), (op,) + tokens[need - 1] + more)
+                    _keep(out, (left, step * effect if kind == "*" else step + effect),
+                          (op,) + tokens[need - 1] + more)
     return out
 
 
@@ -247,7 +253,8 @@ def _tails(frame, cards: tuple, ops: str, parens: bool, target: Fraction | None)
 
 
 def _endings(frame, cards: tuple, ops: str, parens: bool, target: Fraction | None) -> dict:
-    """Ways to finish the innermost frame: {(cards left, value): tokens} (``target``: see _tails)."""
+    """Ways to finish the innermost frame: {(cards left, value): tokens} (``target``: see
+    _tails)."""
     if not _waits(frame):
         return _tails(frame, cards, ops, parens, target)
     out: dict = {}
@@ -294,7 +301,8 @@ def complete(formula, cards, target: int, ops: str, parens: bool, max_len: int) 
         for (rest, value), tokens in ends.items():
             fed = _feed(frames[depth], value)
             if fed is not None:
-                for key, more in _tails(fed, rest, ops, parens, goal if depth == 0 else None).items():
+                for key, more in _tails(fed, rest, ops, parens,
+                                        goal if depth == 0 else None).items():
                     _keep(outer, key, tokens + (")",) + more)
         ends = outer
     best = ends.get(((), goal))
@@ -331,7 +339,8 @@ class PointsEnv(VisualTextEnv):
         super().reset(seed=seed)
         options = check_option_keys(options, {"cards"})
         if "cards" in options:
-            self.ranks = check_ranks(options["cards"], lambda n: n == self.n_cards, f"cards (need {self.n_cards})")
+            self.ranks = check_ranks(options["cards"], lambda n: n == self.n_cards,
+                                     f"cards (need {self.n_cards})")
         else:
             self.ranks = self._deal()
         self.suits = [SUITS[int(i)] for i in self.np_random.integers(0, 4, size=self.n_cards)]
@@ -375,19 +384,22 @@ class PointsEnv(VisualTextEnv):
         self.formula.append(token)
         return self._result(0.0)
 
-    def _result(self, reward: float, terminated: bool = False, truncated: bool = False, success: bool = False):
+    def _result(self, reward: float, terminated: bool = False, truncated: bool = False,
+                success: bool = False):
         info = self._info()
         if terminated or truncated:
             info["success"] = success
         return self._observation(), reward, terminated, truncated, info
 
     def facts(self) -> list[str]:
-        """The cards' values, one per card (docs/ALGORITHM.md §4.5): the numbers the formula is made of."""
+        """The cards' values, one per card (docs/ALGORITHM.md §4.5): the numbers the formula is
+        made of."""
         return [str(v) for v in self.values]
 
     def _info(self) -> dict:
         return {"cards": list(self.ranks), "suits": list(self.suits), "values": self.values,
-                "formula": list(self.formula), "used_cards": [int(t) for t in self.formula if is_number(t)],
+                "formula": list(self.formula),
+                "used_cards": [int(t) for t in self.formula if is_number(t)],
                 "target": self.target}
 
     # --- text side
@@ -398,10 +410,13 @@ class PointsEnv(VisualTextEnv):
     def prompt(self) -> str:
         count = {2: "two", 4: "four"}.get(self.n_cards, str(self.n_cards))
         return (
-            f"You are playing {self.title}. The image shows {count} cards; J, Q and K count as 10, A as 1. "
-            f"Build a formula that uses each card's value exactly once, with {self.operators_text}, "
+            f"You are playing {self.title}. The image shows {count} cards; "
+            "J, Q and K count as 10, A as 1. "
+            f"Build a formula that uses each card's value exactly once, "
+            f"with {self.operators_text}, "
             f'and equals {self.target}. Write one number or symbol per step, then "=". '
-            f"Current formula: {self.formula_text() or '(empty)'}. {self._admissible_text()} {ANSWER_INSTRUCTION}"
+            f"Current formula: {self.formula_text() or '(empty)'}. "
+            f"{self._admissible_text()} {ANSWER_INSTRUCTION}"
         )
 
     def _plan(self, formula: tuple) -> tuple | None:
@@ -409,7 +424,8 @@ class PointsEnv(VisualTextEnv):
         too (the rest of a shortest completion is a shortest completion of the longer formula),
         so an expert that follows its own plan solves each deal once."""
         if formula not in self._plans:
-            plan = complete(formula, self.values, self.target, self._ops, self._parens, self.max_len)
+            plan = complete(formula, self.values, self.target, self._ops, self._parens,
+                            self.max_len)
             self._plans[formula] = plan
             for i in range(1, len(plan or ()) + 1):
                 self._plans.setdefault(formula + plan[:i], plan[i:])
@@ -423,11 +439,13 @@ class PointsEnv(VisualTextEnv):
             if self._plan(()) is None:
                 thoughts = f"cards {cards} cannot make {self.target}, so I end with ="
             else:
-                thoughts = f"cards {cards}; {self.formula_text()} cannot reach {self.target}, so I end with ="
+                thoughts = (f"cards {cards}; {self.formula_text()} cannot reach {self.target}, "
+                            "so I end with =")
             return thoughts, self.actions.index("=")
         token = plan[0] if plan else "="
         solution = " ".join(self.formula + list(plan))
-        return f"cards {cards}; {solution} = {self.target}, so next is {token}", self.actions.index(token)
+        return (f"cards {cards}; {solution} = {self.target}, so next is {token}",
+                self.actions.index(token))
 
     # --- picture
 
@@ -445,4 +463,5 @@ class PointsEnv(VisualTextEnv):
 
 
 class Points24Env(PointsEnv):
-    """Four cards, target 24, + - * / and parentheses, formulas up to 20 tokens (module docstring)."""
+    """Four cards, target 24, + - * / and parentheses, formulas up to 20 tokens (module
+    docstring)."""

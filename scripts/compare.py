@@ -187,13 +187,16 @@ def report(args, envs, methods):
              "format valid: first / last quarter | thought grounding: first / last quarter | "
              "thought diversity: first / last quarter | entropy: first / middle / last update | "
              "s per update | teacher: parsed / answers sampled per observation | "
-             "final success minus the first method's, paired over seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "final success minus the first method's, paired over seeds | "
+             "explained variance: first / last quarter | opening token's probability: first / "
+             "last quarter |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     per_seed = ["| environment | method | seed | warm start: held-out SFT loss | "
                 "success after warm start | final success | train success: first / last quarter | "
                 "format valid: first / last quarter | thought grounding: first / last quarter | "
-                "thought diversity: first / last quarter |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "thought diversity: first / last quarter | "
+                "explained variance: first / last quarter |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for env in envs:
         seeds = [s for s in range(args.seeds) if finished(run_dir(args, env, "warm", s), 0)
@@ -214,6 +217,8 @@ def report(args, envs, methods):
             valid = [quarters(rows, "format_valid") for rows, _ in runs]
             grounding = [quarters(rows, "thought_grounding") for rows, _ in runs]
             diversity = [quarters(rows, "thought_diversity") for rows, _ in runs]
+            variance = [quarters(rows, "explained_variance") for rows, _ in runs]
+            opening = [quarters(rows, "opening_prob") for rows, _ in runs]
             entropy = [mean_se([rows[i]["entropy"] for rows, _ in runs])[0]
                        for i in (0, len(runs[0][0]) // 2, len(runs[0][0]) - 1)]
             seconds = mean_se([sum(r["time_rollout"] + r["time_teacher"] + r["time_update"]
@@ -230,7 +235,8 @@ def report(args, envs, methods):
                          f"{pair(success)} | {pair(valid)} | {pair(grounding)} | "
                          f"{pair(diversity)} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
                          f"{seconds[0]:.1f} | {parsed:.3f} / {sampled:.2f} | "
-                         f"{paired[0]:+.3f} +- {paired[1]:.3f} |")
+                         f"{paired[0]:+.3f} +- {paired[1]:.3f} | {pair(variance)} | "
+                         f"{pair(opening)} |")
             curves[env, method] = runs
             for i, s in enumerate(seeds):
                 loss = warm[s][0][0]["warmup_loss_after"]
@@ -240,7 +246,8 @@ def report(args, envs, methods):
                                 f"{success[i][0]:.3f} / {success[i][1]:.3f} | "
                                 f"{valid[i][0]:.3f} / {valid[i][1]:.3f} | "
                                 f"{grounding[i][0]:.3f} / {grounding[i][1]:.3f} | "
-                                f"{diversity[i][0]:.3f} / {diversity[i][1]:.3f} |")
+                                f"{diversity[i][0]:.3f} / {diversity[i][1]:.3f} | "
+                                f"{variance[i][0]:.3f} / {variance[i][1]:.3f} |")
     if not curves:
         sys.exit("no finished comparison runs to report")
     rows, evals = next(iter(curves.values()))[0]

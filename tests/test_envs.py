@@ -73,7 +73,8 @@ def parenthesized_solutions(values, target=24, limit=2):
         for i, j in itertools.permutations(range(len(items)), 2):
             (a, ta), (b, tb) = items[i], items[j]
             rest = [items[k] for k in range(len(items)) if k not in (i, j)]
-            for op, value in (("+", a + b), ("-", a - b), ("*", a * b), ("/", a / b if b else None)):
+            for op, value in (("+", a + b), ("-", a - b), ("*", a * b),
+                              ("/", a / b if b else None)):
                 if value is not None:
                     rec(rest + [(value, ("(",) + ta + (op,) + tb + (")",))])
 
@@ -85,13 +86,15 @@ def parenthesized_solutions(values, target=24, limit=2):
 
 
 def test_registered_and_spaces():
-    assert ENV_IDS == ["gtr/NumberLine-v0", "gtr/EZPoints-v0", "gtr/Points24-v0", "gtr/Blackjack-v0", "gtr/Household-v0"]
+    assert ENV_IDS == ["gtr/NumberLine-v0", "gtr/EZPoints-v0", "gtr/Points24-v0",
+                       "gtr/Blackjack-v0", "gtr/Household-v0"]
     for env_id in ENV_IDS:
         env = gym.make(env_id, image_size=64)
         obs, _ = env.reset(seed=0)
         game = env.unwrapped
         assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
-        assert env.observation_space.shape == (64, 64, 3) and env.observation_space.dtype == np.uint8
+        assert (env.observation_space.shape == (64, 64, 3)
+                and env.observation_space.dtype == np.uint8)
         assert env.action_space.n == len(game.actions)
         env.close()
     assert gym.make("gtr/NumberLine-v0", max_position=3).unwrapped.max_position == 3
@@ -100,7 +103,8 @@ def test_registered_and_spaces():
 def test_action_lists():
     assert NumberLineEnv().actions == ["-", "+"]
     assert EZPointsEnv().actions == [str(i) for i in range(1, 11)] + ["+", "*", "="]
-    assert Points24Env().actions == [str(i) for i in range(1, 11)] + ["+", "-", "*", "/", "(", ")", "="]
+    assert Points24Env().actions == ([str(i) for i in range(1, 11)]
+                                     + ["+", "-", "*", "/", "(", ")", "="])
     assert BlackjackEnv().actions == ["stand", "hit"]
 
 
@@ -157,7 +161,8 @@ def test_number_line_truncation_and_invalid_step():
 
     env.reset(options={"position": 1, "target": 3})
     _, reward, terminated, truncated, info = env.invalid_step()
-    assert (reward, terminated, truncated, info["position"], info["steps"]) == (-1.0, False, False, 1, 1)
+    assert ((reward, terminated, truncated, info["position"], info["steps"])
+            == (-1.0, False, False, 1, 1))
     for _ in range(9):
         out = env.invalid_step()
     assert out[3] and not out[2] and out[4]["success"] is False  # the invalid steps count
@@ -195,7 +200,8 @@ def test_ez_points_rules():
     env.reset(options={"cards": [3, 4]})
     rewards = [act(env, t)[1] for t in ["3", "*", "4"]]
     _, reward, terminated, truncated, info = act(env, "=")
-    assert rewards == [0.0, 0.0, 0.0] and (reward, terminated, truncated, info["success"]) == (10.0, True, False, True)
+    assert (rewards == [0.0, 0.0, 0.0]
+            and (reward, terminated, truncated, info["success"]) == (10.0, True, False, True))
     assert info["formula"] == ["3", "*", "4"] and info["used_cards"] == [3, 4]
 
     env.reset(options={"cards": [13, 2]})  # a king counts 10
@@ -265,7 +271,8 @@ def test_formula_evaluation():
              "8 / ( 3 - 8 / 3 )": 24, "( ( 2 + 2 ) * ( 3 + 3 ) )": 24, "10 - 2 * ( 3 - 1 )": 6}
     for text, value in cases.items():
         assert evaluate(text.split()) == value, text
-    for bad in ["", "+ 1", "1 +", "( 1", "1 )", "1 2", "1 ( 2 )", "( )", "1 / ( 2 - 2 )", "1 _", "- 1 + 3", "2 * * 3"]:
+    for bad in ["", "+ 1", "1 +", "( 1", "1 )", "1 2", "1 ( 2 )", "( )", "1 / ( 2 - 2 )", "1 _",
+                "- 1 + 3", "2 * * 3"]:
         assert evaluate([" " if t == "_" else t for t in bad.split()]) is None, bad
 
 
@@ -351,7 +358,8 @@ def test_solver_speed():
 
 def test_points24_expert_on_fixed_deals():
     env = Points24Env()
-    for cards in ([8, 3, 8, 3], [1, 2, 3, 4], [13, 11, 4, 1], [5, 5, 5, 1], [6, 6, 6, 6], [9, 7, 2, 1]):
+    for cards in ([8, 3, 8, 3], [1, 2, 3, 4], [13, 11, 4, 1], [5, 5, 5, 1], [6, 6, 6, 6],
+                  [9, 7, 2, 1]):
         env.reset(options={"cards": cards})
         total, info = play_expert(env)
         assert info["success"] and total == 10.0, cards
@@ -388,8 +396,9 @@ def test_points24_expert_recovers_and_gives_up():
 
 def test_card_options_validation():
     env = Points24Env()
-    for bad, match in [([1, 2, 3], "wrong number"), ([0, 1, 2, 3], "1..13"), ([1, 2, 3, 14], "1..13"),
-                       ("1234", "list"), ([1.0, 2, 3, 4], "1..13"), ([True, 2, 3, 4], "1..13")]:
+    for bad, match in [([1, 2, 3], "wrong number"), ([0, 1, 2, 3], "1..13"),
+                       ([1, 2, 3, 14], "1..13"), ("1234", "list"), ([1.0, 2, 3, 4], "1..13"),
+                       ([True, 2, 3, 4], "1..13")]:
         with pytest.raises(ValueError, match=match):
             env.reset(options={"cards": bad})
     with pytest.raises(ValueError, match="unknown option"):
@@ -416,7 +425,8 @@ def test_blackjack_stand_outcomes():
     for player, dealer, expected in cases:
         env = bj(player, dealer)
         _, reward, terminated, truncated, info = env.step(0)
-        assert (reward, terminated, truncated, info["success"]) == (expected, True, False, expected > 0)
+        assert ((reward, terminated, truncated, info["success"])
+                == (expected, True, False, expected > 0))
         assert info["dealer"] == dealer  # a dealer on 17 or more does not draw
 
 
@@ -452,8 +462,10 @@ def test_blackjack_hidden_card_and_options():
     assert np.array_equal(a._observation(), b._observation())  # the hole card is face down
     assert not np.array_equal(a.step(0)[0], b.step(0)[0])  # and shown once the hand is over
     env = BlackjackEnv()
-    for options, match in [({"player": [10, 10, 5], "dealer": [2, 3]}, "bust"), ({"player": [10], "dealer": [2, 3]}, "wrong number"),
-                           ({"player": [10, 2]}, "both"), ({"player": [10, 0], "dealer": [2, 3]}, "1..13")]:
+    for options, match in [({"player": [10, 10, 5], "dealer": [2, 3]}, "bust"),
+                           ({"player": [10], "dealer": [2, 3]}, "wrong number"),
+                           ({"player": [10, 2]}, "both"),
+                           ({"player": [10, 0], "dealer": [2, 3]}, "1..13")]:
         with pytest.raises(ValueError, match=match):
             env.reset(options=options)
 
@@ -529,7 +541,8 @@ def test_images_differ_between_states():
         (NumberLineEnv, {"position": 2, "target": 4}, {"position": 3, "target": 4}),
         (EZPointsEnv, {"cards": [3, 4]}, {"cards": [3, 9]}),
         (Points24Env, {"cards": [1, 2, 3, 4]}, {"cards": [1, 2, 3, 13]}),
-        (BlackjackEnv, {"player": [10, 5], "dealer": [9, 2]}, {"player": [10, 6], "dealer": [9, 2]}),
+        (BlackjackEnv, {"player": [10, 5], "dealer": [9, 2]},
+         {"player": [10, 6], "dealer": [9, 2]}),
     ]
     for cls, first, second in pairs:
         for size in (64, 300):
@@ -549,7 +562,8 @@ def test_images_differ_between_states():
 def test_options_validation_number_line():
     env = NumberLineEnv()
     for options, match in [({"position": 2}, "both"), ({"position": 6, "target": 1}, "0..5"),
-                           ({"position": 2, "target": 2}, "differ"), ({"position": True, "target": 1}, "integer")]:
+                           ({"position": 2, "target": 2}, "differ"),
+                           ({"position": True, "target": 1}, "integer")]:
         with pytest.raises(ValueError, match=match):
             env.reset(options=options)
 
@@ -630,10 +644,12 @@ def test_parse_cases():
 
 def test_parse_never_raises_on_fuzz():
     rng = random.Random(0)
-    pieces = ['{', '}', '[', ']', '"', "'", ':', ',', '\\', '"action"', "'action'", '"action":', '"thoughts"',
-              '"+"', "'10'", '10', '1', '+', '=', 'hit', 'stand', ' ', '\n', '```', '```json', 'ü', '\x00',
+    pieces = ['{', '}', '[', ']', '"', "'", ':', ',', '\\', '"action"', "'action'", '"action":',
+              '"thoughts"', '"+"', "'10'", '10', '1', '+', '=', 'hit', 'stand', ' ', '\n', '```',
+              '```json', 'ü', '\x00',
               '\\"', '\\u00', 'null', '{"action": "', '"}', '-', '*', '(', ')']
-    action_lists = [NumberLineEnv.actions, EZPointsEnv().actions, Points24Env().actions, BlackjackEnv.actions]
+    action_lists = [NumberLineEnv.actions, EZPointsEnv().actions, Points24Env().actions,
+                    BlackjackEnv.actions]
     for _ in range(3000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
         if rng.random() < 0.2:
@@ -647,11 +663,13 @@ def test_parse_never_raises_on_fuzz():
 
 def test_parse_is_fast_on_huge_inputs():
     """Linear time on 1 MB answers: a quadratic scan would take hours, so the bound is only a hang
-    guard (30 s, far above the ~1 s a linear scan takes even on a loaded machine), not a speed target."""
+    guard (30 s, far above the ~1 s a linear scan takes even on a loaded machine), not a speed
+    target."""
     mb = 10 ** 6
     acts = Points24Env().actions
-    huge = ['"action": "' + "x" * mb, '{"action":' * (mb // 10), '"' * mb, "\\" * mb + '"', '"action"' + " " * mb,
-            "'action': '+', " * (mb // 15), "{" * mb, '"action": "+"' + "a" * mb, '{"thoughts": "' + "\\\\" * mb,
+    huge = ['"action": "' + "x" * mb, '{"action":' * (mb // 10), '"' * mb, "\\" * mb + '"',
+            '"action"' + " " * mb, "'action': '+', " * (mb // 15), "{" * mb,
+            '"action": "+"' + "a" * mb, '{"thoughts": "' + "\\\\" * mb,
             ('"x' * (mb // 2)), "'action'" * (mb // 8), '"action":"' * (mb // 10)]
     for text in huge:
         start = time.perf_counter()
