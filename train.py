@@ -358,7 +358,9 @@ def main(args, rank, world, device):
                          seed=args.seed + 1000 * rank + 7919 * counters["update"])
     if args.eval_only:
         return run_evaluation(policy, args, rank, world, counters["update"])
-    metrics = RunLog(args, world, counters["update"] if resume else None) if rank == 0 else None
+    metrics = None  # rank 0 writes the run's records
+    if rank == 0:
+        metrics = RunLog(args, world, counters["update"] if resume else None)
     if args.warmup_sft_steps and not resume:
         row = warm_start(model, policy, trainable, args, rank, world)
         if metrics:

@@ -82,7 +82,12 @@ class NumberLineEnv(VisualTextEnv):
         before = abs(self.position - self.target)
         self.position = min(max(self.position + move, 0), self.max_position)
         after = abs(self.position - self.target)
-        reward = 1.0 if after == 0 else (0.0 if after < before else -1.0)
+        if after == 0:
+            reward = 1.0  # the target reached
+        elif after < before:
+            reward = 0.0
+        else:
+            reward = -1.0  # a move that did not get closer
         return self._finish_step(reward)
 
     def invalid_step(self):

@@ -225,7 +225,12 @@ def _chains(cards: tuple, ops: str, parens: bool, kind: str) -> dict:
             for value, tokens in expressions(part, ops, parens).items():
                 if tokens[need - 1] is None or (op == "/" and value == 0):
                     continue
-                step = 1 / value if op == "/" else -value if op == "-" else value
+                if op == "/":
+                    step = 1 / value
+                elif op == "-":
+                    step = -value
+                else:
+                    step = value
                 for (left, effect), more in _chains(rest, ops, parens, kind).items():
                     _keep(out, (left, step * effect if kind == "*" else step + effect),
                           (op,) + tokens[need - 1] + more)
