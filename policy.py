@@ -1,4 +1,4 @@
-"""The vision-language model as an actor-critic: the one file that knows transformers and peft.
+"""The vision-language model as an actor-critic: the file that knows transformers and peft.
 
 docs/ALGORITHM.md §2 (RL4VLM): the agent reads (image, prompt) and answers with text such as
 `{"thoughts": "...", "action": "+"}`. For PPO the answer y is one action whose log-probability
@@ -7,12 +7,13 @@ weights the thought tokens by lambda (the "thought probability coefficient"):
     log pi(a | o) = lambda * sum_{t in thought} log p(y_t | o, y_<t)
                     + sum_{t in action} log p(y_t | o, y_<t)
 
-with the logits divided by the sampling temperature, in float32. The critic is an MLP on the
-last-layer hidden state of the last prompt token, sharing the LoRA backbone with the actor.
+with the logits divided by the sampling temperature, in float32. The critic (critic.py) reads the
+last prompt token's hidden state: the actor's (--critic shared), a stop-gradient copy of it, or
+that of the critic's own adapter (§3). SFT targets are scored by targets.py.
 
-Adapters by name: "policy" is trained; "teacher" (GTR-Turbo's merged checkpoint, teacher.py) is
-a frozen second adapter on the SAME base weights, switched in with `use_adapter("teacher")`, so
-the teacher costs one extra LoRA adapter, not a second copy of the model (§6).
+Adapters by name: "policy" is trained, and "critic" with --critic adapter; "teacher" (GTR-Turbo's
+merged checkpoint, teacher.py) is a frozen adapter on the SAME base weights, switched in with
+`use_adapter("teacher")`: one extra LoRA adapter, not a second copy of the model (§6).
 
 Which characters of an answer are its action is the answer format's business, not the
 model's: `action_span(text) -> (start, end) or None` is passed in (envs.action_span for the
@@ -23,8 +24,7 @@ Use:
     batch = policy.encode(images, prompts)            # list of per-sample model inputs
     ids, texts = policy.generate(batch, temperature=0.2, max_new_tokens=64)
     out = policy(batch, ids)                          # logprobs, masks, seq_logprob, value
-    out = policy(batch, ids, targets=teacher_ids)     # + target_logprobs of other answers, same
-                                                      # prompts
+    out = policy(batch, ids, targets=teacher_ids)     # + target_logprobs of other answers
 """
 
 import contextlib
@@ -37,7 +37,9 @@ import torch.utils.checkpoint
 from PIL import Image
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from critic import ValueHead
 from ppo import per_token_entropy, sequence_logprob, token_logprobs
+from targets import score_targets, score_targets_on_prompt_cache
 
 # Qwen's vision placeholders: never to be sampled (see `_suppressed_ids`).
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -46,13 +48,11 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 SCORE_CHUNK_ELEMENTS = 2 ** 25
 
 
-# ---------------------------------------------------------------------------------------------
-# Masks: which response tokens are thought, which are action
-# ---------------------------------------------------------------------------------------------
+# ---- Masks: which response tokens are thought, which are action ----------------------------
 def thought_action_masks(tokenizer, ids, action_span):
     """(thought_mask, action_mask) over one response's tokens: a token is action if it overlaps
     the characters `action_span` finds in the decoded answer (docs/ALGORITHM.md §2). Offsets
-    in the text, not token ids: the reference's hard-coded id triple broke with a new tokenizer."""
+    in the text, not token ids: the reference's hard-coded id triple fits one tokenizer only."""
     ids = list(ids)
     prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))],
                                       skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -64,9 +64,7 @@ def thought_action_masks(tokenizer, ids, action_span):
     return ~action_mask, action_mask
 
 
-# ---------------------------------------------------------------------------------------------
-# The actor-critic
-# ---------------------------------------------------------------------------------------------
+# ---- The actor-critic ------------------------------------------------------------------------
 class _SampleLogits:
     """Logits processor for `generate`: divide by each row's temperature, and give -inf to tokens
     that would break the next forward pass. Per-row temperatures let one call sample at several."""
@@ -95,15 +93,7 @@ class ActorCritic(nn.Module):
         self.thought_coef = thought_coef        # lambda of docs/ALGORITHM.md §2
         self.image_size = image_size            # resize observations to this before the processor
         hidden = model.get_base_model().config.get_text_config().hidden_size
-        # docs/ALGORITHM.md §2: hidden -> 1024 -> 512 -> 1, kept in float32 whatever the
-        # backbone's dtype.
-        self.value_head = nn.Sequential(nn.Linear(hidden, 1024), nn.ReLU(), nn.Linear(1024, 512),
-                                        nn.ReLU(), nn.Linear(512, 1))
-        # Running mean and variance of the critic's targets (--value-norm): the head predicts
-        # (V - mean) / std, so returns of +-10 and of +-1 are the same regression. Saved with it.
-        self.value_head.register_buffer("return_mean", torch.zeros(()))
-        self.value_head.register_buffer("return_var", torch.ones(()))
-        self.value_head.register_buffer("return_count", torch.zeros(()))
+        self.value_head = ValueHead(hidden)  # critic.py
         # The first token of an answer that keeps the format (`{"` of `{"thoughts": ...`): its
         # probability at the first answer position falls before answers stop parsing.
         self.opening_id = None
@@ -256,7 +246,7 @@ class ActorCritic(nn.Module):
         All per-token outputs are [batch, max_response_len], right-aligned like the batch (left
         padding puts every sequence's last token at the same position); `response_mask` marks
         real tokens. `temperature`: one for all or one per sample. `targets` (SFT guidance):
-        one more answer per sample scored on the same prompts, see `_score_targets`.
+        one more answer per sample scored on the same prompts (targets.py).
         """
         batch = self._collate(encoded, responses)
         backbone = self.model.get_base_model()
@@ -297,10 +287,10 @@ class ActorCritic(nn.Module):
                     rows, self.opening_id)[:, None], temperature)[0]  # [batch, 1]
             out["opening_logprob"] = first[:, 0]  # [batch]
         if reuse_prompt:
-            out |= self._score_targets_on_prompt_cache(targets, batch, agent_pass, positions,
-                                                       last_prompt)
+            out |= score_targets_on_prompt_cache(self, targets, batch, agent_pass, positions,
+                                                 last_prompt)
         elif targets is not None:
-            out |= self._score_targets(encoded, targets)
+            out |= score_targets(self, encoded, targets)
         return out
 
     def _checkpointing(self):
@@ -358,74 +348,6 @@ class ActorCritic(nn.Module):
             entropy = per_token_entropy(logits / temperature)  # [batch, chunk]
         return token_logprobs(logits, ids, temperature), entropy
 
-    def _score_targets(self, encoded, targets):
-        """SFT guidance (docs/ALGORITHM.md §4.2): score one more answer per sample (a 1-D tensor,
-        or None) at temperature 1, the plain way: each prompt is run again, followed by its
-        target. Returns `target_logprobs`, `target_mask`, `target_thought_mask`, each
-        [batch, max_target_len] and LEFT-aligned (the targets all start where the prompt ends).
-        `_score_targets_on_prompt_cache` gives the same outputs without the prompts' second pass;
-        this one is for gradient checkpointing, whose layers keep no key-value cache."""
-        targets = [t if t is not None else torch.zeros(0, dtype=torch.long) for t in targets]
-        batch = self._collate(encoded, targets)
-        target_width = max(1, max(len(t) for t in targets))
-        hidden = self.model.get_base_model().model(
-            **batch, use_cache=False).last_hidden_state  # [batch, seq, hidden]
-        right_logprobs, _ = self._score(hidden[:, -target_width - 1:-1],
-                                        batch["input_ids"][:, -target_width:])
-        target_mask, target_thought_mask, _ = self._aligned_masks(
-            targets, target_width, right=False)
-        # Right-aligned (the batch's left padding) to left-aligned: row i's last len_i entries
-        # first.
-        shift = torch.tensor([target_width - len(t) for t in targets],
-                             device=self.device)[:, None]  # [batch, 1]
-        columns = ((torch.arange(target_width, device=self.device) + shift)
-                   % target_width)  # [batch, target_width]
-        target_logprobs = right_logprobs.gather(1, columns)  # [batch, target_width]
-        return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
-                "target_mask": target_mask, "target_thought_mask": target_thought_mask}
-
-    def _score_targets_on_prompt_cache(self, targets, batch, agent_pass, positions, last_prompt):
-        """SFT guidance (docs/ALGORITHM.md §4.2): score one more answer per sample (a 1-D tensor,
-        or None) at temperature 1 as a second continuation of the SAME prompt.
-
-        The prompt is run once: its keys and values (kept with their gradient) are reused, and
-        the agent's answer is masked out, so a target costs its own tokens, not a second copy of
-        the ~100 prompt tokens. `_score_targets`'s outputs. It pays: with the plain path a PPO
-        update with SFT targets took 1.98 times as long (`python scripts/sft_scoring.py`,
-        docs/PERFORMANCE.md).
-        """
-        rows = torch.arange(len(targets), device=self.device)
-        targets = [t.to(self.device) if t is not None
-                   else torch.zeros(0, dtype=torch.long, device=self.device)
-                   for t in targets]
-        target_width = max(1, max(len(t) for t in targets))
-        target_ids = torch.full((len(targets), target_width), self.tokenizer.pad_token_id,
-                                dtype=torch.long, device=self.device)  # [batch, target_width]
-        for i, t in enumerate(targets):
-            target_ids[i, :len(t)] = t
-        target_mask, target_thought_mask, _ = self._aligned_masks(
-            targets, target_width, right=False)
-        # Keys visible to the targets: the prompt (not its padding), NOT the agent's answer, and the
-        # target's own earlier tokens (the causal mask adds the order).
-        seen = batch["attention_mask"].clone()  # [batch, seq]
-        seen[torch.arange(seen.shape[1], device=self.device) > last_prompt[:, None]] = 0
-        seen = torch.cat([seen, target_mask.long()], dim=1)  # [batch, seq + target_width]
-        # Text positions: the three M-RoPE components are equal after the image, so the k-th
-        # target token sits at (last prompt token's position) + 1 + k, as the agent's answer does.
-        start = positions[:, rows, last_prompt]  # [3, batch]
-        target_positions = (start[..., None] + 1
-                            + torch.arange(target_width, device=self.device))  # [3, batch, tw]
-        continuation = self.model.get_base_model().model(
-            input_ids=target_ids, attention_mask=seen, position_ids=target_positions,
-            cache=agent_pass.cache, use_cache=True).last_hidden_state  # [batch, tw, hidden]
-        # Target token k is predicted from the last prompt token (k = 0) or from target token k-1.
-        hidden = agent_pass.last_hidden_state
-        predictors = torch.cat([hidden[rows, last_prompt][:, None], continuation[:, :-1]],
-                               dim=1)  # [batch, tw, hidden]
-        target_logprobs, _ = self._score(predictors, target_ids)  # [batch, target_width]
-        return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
-                "target_mask": target_mask, "target_thought_mask": target_thought_mask}
-
     def _aligned_masks(self, sequences, width, right):
         """(real-token, thought, action) masks [len(sequences), width] of token sequences padded
         to `width`, right-aligned (the agent's answers) or left-aligned (SFT targets)."""
@@ -451,35 +373,14 @@ class ActorCritic(nn.Module):
         state with its gradient stopped (detached), so the value loss cannot move the policy;
         or a pass of the prompts through the critic's own adapter (adapter)."""
         if self.critic == "adapter":
-            with self._critic_adapter():
+            with self.use_adapter("critic"):
                 hidden = self.model.get_base_model().model(
                     **self._collate(encoded)).last_hidden_state
             prompt_state = hidden[:, -1]  # [batch, hidden], left padding: the last prompt token
         elif self.critic == "detached":
             prompt_state = prompt_state.detach()
         normalized = self.value_head(prompt_state.float()).squeeze(-1)  # [batch]
-        return self.denormalize(normalized)
-
-    def normalize(self, values):
-        """(V - mean) / std of the critic's running return statistics: its regression's scale."""
-        return (values - self.value_head.return_mean) / self.value_head.return_var.sqrt()
-
-    def denormalize(self, normalized):
-        return normalized * self.value_head.return_var.sqrt() + self.value_head.return_mean
-
-    @torch.no_grad()
-    def update_return_stats(self, mean, var, count):
-        """Merge one batch's return statistics (its mean, variance and size) into the running
-        ones (Chan et al.'s parallel update), for --value-norm."""
-        head = self.value_head
-        old_mean, old_var, old_count = (head.return_mean.double(), head.return_var.double(),
-                                        head.return_count.double())
-        total = old_count + count
-        delta = mean - old_mean
-        head.return_var.copy_((old_var * old_count + var * count
-                               + delta ** 2 * old_count * count / total) / total)
-        head.return_mean.copy_(old_mean + delta * count / total)
-        head.return_count.copy_(total)
+        return self.value_head.denormalize(normalized)
 
     # -- adapters -----------------------------------------------------------------------------
     def _activate(self, name):
@@ -492,19 +393,11 @@ class ActorCritic(nn.Module):
 
     @contextlib.contextmanager
     def use_adapter(self, name):
-        """Run forward passes / generation with another (frozen) adapter, e.g. the teacher."""
+        """Run forward passes / generation with another adapter: the frozen teacher, or the
+        critic's own (--critic adapter), which keeps its gradient."""
         self._activate(name)
         try:
             yield self
-        finally:
-            self._activate("policy")
-
-    @contextlib.contextmanager
-    def _critic_adapter(self):
-        """The critic's passes (--critic adapter), with its gradient."""
-        self._activate("critic")
-        try:
-            yield
         finally:
             self._activate("policy")
 

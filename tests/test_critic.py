@@ -13,10 +13,11 @@ from test_ablations import rollout_of
 from test_train import ROOT
 
 import envs
+from config import Args
 from plumbing.distributed import batch_statistics
 from plumbing.loader import load_policy
 from plumbing.tinyvlm import tiny_model
-from train import Args, actor_critic_optimizer
+from train import actor_critic_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +99,13 @@ def test_running_return_statistics_equal_those_of_all_returns(critics):
     rng = np.random.default_rng(0)
     batches = [torch.tensor(rng.normal(3.0, 4.0, n)) for n in (64, 32, 128)]
     for returns in batches:
-        policy.update_return_stats(*batch_statistics(returns, world=1))
+        policy.value_head.update(*batch_statistics(returns, world=1))
     everything = torch.cat(batches)
     head = policy.value_head
     assert head.return_mean.item() == pytest.approx(everything.mean().item(), rel=1e-5)
     assert head.return_var.item() == pytest.approx(everything.var(unbiased=False).item(), rel=1e-5)
     values = torch.tensor([-2.0, 0.0, 7.0])
-    assert torch.allclose(policy.denormalize(policy.normalize(values)), values, atol=1e-5)
+    assert torch.allclose(head.denormalize(head.normalize(values)), values, atol=1e-5)
 
 
 def test_checkpoint_carries_the_critic(critics, tmp_path):
@@ -113,7 +114,7 @@ def test_checkpoint_carries_the_critic(critics, tmp_path):
     with torch.no_grad():
         for p in policy.critic_parameters():
             p.add_(torch.randn_like(p))
-    policy.update_return_stats(torch.tensor(5.0), torch.tensor(9.0), torch.tensor(10.0))
+    policy.value_head.update(torch.tensor(5.0), torch.tensor(9.0), torch.tensor(10.0))
     policy.save(tmp_path / "adapters", adapters=["policy", "critic"])
     loaded = load_policy(policy.model.get_base_model().name_or_path, envs.action_span, lora_r=8,
                          lora_alpha=16, adapter_path=str(tmp_path / "adapters" / "policy"),
