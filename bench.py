@@ -48,19 +48,13 @@ import gymnasium as gym
 import torch
 
 import envs  # noqa: F401  (registers the environments)
+from config import Args, check_args, resolve_warmup
 from demonstrations import warm_start
 from plumbing.distributed import setup_distributed
 from plumbing.flags import invalid, parse_dataclass
 from rollout import Rollout
 from teacher import Teacher
-from train import (
-    Args,
-    actor_critic_optimizer,
-    build_policy,
-    check_args,
-    ppo_update,
-    resolve_warmup,
-)
+from train import actor_critic_optimizer, build_policy, ppo_update
 
 
 @dataclass

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 
 import envs
+from config import Args
 from policy import thought_action_masks
 from rollout import Batch
 from teacher import Teacher
-from train import Args, actor_critic_optimizer, ppo_update
+from train import actor_critic_optimizer, ppo_update
 
 ANSWERS = ['{"thoughts": "current 1, target 3, so I move up", "action": "+"}',
            '{"thoughts": "current 4, target 0, so I move down", "action": "-"}',

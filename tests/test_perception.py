@@ -38,8 +38,8 @@ def one_thread():
 
 
 def test_warm_started_policy_reads_the_image(make_policy, one_thread):
+    from config import Args
     from demonstrations import warm_start
-    from train import Args
     torch.manual_seed(0)
     policy = make_policy(lora_r=128, lora_alpha=256, lora_dropout=0.05)
     trainable = [p for p in policy.parameters() if p.requires_grad]

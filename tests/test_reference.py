@@ -2,21 +2,21 @@
 reference's and the alternative a flag (docs/ALGORITHM.md, "Where this code and the reference
 part ways"): the KL of an answer that does not parse, the SFT target of one, the KL's
 temperature, PPO2's value clip, and an SFT loss that does not depend on the micro-batch split."""
-import contextlib
 import functools
 import json
 from collections import defaultdict
 
 import numpy as np
 import torch
-from test_ablations import ANSWERS, perturb, rollout_of
+from test_ablations import ANSWERS, ScriptedTeacher, perturb, rollout_of
 
 import envs
+from config import Args
 from distill import kl_estimate
 from ppo import accumulated_step, value_loss
 from rollout import Batch
 from teacher import Guidance, Teacher
-from train import Args, actor_critic_optimizer, advantages_and_returns, micro_batch_loss, ppo_update
+from train import actor_critic_optimizer, advantages_and_returns, micro_batch_loss, ppo_update
 
 TEACHER_ANSWER = '{"thoughts": "current 1, target 3, so I move up", "action": "+"}'
 
@@ -43,23 +43,6 @@ def test_an_answer_that_does_not_parse_gets_the_reference_kl(make_policy):
     with_kl, _, _ = advantages_and_returns(batch, guidance, Args(guidance="kl"))
     without, _, _ = advantages_and_returns(batch, None, Args(guidance="none"))
     assert without.argmax().item() == 1 and with_kl.argmin().item() == 1
-
-
-class ScriptedTeacher:
-    """Stands in for the policy in Teacher.sft_targets: the teacher always answers `+`, with
-    thoughts."""
-
-    def add_teacher(self, path):
-        pass
-
-    def use_adapter(self, name):
-        return contextlib.nullcontext()
-
-    def generate(self, encoded, temperatures, max_new_tokens):
-        return None, [TEACHER_ANSWER] * len(encoded)
-
-    def answer_ids(self, text):
-        return text
 
 
 def test_an_answer_that_does_not_parse_gets_no_sft_target_by_default():

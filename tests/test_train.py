@@ -99,7 +99,7 @@ def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
 def test_help_documents_every_flag():
     import dataclasses
 
-    from train import Args
+    from config import Args
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
@@ -142,8 +142,8 @@ def test_teacher_adapter_equals_merged_weights(make_policy):
 def test_warm_start_lowers_held_out_sft_loss(make_policy):
     """A short SFT warm start on expert demonstrations lowers the loss on held-out
     demonstrations."""
+    from config import Args
     from demonstrations import warm_start
-    from train import Args
     torch.manual_seed(0)
     policy = make_policy()
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -189,9 +189,10 @@ def test_sft_loss_is_that_of_the_teacher_answers_scored_alone(make_policy, guide
     out."""
     import collections
 
+    from config import Args
     from distill import sft_loss
     from rollout import Batch
-    from train import Args, micro_batch_loss
+    from train import micro_batch_loss
     torch.manual_seed(0)
     policy = make_policy()
     policy.eval()
@@ -223,10 +224,11 @@ def test_critic_learns_the_environment_return_and_bonuses_move_only_their_step()
     """The format bonus and the KL penalty shift only their own step's advantage; the critic's
     target is the environment's GAE return. (A critic trained on r + bonus, the reference's
     way, makes V(s') carry all future bonuses, which pays the agent for not finishing.)"""
+    from config import Args
     from ppo import gae, normalize_advantages
     from rollout import Batch
     from teacher import Guidance
-    from train import Args, advantages_and_returns
+    from train import advantages_and_returns
 
     def col(*x):
         return torch.tensor(x, dtype=torch.float32)[:, None]  # [T, 1]
@@ -257,7 +259,7 @@ def test_readme_states_the_default_configuration():
     default run's flags holds train.py's actual defaults."""
     import re
 
-    from train import Args
+    from config import Args
     readme = open(os.path.join(ROOT, "README.md")).read()
     quick_start = readme.split("## Quick start")[1].split("```")[1]
     assert re.search(r"&& torchrun train\.py +#", quick_start)
