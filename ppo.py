@@ -62,6 +62,23 @@ def gae(rewards, values, next_values, terminated, truncated, gamma=0.9, lam=0.95
     return advantages, advantages + values
 
 
+def batch_moments(values):
+    """(mean, variance, count) of `values` over the whole batch, float64 scalars: under
+    torch.distributed (world > 1) every process's samples, so every process must call it. The
+    variance is the population's (divided by the count)."""
+    # Count, sum and sum of squares in float64: the variance is a difference of two large sums.
+    flat = values.detach().double().flatten().cpu()  # [B]
+    moments = torch.stack([torch.tensor(float(flat.numel()), dtype=torch.float64),
+                           flat.sum(), (flat ** 2).sum()])  # [3]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+            moments = moments.cuda()
+        dist.all_reduce(moments)
+    count, total, squares = moments.cpu()  # float64 scalars
+    mean = total / count
+    return mean, ((squares - total * mean) / count).clamp(min=0.0), count
+
+
 def normalize_advantages(advantages, eps=1e-8):
     """Zero mean, unit std over the whole batch (§3), so the step size of the policy
     loss does not depend on the scale of the rewards.
@@ -72,17 +89,8 @@ def normalize_advantages(advantages, eps=1e-8):
     environments all won would see its best answers pushed down. A collective then: every
     process calls it. The std is Tensor.std's (Bessel's correction over all samples).
     """
-    # Count, sum and sum of squares in float64: the variance is a difference of two large sums.
-    values = advantages.detach().double().flatten().cpu()  # [B]
-    moments = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64),
-                           values.sum(), (values ** 2).sum()])  # [3]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
-            moments = moments.cuda()
-        dist.all_reduce(moments)
-    count, total, squares = moments.cpu()  # float64 scalars
-    mean = total / count
-    std = ((squares - total * mean).clamp(min=0.0) / (count - 1)).sqrt()
+    mean, variance, count = batch_moments(advantages)
+    std = (variance * count / (count - 1)).sqrt()
     return ((advantages - mean) / (std + eps)).to(advantages.dtype)
 
 

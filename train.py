@@ -41,11 +41,12 @@ import envs
 from demonstrations import warm_start
 from distill import kl_penalized_advantages, sft_loss
 from plumbing import checkpoint
-from plumbing.distributed import all_mean, batch_statistics, setup_distributed, shutdown_distributed
+from plumbing.distributed import all_mean, setup_distributed, shutdown_distributed
 from plumbing.loader import load_policy
 from plumbing.report import RunLog, log_update, run_evaluation
 from plumbing.tinyvlm import TINY_MODELS, offline_model
 from ppo import (
+    batch_moments,
     clipped_step,
     cosine_lr,
     explained_variance,
@@ -228,7 +229,7 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
     world = dist.get_world_size() if dist.is_initialized() else 1
     policy = model.module if world > 1 else model  # DDP wraps the policy
     if args.value_norm:  # the running statistics of the critic's targets, over all processes
-        policy.value_head.update(*batch_statistics(returns, world))
+        policy.value_head.update(*batch_moments(returns))
     clip_groups = [(group["params"], group["max_grad_norm"]) for group in optimizer.param_groups]
     samples = len(old_logprobs)
     logs = collections.defaultdict(list)

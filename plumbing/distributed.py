@@ -55,15 +55,3 @@ def all_mean(values, world):
         t = t.cuda() if dist.get_backend() == "nccl" else t
         dist.all_reduce(t)
     return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
-
-
-def batch_statistics(values, world):
-    """(mean, variance, count) of `values` over every process's samples, as float64 tensors."""
-    moments = torch.stack([torch.tensor(float(values.numel())), values.double().sum(),
-                           (values.double() ** 2).sum()]).double()  # [3]
-    if world > 1:
-        moments = moments.cuda() if dist.get_backend() == "nccl" else moments
-        dist.all_reduce(moments)
-    count, total, squares = moments.cpu()
-    mean = total / count
-    return mean, (squares / count - mean ** 2).clamp(min=0.0), count

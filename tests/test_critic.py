@@ -14,9 +14,9 @@ from test_train import ROOT
 
 import envs
 from config import Args
-from plumbing.distributed import batch_statistics
 from plumbing.loader import load_policy
 from plumbing.tinyvlm import tiny_model
+from ppo import batch_moments
 from train import actor_critic_optimizer
 
 
@@ -99,7 +99,7 @@ def test_running_return_statistics_equal_those_of_all_returns(critics):
     rng = np.random.default_rng(0)
     batches = [torch.tensor(rng.normal(3.0, 4.0, n)) for n in (64, 32, 128)]
     for returns in batches:
-        policy.value_head.update(*batch_statistics(returns, world=1))
+        policy.value_head.update(*batch_moments(returns))
     everything = torch.cat(batches)
     head = policy.value_head
     assert head.return_mean.item() == pytest.approx(everything.mean().item(), rel=1e-5)
