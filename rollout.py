@@ -10,8 +10,9 @@ This is plain RL4VLM: no teacher. Per step and environment the rollout keeps wha
 response tokens with their per-token and lambda-weighted log-probs, the value, the reward and
 termination flags, the format reward, the played action, the mean token entropy and the
 thought length; for the thought-collapse measures (docs/ALGORITHM.md §4.5), the answer's text
-and the facts of the state it replied to. Finished episodes are recorded with their return,
-length and success.
+and the facts of the state it replied to; where the environment judges commands (Household,
+ALFWorld), whether the answer named an admissible one. Finished episodes are recorded with their
+return, length, success and, there, their number of admissible commands.
 
 Use:
     envs = [gym.make("gtr/NumberLine-v0") for _ in range(8)]
@@ -48,6 +49,8 @@ class Batch:
     thought_tokens: torch.Tensor  # length of the thought part in tokens
     opening_prob: torch.Tensor | None = None  # P(the format's first token) as the first answer
                                               # token
+    admissible: torch.Tensor | None = None  # the answer named an admissible command; NaN where
+                                            # the environment does not judge commands
     episodes: list = field(default_factory=list)  # finished episodes: return, length, success
     texts: list = field(default_factory=list)     # T*N answers as sampled (decoded)
     facts: list = field(default_factory=list)     # T*N facts() of the state each answer replied to
@@ -64,42 +67,58 @@ class Rollout:
         self.obs = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
         self.episode_return = np.zeros(len(envs))
         self.episode_length = np.zeros(len(envs), dtype=int)
+        self.episode_admissible = np.zeros(len(envs), dtype=int)  # answers naming one
         self.episodes = []  # finished episodes since the last collect
 
     def _act(self, i, text):
-        """Step env i with the answer `text`; returns (step result, parsed?, action played)."""
+        """Step env i with the answer `text`; returns (step result, parsed?, action played,
+        admissible?). Admissible is None where the environment does not judge commands (its info
+        has no "admissible"), and False for an answer that named no command."""
         env = self.envs[i].unwrapped
         action = env.parse(text)
         parsed = action is not None and gtr_envs.extract_thoughts(text) is not None
-        if action is None:
-            if self.unparsed_action == "penalty":
-                # The environment's own penalty for a non-move (see each env's invalid_step).
-                return env.invalid_step(), parsed, -1
-            # The reference plays a uniformly random action: the episode goes on and the
-            # environment's own reward judges the move; the format penalty marks the answer.
-            action = int(self.rng.integers(len(env.actions)))
-        return self.envs[i].step(action), parsed, action
+        named = action is not None
+        if action is None and self.unparsed_action == "penalty":
+            # The environment's own penalty for a non-move (see each env's invalid_step).
+            action, result = -1, env.invalid_step()
+        else:
+            if action is None:
+                # The reference plays a uniformly random action: the episode goes on and the
+                # environment's own reward judges the move; the format penalty marks the answer.
+                action = int(self.rng.integers(len(env.actions)))
+            result = self.envs[i].step(action)
+        admissible = None
+        if "admissible" in result[4]:
+            admissible = named and result[4]["admissible"]
+        return result, parsed, action, admissible
 
     def step(self, texts, active=None):
         """Play one answer per (active) environment; finished episodes are recorded and reset.
 
-        Returns one dict per played env: reward, terminated, truncated, parsed, action and, for
-        an episode cut by truncation, `final_obs` (its last observation, to bootstrap from).
+        Returns one dict per played env: reward, terminated, truncated, parsed, action,
+        admissible (see _act) and, for an episode cut by truncation, `final_obs` (its last
+        observation, to bootstrap from).
         """
         results = []
         for i, text in zip(active if active is not None else range(len(self.envs)), texts):
-            (obs, reward, terminated, truncated, info), parsed, action = self._act(i, text)
+            step, parsed, action, admissible = self._act(i, text)
+            obs, reward, terminated, truncated, info = step
             result = {"reward": reward, "terminated": terminated, "truncated": truncated,
-                      "parsed": parsed, "action": action}
+                      "parsed": parsed, "action": action, "admissible": admissible}
             self.episode_return[i] += reward
             self.episode_length[i] += 1
+            self.episode_admissible[i] += bool(admissible)
             if terminated or truncated:
                 if truncated and not terminated:
                     result["final_obs"] = (obs, self.envs[i].unwrapped.prompt())
-                self.episodes.append({"return": float(self.episode_return[i]),
-                                      "length": int(self.episode_length[i]),
-                                      "success": bool(info.get("success", False))})
+                episode = {"return": float(self.episode_return[i]),
+                           "length": int(self.episode_length[i]),
+                           "success": bool(info.get("success", False))}
+                if admissible is not None:
+                    episode["admissible_steps"] = int(self.episode_admissible[i])
+                self.episodes.append(episode)
                 self.episode_return[i], self.episode_length[i] = 0.0, 0
+                self.episode_admissible[i] = 0
                 obs, _ = self.envs[i].reset()
             self.obs[i] = obs
             results.append(result)
@@ -119,7 +138,8 @@ class Rollout:
         out = Batch(encoded=[], responses=[], token_logprobs=[], old_logprobs=zeros(),
                     values=zeros(), next_values=zeros(), rewards=zeros(), format_rewards=zeros(),
                     terminated=zeros(), truncated=zeros(), format_valid=zeros(), actions=zeros(),
-                    entropy=zeros(), opening_prob=zeros(), thought_tokens=zeros())
+                    entropy=zeros(), opening_prob=zeros(), thought_tokens=zeros(),
+                    admissible=torch.full((steps, len(self.envs)), float("nan")))
         self.episodes = []
         bootstrap = {}  # (t, i) -> encoded final observation of an episode truncated at step t
         for t in range(steps):
@@ -147,6 +167,8 @@ class Rollout:
                 out.terminated[t, i] = result["terminated"]
                 out.truncated[t, i] = result["truncated"]
                 out.format_valid[t, i] = result["parsed"]
+                if result["admissible"] is not None:
+                    out.admissible[t, i] = result["admissible"]
                 out.format_rewards[t, i] = format_reward if result["parsed"] else format_penalty
                 if "final_obs" in result:
                     final_obs, final_prompt = result["final_obs"]

@@ -27,7 +27,8 @@ inadmissible.
 
 Rewards and episode end: those of Household and of the reference (RL4VLM's ``compute_reward``):
 +50 when the game is won (terminates), -1 for an inadmissible command (nothing happens, the
-step counts; ``invalid_step()`` too), truncated after 50 steps. train.py's defaults for it:
+step counts; ``invalid_step()`` too), truncated after 50 steps; each step's info holds
+``admissible``, as Household's. train.py's defaults for it:
 lambda 0.2, format reward +5 / -5 (envs.ENV_DEFAULTS).
 
 Expert: ALFWorld's planner, TextWorld's PDDL replanning from the current state (Fast Downward);
@@ -182,7 +183,7 @@ class ALFWorldEnv(VisualTextEnv):
         """An inadmissible command, or an answer that names none: -1, nothing changes, the step
         counts."""
         self.feedback = "Nothing happens."
-        return self._finish_step(self.inadmissible_penalty)
+        return self._finish_step(self.inadmissible_penalty, admissible=False)
 
     def facts(self) -> list[str]:
         """The object the goal names ("put a clean mug in cabinet": mug), which a thought about this
@@ -191,10 +192,12 @@ class ALFWorldEnv(VisualTextEnv):
                           self.goal)
         return [match.group(1) if match else self.goal or "task"]
 
-    def _finish_step(self, reward: float):
+    def _finish_step(self, reward: float, admissible: bool = True):
+        """Count the step; info["admissible"] says whether the command played was admissible,
+        the share a run logs as `admissible` (rollout.Rollout)."""
         self.steps += 1
         truncated = not self.won and self.steps >= self.max_steps
-        info = self._info()
+        info = {**self._info(), "admissible": admissible}
         if self.won or truncated:
             info["success"] = self.won
         return self._observation(), reward, self.won, truncated, info

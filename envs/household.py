@@ -48,6 +48,8 @@ and its ALFWorld config):
   for an illegal action); ``invalid_step()``, an answer that names no command, is the same;
 - 0 otherwise; truncated after 50 steps (the reference's ``max_nb_steps_per_episode``: 50), a
   time limit that PPO bootstraps.
+Each step's info holds ``admissible``, whether the command played was admissible: a run logs
+the share of answers that named an admissible command (``admissible`` in metrics.jsonl).
 Deliberately left out: the reference also adds ALFWorld's ``goal_condition_success_rate`` (the
 fraction of the goal's conditions that hold, 0..1) to EVERY step's reward. That pays for being
 in a state, not for reaching it, so an agent that holds a half-done goal is paid each step it
@@ -278,7 +280,7 @@ class HouseholdEnv(VisualTextEnv):
         """An inadmissible command, or an answer that names none: -1, nothing changes, the step
         counts."""
         self.feedback = "Nothing happens."
-        return self._finish_step(self.inadmissible_penalty)
+        return self._finish_step(self.inadmissible_penalty, admissible=False)
 
     def facts(self) -> list[str]:
         """The kind of object the agent deals with now: the one it holds, else the one its goal
@@ -287,11 +289,13 @@ class HouseholdEnv(VisualTextEnv):
         task_type, what, _ = self.task
         return [kind(self.holding) if self.holding is not None else what]
 
-    def _finish_step(self, reward: float):
+    def _finish_step(self, reward: float, admissible: bool = True):
+        """Count the step; info["admissible"] says whether the command played was admissible,
+        the share a run logs as `admissible` (rollout.Rollout)."""
         self.steps += 1
         terminated = self._goal_met()
         truncated = not terminated and self.steps >= self.max_steps
-        info = self._info()
+        info = {**self._info(), "admissible": admissible}
         if terminated or truncated:
             info["success"] = terminated
         return self._observation(), reward, terminated, truncated, info

@@ -87,6 +87,9 @@ def log_update(metrics, batch, guidance, logs, counters, recent, world):
            # The format's opening token at the first answer position: it falls before parsing does.
            "opening_prob": all_mean(batch.opening_prob.flatten().tolist(), world)
            if batch.opening_prob is not None else float("nan"),
+           # Household, ALFWorld: answers that named a command admissible now (NaN elsewhere).
+           "admissible": all_mean(batch.admissible[~batch.admissible.isnan()].tolist(), world)
+           if batch.admissible is not None else float("nan"),
            "thought_tokens": all_mean(batch.thought_tokens.flatten().tolist(), world),
            "thought_grounding": all_mean([thought_grounding(t, f)
                                           for t, f in zip(thoughts, batch.facts)], world),
@@ -103,16 +106,29 @@ def log_update(metrics, batch, guidance, logs, counters, recent, world):
         return
     # One update ends only ~10-25 episodes: the mean over the last 10 updates shows the trend.
     recent_success = sum(s for s, _ in recent) / max(sum(n for _, n in recent), 1)
+    admissible = ""
+    if row["admissible"] == row["admissible"]:  # not NaN: the environment judges commands
+        admissible = f"admissible {row['admissible']:.2f} | "
     tqdm.write(f"update {row['update']:3d} | steps {row['env_steps']:6d} | "
                f"success {row['success_rate']:.2f} (last 10 updates {recent_success:.2f}) | "
                f"return {row['episode_return']:6.2f} | format {row['format_valid']:.2f} | "
-               f"entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | "
+               f"{admissible}entropy {row['entropy']:.3f} | kl {row['teacher_kl']:.3f} | "
                f"ev {row['explained_variance']:+.2f} | "
                f"approx_kl {row['approx_kl']:.3f} clip {row['clip_fraction']:.2f} "
                f"guard {row['guard_fraction']:.2f} | "
                f"|g| pg {row['grad_norm_policy_loss']:.2g} vf {row['grad_norm_value_loss']:.2g} | "
                f"{row['env_steps_per_s']:.1f} steps/s")
     metrics.write(row)
+
+
+def admissible_share(episodes, world):
+    """Share of the episodes' steps whose answer named an admissible command, over all
+    processes; NaN where the environment does not judge commands."""
+    flags = []  # one 0/1 per step
+    for e in episodes:
+        if "admissible_steps" in e:
+            flags += [1.0] * e["admissible_steps"] + [0.0] * (e["length"] - e["admissible_steps"])
+    return all_mean(flags, world)
 
 
 def run_evaluation(policy, args, rank, world, update, log=None):
@@ -129,10 +145,14 @@ def run_evaluation(policy, args, rank, world, update, log=None):
               "eval_success_stderr": (success * (1 - success) / max(n, 1)) ** 0.5,
               "eval_return": all_mean([e["return"] for e in episodes], world),
               "eval_temperature": temperature}
+    admissible = admissible_share(episodes, world)
+    if admissible == admissible:  # not NaN: the environment judges commands
+        result["eval_admissible"] = admissible
     if rank == 0:
         tqdm.write(f"eval update {update}: success {success:.3f} "
                    f"+- {result['eval_success_stderr']:.3f} "
-                   f"over {n} episodes | return {result['eval_return']:.2f}")
+                   f"over {n} episodes | return {result['eval_return']:.2f}"
+                   + (f" | admissible {admissible:.2f}" if "eval_admissible" in result else ""))
         with open(os.path.join(args.out, "eval.jsonl"), "a") as f:
             f.write(json.dumps(result) + "\n")
         if log:

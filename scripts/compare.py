@@ -9,9 +9,10 @@ figure whose file names are --name with .md and .png added:
   the table       final success (mean +- standard error over seeds), return, training success,
                   format validity and thought collapse (grounding and diversity of the
                   thoughts, docs/ALGORITHM.md §4.5) over the first and last quarter of RL,
-                  entropy at the start / middle / end of RL, time per update; then a row per seed
+                  entropy at the start / middle / end of RL, time per update, the share of
+                  admissible commands (Household) after the warm start and RL; a row per seed
   the figure      training success, format validity, token entropy, thought grounding and
-                  thought diversity against env steps
+                  thought diversity (and admissible commands on Household) against env steps
                   (needs matplotlib: pip install matplotlib; training does not)
 
     python scripts/compare.py                     # every run, table, figure
@@ -189,8 +190,8 @@ def report(args, envs, methods):
              "s per update | teacher: parsed / answers sampled per observation | "
              "final success minus the first method's, paired over seeds | "
              "explained variance: first / last quarter | opening token's probability: first / "
-             "last quarter |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "last quarter | admissible commands: after warm start / final |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     per_seed = ["| environment | method | seed | warm start: held-out SFT loss | "
                 "success after warm start | final success | train success: first / last quarter | "
                 "format valid: first / last quarter | thought grounding: first / last quarter | "
@@ -206,12 +207,15 @@ def report(args, envs, methods):
             continue
         warm = {s: read_run(run_dir(args, env, "warm", s), with_warm_start=True) for s in seeds}
         start = mean_se([warm[s][1][-1]["eval_success_rate"] for s in seeds])
+        # None where the environment does not judge commands
+        start_admissible = mean_se([warm[s][1][-1].get("eval_admissible") for s in seeds])[0]
         finals = {}
         for method in methods:
             runs = [read_run(run_dir(args, env, method, s)) for s in seeds]
             finals[method] = [evals[-1]["eval_success_rate"] for _, evals in runs]
             final = mean_se(finals[method])
             ret = mean_se([evals[-1]["eval_return"] for _, evals in runs])
+            admissible = mean_se([evals[-1].get("eval_admissible") for _, evals in runs])[0]
             # per seed: (first, last)
             success = [quarters(rows, "success_rate") for rows, _ in runs]
             valid = [quarters(rows, "format_valid") for rows, _ in runs]
@@ -236,7 +240,7 @@ def report(args, envs, methods):
                          f"{pair(diversity)} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
                          f"{seconds[0]:.1f} | {parsed:.3f} / {sampled:.2f} | "
                          f"{paired[0]:+.3f} +- {paired[1]:.3f} | {pair(variance)} | "
-                         f"{pair(opening)} |")
+                         f"{pair(opening)} | {start_admissible:.3f} / {admissible:.3f} |")
             curves[env, method] = runs
             for i, s in enumerate(seeds):
                 loss = warm[s][0][0]["warmup_loss_after"]
@@ -273,8 +277,18 @@ def plot(args, envs, methods, curves):
         print(f"matplotlib is not installed (pip install matplotlib): no {args.name}.png")
         return
     envs = [env for env in envs if (env, methods[0]) in curves]
-    keys = ("success_rate", "format_valid", "entropy", "thought_grounding", "thought_diversity")
-    fig, axes = plt.subplots(len(keys), len(envs), figsize=(5 * len(envs), 16), squeeze=False)
+    labels = {"success_rate": "training success rate (5-update mean)",
+              "format_valid": "answers that parse (5-update mean)",
+              "entropy": "token entropy at the sampling T",
+              "thought_grounding": "thought grounding: facts named (5-update mean)",
+              "thought_diversity": "thought diversity: pairs told apart (5-update mean)"}
+    judged = [r.get("admissible") is not None
+              for runs in curves.values() for rows, _ in runs for r in rows]
+    if any(judged):  # Household, ALFWorld
+        labels["admissible"] = "answers naming an admissible command (5-update mean)"
+    keys = list(labels)
+    fig, axes = plt.subplots(len(keys), len(envs), figsize=(5 * len(envs), 3.2 * len(keys)),
+                             squeeze=False)
     for col, env in enumerate(envs):
         for method in methods:
             runs = curves[env, method]
@@ -288,12 +302,9 @@ def plot(args, envs, methods, curves):
                                             [m + s for m, s in zip(mean, se)],
                                             color=line.get_color(), alpha=0.2)
         axes[0][col].set_title(env.split("/")[-1])
-        axes[0][col].set_ylabel("training success rate (5-update mean)")
-        axes[1][col].set_ylabel("answers that parse (5-update mean)")
-        axes[2][col].set_ylabel("token entropy at the sampling T")
-        axes[3][col].set_ylabel("thought grounding: facts named (5-update mean)")
-        axes[4][col].set_ylabel("thought diversity: pairs told apart (5-update mean)")
-        axes[4][col].set_xlabel("environment steps")
+        for row, key in enumerate(keys):
+            axes[row][col].set_ylabel(labels[key])
+        axes[-1][col].set_xlabel("environment steps")
         axes[0][col].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(args.docs, f"{args.name}.png"), dpi=100)

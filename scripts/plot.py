@@ -23,7 +23,8 @@ from plumbing.flags import invalid, parse_dataclass  # noqa: E402  (the reposito
 # (title, metrics.jsonl keys drawn in that panel)
 PANELS = [("success rate (training) and evaluations", ["success_rate"]),
           ("episode return", ["episode_return"]),
-          ("answers that parse", ["format_valid"]),
+          ("answers that parse; that name an admissible command (Household, ALFWorld)",
+           ["format_valid", "admissible"]),
           ("token entropy at the sampling T", ["entropy"]),
           ("thought collapse: facts named, pairs of states told apart",
            ["thought_grounding", "thought_diversity"]),

@@ -2,6 +2,7 @@
 episode ends, options, the expert on every task type, the picture, parsing multi-word commands,
 the household tiny model and the per-environment defaults of train.py. check_env and seeding are
 run for it by tests/test_envs.py, which covers every id of envs.ENV_IDS."""
+import math
 import random
 
 import numpy as np
@@ -391,3 +392,38 @@ def test_train_applies_the_environments_defaults():
     assert (given.thought_coef, given.format_reward, given.format_penalty) == (0.5, 5.0, -1.0)
     cards = parse_args(["--env", "gtr/Points24-v0"])
     assert (cards.thought_coef, cards.format_reward, cards.format_penalty) == (0.5, 3.0, -2.0)
+
+
+@pytest.mark.parametrize("unparsed_action", ["random", "penalty"])
+def test_rollout_counts_answers_that_name_an_admissible_command(unparsed_action):
+    """info["admissible"] marks the command played; the rollout reports whether the ANSWER named
+    an admissible command (an unparsed answer did not, whatever random command stood in for it),
+    an episode counts them, and report.admissible_share is their share of the episodes' steps.
+    An environment without commands reports None and no share."""
+    import gymnasium as gym
+
+    from plumbing.report import admissible_share
+    from rollout import Rollout
+    runner = Rollout([gym.make("gtr/Household-v0")], seed=0, unparsed_action=unparsed_action)
+    house = runner.envs[0].unwrapped
+    house.max_steps = 30
+    named = []
+    for step in range(30):
+        admissible = house.admissible()
+        if step % 3 == 0:
+            answer = format_answer("go", admissible[0])
+        elif step % 3 == 1:
+            answer = format_answer("go", next(c for c in house.actions if c not in admissible))
+        else:
+            answer = "no answer at all"
+        named.append(step % 3 == 0)
+        (result,) = runner.step([answer])
+        assert result["admissible"] is named[-1]
+    (episode,) = runner.episodes
+    assert episode["length"] == 30 and episode["admissible_steps"] == 10
+    assert admissible_share(runner.episodes, world=1) == pytest.approx(10 / 30)
+
+    runner = Rollout([gym.make("gtr/NumberLine-v0")], seed=0)
+    (result,) = runner.step(["no answer at all"])
+    assert result["admissible"] is None
+    assert math.isnan(admissible_share([{"length": 3, "success": False, "return": 0.0}], world=1))
