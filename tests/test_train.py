@@ -43,6 +43,19 @@ def test_ppo_only_smoke(tiny_dir, tmp_path, env):
         assert 0.0 <= row["format_valid"] <= 1.0
     assert rows[-1]["env_steps"] == 16
     assert "update   2" in result.stderr + result.stdout
+    assert rows[-1]["admissible"] is None  # the card games do not judge commands
+
+
+def test_household_reports_admissible_commands(tiny_dir, tmp_path):
+    """On Household the metrics rows, the console line and the evaluation carry the share of
+    answers that name an admissible command."""
+    rows, result = run_train(tiny_dir, tmp_path / "run", "--guidance", "none",
+                             "--env", "gtr/Household-v0", "--eval-episodes", "1")
+    for row in rows:
+        assert 0.0 <= row["admissible"] <= 1.0
+    assert "admissible" in result.stderr + result.stdout
+    evals = [json.loads(line) for line in open(tmp_path / "run" / "eval.jsonl")]
+    assert 0.0 <= evals[-1]["eval_admissible"] <= 1.0
 
 
 @pytest.mark.parametrize("guidance", ["kl", "sft"])
