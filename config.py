@@ -71,14 +71,14 @@ class Args:
     """value loss coefficient"""
     value_clip: float = 0.0
     """PPO2's value clip: V kept within this of its rollout value (the reference: 0.1; 0: off)"""
-    critic: Literal["shared", "detached", "adapter"] = "shared"
-    """what the value head reads: shared (the policy's last prompt state, the reference), detached
-    (the same, gradient stopped), adapter (its own LoRA adapter)"""
-    critic_lr: float = 3e-5
+    critic: Literal["shared", "detached", "adapter"] = "adapter"
+    """what the value head reads: adapter (its own LoRA adapter), shared (the policy's last prompt
+    state, the reference's), detached (the same, gradient stopped)"""
+    critic_lr: float = 1e-4
     """Adam learning rate of the critic (value head, critic adapter), cosine-annealed like --lr"""
-    critic_max_grad_norm: float = 0.01
+    critic_max_grad_norm: float = 1.0
     """gradient norm clip of the critic's weights, apart from the actor's --max-grad-norm"""
-    value_norm: bool = False
+    value_norm: bool = True
     """the critic regresses returns normalised by their running mean and standard deviation"""
     critic_warmup: int = 0
     """the first this many updates train the critic only (the actor's learning rate is 0)"""

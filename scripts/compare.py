@@ -94,7 +94,7 @@ def label(args, method):
     if method in METHODS:
         return METHODS[method]
     guidance, flags = variants(args)[method]
-    return f"{METHODS[guidance]}, {' '.join(flags)}"
+    return ", ".join([METHODS[guidance], *([" ".join(flags)] if flags else [])])
 
 
 def run_dir(args, env, method, seed):
@@ -216,6 +216,8 @@ def report(args, envs, methods):
             final = mean_se(finals[method])
             ret = mean_se([evals[-1]["eval_return"] for _, evals in runs])
             admissible = mean_se([evals[-1].get("eval_admissible") for _, evals in runs])[0]
+            commands = ("" if math.isnan(admissible)  # an environment that does not judge them
+                        else f"{start_admissible:.3f} / {admissible:.3f}")
             # per seed: (first, last)
             success = [quarters(rows, "success_rate") for rows, _ in runs]
             valid = [quarters(rows, "format_valid") for rows, _ in runs]
@@ -240,7 +242,7 @@ def report(args, envs, methods):
                          f"{pair(diversity)} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
                          f"{seconds[0]:.1f} | {parsed:.3f} / {sampled:.2f} | "
                          f"{paired[0]:+.3f} +- {paired[1]:.3f} | {pair(variance)} | "
-                         f"{pair(opening)} | {start_admissible:.3f} / {admissible:.3f} |")
+                         f"{pair(opening)} | {commands} |")
             curves[env, method] = runs
             for i, s in enumerate(seeds):
                 loss = warm[s][0][0]["warmup_loss_after"]
@@ -297,7 +299,8 @@ def plot(args, envs, methods, curves):
                 per_seed = [smooth([r.get(key) for r in rows]) for rows, _ in runs]
                 mean = [mean_se(v)[0] for v in zip(*per_seed)]
                 se = [0.0 if math.isnan(s) else s for s in (mean_se(v)[1] for v in zip(*per_seed))]
-                line, = axes[row][col].plot(steps, mean, label=label(args, method))
+                # a variant by its name: its flags are in the table
+                line, = axes[row][col].plot(steps, mean, label=METHODS.get(method, method))
                 axes[row][col].fill_between(steps, [m - s for m, s in zip(mean, se)],
                                             [m + s for m, s in zip(mean, se)],
                                             color=line.get_color(), alpha=0.2)
@@ -305,7 +308,7 @@ def plot(args, envs, methods, curves):
         for row, key in enumerate(keys):
             axes[row][col].set_ylabel(labels[key])
         axes[-1][col].set_xlabel("environment steps")
-        axes[0][col].legend()
+        axes[0][col].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.docs, f"{args.name}.png"), dpi=100)
     print(f"wrote {os.path.join(args.docs, args.name + '.png')}")

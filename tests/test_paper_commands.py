@@ -18,7 +18,8 @@ PAPER = dict(guidance="kl", temperature=0.2, lr=1e-5, lr_min=1e-9, lr_updates=25
              max_new_tokens=256, micro_batch_size=4, gamma=0.9, gae_lambda=0.95, clip=0.1,
              ppo_epochs=4, max_grad_norm=0.01, vf_coef=0.5, kl_coef=1.0, merge="ties",
              merge_weights="ema", ema_alpha=0.5, ties_density=0.8, target_kl=0.0,
-             value_target="shaped", value_clip=0.1, merge_snapshot="epoch", warmup_sft_steps=0)
+             value_target="shaped", value_clip=0.1, merge_snapshot="epoch", warmup_sft_steps=0,
+             critic="shared", critic_lr=1e-5, critic_max_grad_norm=0.01, value_norm=False)
 # Per environment: lambda, the format reward and penalty, and the environment steps of the run.
 PER_ENV = {
     "gtr/Points24-v0": (dict(thought_coef=0.5, format_reward=3.0, format_penalty=-2.0), 30_000),
@@ -30,8 +31,11 @@ def readme_commands():
     readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme.split("### The paper's experiments")[1].split("\n#")[0]
     code = " ".join(re.findall(r"```bash\n(.*?)```", section, flags=re.S)).replace("\\\n", " ")
+    variables = dict(re.findall(r'^(\w+)="([^"]*)"$', code, flags=re.M))  # the shared flags
     commands = []
     for line in code.splitlines():
+        for name, value in variables.items():
+            line = line.replace(f"${name}", value)
         words = shlex.split(line)
         if not words or words[0] != "torchrun":
             continue
