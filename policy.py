@@ -103,7 +103,9 @@ class ActorCritic(nn.Module):
         if critic == "adapter":
             # The critic's own LoRA adapter on the same frozen base: its gradient never reaches
             # the policy adapter (verl's and OpenRLHF's separate critic, at one adapter's cost).
-            model.add_adapter("critic", model.peft_config["policy"])
+            # Its random init draws aside, so the warm start is the same whatever the critic.
+            with torch.random.fork_rng(devices=[]):
+                model.add_adapter("critic", model.peft_config["policy"])
             self._activate("policy")
         self.register_buffer("suppressed", self._suppressed_ids(), persistent=False)
         self._mask_cache = {}  # response token ids -> (thought_mask, action_mask)
@@ -112,8 +114,7 @@ class ActorCritic(nn.Module):
                                    if isinstance(m, GradientCheckpointingLayer)]
 
     def _suppressed_ids(self):
-        """[vocab] bool: vision placeholders, padding that is not a stop token, unused embedding
-        rows.
+        """[vocab] bool: vision placeholders, padding that is not a stop token, unused rows.
 
         An untrained model happily samples <|image_pad|>; the next forward pass then fails with
         "Image features and image tokens do not match". Masking the same ids in `forward` keeps
@@ -194,8 +195,7 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def generate(self, encoded, temperature=0.2, max_new_tokens=256):
         """Sample one answer per sample in ONE batched call. `temperature`: one for all or one
-        per sample; 0 means greedy. Returns (response ids, 1-D and ending at the stop token;
-        texts)."""
+        per sample; 0 means greedy. Returns (response ids, 1-D, ending at the stop token; texts)."""
         from transformers import GenerationConfig, LogitsProcessorList
         batch = self._collate(encoded)
         stop = self.stop_ids()

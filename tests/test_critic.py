@@ -33,6 +33,21 @@ def critics(tiny_dir):
     return made
 
 
+def test_the_critic_choice_leaves_the_random_state_alone(make_policy):
+    """The critic's adapter draws its init aside: after building the policy the global random
+    state is the one the shared critic leaves, so a seed's warm start is the same whatever the
+    critic (and the policy adapter and value head start the same)."""
+    draws, weights = {}, {}
+    for critic in ("shared", "adapter"):
+        torch.manual_seed(0)
+        policy = make_policy(critic=critic)
+        draws[critic] = torch.rand(4)
+        weights[critic] = [p.detach().clone() for p in policy.adapter_parameters("policy").values()]
+        weights[critic] += [p.detach().clone() for p in policy.value_head.parameters()]
+    assert torch.equal(draws["shared"], draws["adapter"])
+    assert all(torch.equal(a, b) for a, b in zip(weights["shared"], weights["adapter"]))
+
+
 def gradient_norm(loss, params):
     grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
     return sum(float(g.abs().sum()) for g in grads if g is not None)
