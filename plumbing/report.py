@@ -146,13 +146,14 @@ def run_evaluation(policy, args, rank, world, update, log=None):
               "eval_return": all_mean([e["return"] for e in episodes], world),
               "eval_temperature": temperature}
     admissible = admissible_share(episodes, world)
+    commands = ""
     if admissible == admissible:  # not NaN: the environment judges commands
         result["eval_admissible"] = admissible
+        commands = f" | admissible {admissible:.2f}"
     if rank == 0:
         tqdm.write(f"eval update {update}: success {success:.3f} "
                    f"+- {result['eval_success_stderr']:.3f} "
-                   f"over {n} episodes | return {result['eval_return']:.2f}"
-                   + (f" | admissible {admissible:.2f}" if "eval_admissible" in result else ""))
+                   f"over {n} episodes | return {result['eval_return']:.2f}{commands}")
         with open(os.path.join(args.out, "eval.jsonl"), "a") as f:
             f.write(json.dumps(result) + "\n")
         if log:
