@@ -109,6 +109,13 @@ def finished(path, updates):
                                          for line in open(evals))
 
 
+def usable_cores():
+    """The cores this process may run on (`taskset` narrows them; macOS only knows them all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def train(args, env, method, seed, threads):
     """One train.py run in a subprocess with `threads` CPU threads; skipped when already done."""
     path = run_dir(args, env, method, seed)
@@ -322,7 +329,7 @@ def main(args):
         sys.exit(f"--methods: unknown {', '.join(unknown)}; "
                  f"choose among {', '.join([*METHODS, *named])}")
     if not args.report_only:
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        threads = max(1, usable_cores() // args.jobs)
         pairs = [(env, seed) for seed in range(args.seeds) for env in envs]
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda pair: train(args, pair[0], "warm", pair[1], threads), pairs))
