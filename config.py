@@ -17,7 +17,7 @@ import gymnasium as gym
 
 import envs
 from plumbing.flags import invalid, parse_dataclass
-from plumbing.tinyvlm import TINY_MODELS
+from plumbing.tinyvlm import TINY_MODELS, WARM_START_STEPS
 
 
 @dataclass
@@ -210,12 +210,14 @@ def check_args(args):
 
 
 def resolve_warmup(args):
-    """--warmup-sft-steps -1 made explicit: 200 steps for a tiny model that starts afresh (it
-    learns to read its pictures there), none for a real checkpoint, whose RL starts from its own
-    SFT (200 steps at lr 1e-3 on the bundled experts would overwrite a pretrained 7B), or from
-    an --init adapter."""
+    """--warmup-sft-steps -1 made explicit: for a tiny model that starts afresh, its family's
+    steps (200 on the card games, where it learns to read its pictures; 800 on the household);
+    none for a real checkpoint, whose RL starts from its own SFT (hundreds of steps at lr 1e-3 on
+    the bundled experts would overwrite a pretrained 7B), or from an --init adapter."""
     if args.warmup_sft_steps == -1:
-        args.warmup_sft_steps = 200 if args.model in TINY_MODELS and not args.init else 0
+        tiny = args.model in TINY_MODELS and not args.init
+        family = envs.FAMILY_OF.get(args.env, "cards")
+        args.warmup_sft_steps = WARM_START_STEPS[family] if tiny else 0
     return args
 
 

@@ -58,7 +58,7 @@ class CompareArgs:
     """seeds per method and environment (0, 1, ...)"""
     updates: int = 25
     """PPO updates per run (the budget: updates x steps-per-update environment steps)"""
-    warmup_flags: str = "--warmup-sft-steps 200"
+    warmup_flags: str = ""
     """train.py flags of the warm start shared by the methods of one seed"""
     train_flags: str = ""
     """further train.py flags shared by every RL run"""
@@ -264,7 +264,8 @@ def report(args, envs, methods):
     if not curves:
         sys.exit("no finished comparison runs to report")
     rows, evals = next(iter(curves.values()))[0]
-    header = (f"Per seed one warm start (`{args.warmup_flags}`) that every method starts from, "
+    header = (f"Per seed one warm start (train.py's, and `{args.warmup_flags or 'no flags'}`) "
+              f"that every method starts from, "
               f"then {args.updates} updates of {rows[0]['env_steps']} environment steps. "
               f"Success is sampled at T = {evals[-1]['eval_temperature']} over "
               f"{evals[-1]['eval_episodes']} fresh episodes per seed "
