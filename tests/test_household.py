@@ -387,11 +387,13 @@ def test_train_applies_the_environments_defaults():
     household = parse_args(["--env", "gtr/Household-v0"])
     assert ((household.thought_coef, household.format_reward, household.format_penalty)
             == (0.2, 5.0, -5.0))
+    assert (household.updates, household.eval_episodes) == (40, 32)
     given = parse_args(["--env", "gtr/Household-v0", "--thought-coef", "0.5",
                         "--format-penalty=-1"])
     assert (given.thought_coef, given.format_reward, given.format_penalty) == (0.5, 5.0, -1.0)
     cards = parse_args(["--env", "gtr/Points24-v0"])
     assert (cards.thought_coef, cards.format_reward, cards.format_penalty) == (0.5, 3.0, -2.0)
+    assert (cards.updates, cards.eval_episodes) == (50, 128)
 
 
 @pytest.mark.parametrize("unparsed_action", ["random", "penalty"])
