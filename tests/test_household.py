@@ -3,7 +3,10 @@ episode ends, options, the expert on every task type, the picture, parsing multi
 the household tiny model and the per-environment defaults of train.py. check_env and seeding are
 run for it by tests/test_envs.py, which covers every id of envs.ENV_IDS."""
 import math
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -429,3 +432,18 @@ def test_rollout_counts_answers_that_name_an_admissible_command(unparsed_action)
     (result,) = runner.step(["no answer at all"])
     assert result["admissible"] is None
     assert math.isnan(admissible_share([{"length": 3, "success": False, "return": 0.0}], world=1))
+
+
+def test_warm_start_curve_script(tiny_dir):
+    """scripts/warm_start.py prints one table row per reading, and names the fix for an
+    environment that lists no admissible commands."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "warm_start.py")
+    run = subprocess.run([sys.executable, script, "--steps", "2", "--every", "2", "--states", "4"],
+                         cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = run.stdout.strip().splitlines()[-1].split("|")
+    assert row[1].strip() == "2" and float(row[2]) > 0 and 0 <= float(row[3]) <= 1
+    cards = subprocess.run([sys.executable, script, "--env", "gtr/NumberLine-v0"],
+                           capture_output=True, text=True, timeout=120)
+    assert cards.returncode != 0 and "use gtr/Household-v0" in cards.stderr

@@ -1,0 +1,122 @@
+"""How long a household warm start must be: held-out loss and admissible commands per SFT step.
+
+The warm start (demonstrations.py) trains the policy adapter on the expert's demonstrations. On
+the household the answer must copy one command out of the prompt's list, and an inadmissible
+command costs -1 and changes nothing, so the share of admissible commands is what RL starts
+from. This runs the warm start's own loop (same demonstrations, optimizer and held-out set as
+train.py's) and, every --every steps, prints the held-out SFT loss per answer token and the
+share of admissible commands the policy samples (T = 0.5) on 96 held-out states. The states come
+from the expert playing fresh deals with a random command 20 % of the time, as in the
+demonstrations, so that they include the states after a mistake.
+
+    python scripts/warm_start.py                            # tiny household model, 800 steps
+    python scripts/warm_start.py --steps 400 --lr 3e-3      # another warm-start learning rate
+"""
+import argparse
+import copy
+import itertools
+import os
+import sys
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from demonstrations import demonstration_loss, expert_demonstrations  # noqa: E402
+from distill import sft_loss  # noqa: E402
+from ppo import accumulated_step  # noqa: E402
+from train import build_policy, parse_args  # noqa: E402
+
+EXPLORE = 0.2  # the demonstrations' share of random commands (demonstrations.py)
+
+
+def held_out_states(env_id, count, seed=99):
+    """(environment copy, observation) pairs from the expert's play of fresh deals (seeds 5000 on,
+    never a training deal's), every third step, with random commands as the demonstrations have."""
+    rng = np.random.default_rng(seed)
+    env = gym.make(env_id).unwrapped
+    states = []
+    for deal in itertools.count(5000):
+        obs, _ = env.reset(seed=deal)
+        for step in range(env.max_steps):
+            if step % 3 == 0:
+                states.append((copy.deepcopy(env), obs))
+                if len(states) == count:
+                    return states
+            _, action = env.expert()
+            if rng.random() < EXPLORE:
+                action = int(rng.integers(len(env.actions)))
+            obs, _, terminated, truncated, _ = env.step(action)
+            if terminated or truncated:
+                break
+
+
+@torch.no_grad()
+def admissible_share(policy, states, temperature=0.5, batch=16):
+    """Share of the states on which the policy's sampled answer names an admissible command."""
+    policy.eval()
+    admissible = 0
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        for i in range(0, len(states), batch):
+            chunk = states[i:i + batch]
+            encoded = policy.encode([obs for _, obs in chunk], [env.prompt() for env, _ in chunk])
+            _, texts = policy.generate(encoded, temperature, 64)
+            for (env, _), text in zip(chunk, texts):
+                action = env.parse(text)
+                admissible += action is not None and env.actions[action] in env.admissible()
+    return admissible / len(states)
+
+
+def main():
+    cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    cli.add_argument("--env", default="gtr/Household-v0", help="an environment with admissible()")
+    cli.add_argument("--steps", type=int, default=800, help="SFT steps")
+    cli.add_argument("--every", type=int, default=100, help="steps between readings")
+    cli.add_argument("--lr", type=float, default=1e-3, help="the warm start's learning rate")
+    cli.add_argument("--model", default="tiny", help="train.py's --model")
+    cli.add_argument("--states", type=int, default=96, help="held-out states judged")
+    options = cli.parse_args()
+    if not hasattr(gym.make(options.env).unwrapped, "admissible"):
+        sys.exit(f"--env {options.env}: its environment lists no admissible commands; "
+                 "use gtr/Household-v0")
+    args = parse_args(["--env", options.env, "--model", options.model, "--warmup-sft-steps",
+                       str(options.steps), "--warmup-lr", str(options.lr)])
+    torch.manual_seed(args.seed)
+    policy = build_policy(args, torch.device("cpu"))
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=args.warmup_lr)
+    # demonstrations.warm_start's held-out set and training stream (rank 0)
+    held_out = list(itertools.islice(expert_demonstrations(
+        [gym.make(args.env) for _ in range(4)], np.random.default_rng(10**6)), 32))
+    demonstrations = expert_demonstrations([gym.make(args.env) for _ in range(args.num_envs)],
+                                           np.random.default_rng(args.seed + 7919))
+    states = held_out_states(args.env, options.states)
+
+    def loss_of(demos):
+        images, prompts, answers = zip(*demos)
+        out = policy(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0)
+        return sft_loss(out["logprobs"], out["response_mask"])
+
+    start = time.perf_counter()
+    print(f"{args.env}, --model {args.model}, warm-start lr {args.warmup_lr}, batch "
+          f"{args.warmup_batch_size}, seed {args.seed}; {options.states} held-out states, "
+          f"T = 0.5\n")
+    print("| SFT steps | held-out loss per answer token | admissible commands | seconds |")
+    print("|---|---|---|---|")
+    for step in range(1, args.warmup_sft_steps + 1):
+        policy.train()
+        demos = list(itertools.islice(demonstrations, args.warmup_batch_size))
+        accumulated_step(loss_of, demos, args.micro_batch_size, optimizer, [(trainable, 1.0)],
+                         model=policy)
+        if step % options.every == 0:
+            reading = {"loss": demonstration_loss(policy, held_out, args.micro_batch_size),
+                       "admissible": admissible_share(policy, states)}
+            print(f"| {step} | {reading['loss']:.3f} | {reading['admissible']:.3f} | "
+                  f"{time.perf_counter() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
