@@ -83,7 +83,8 @@ def main():
         sys.exit(f"--env {options.env}: its environment lists no admissible commands; "
                  "use gtr/Household-v0")
     args = parse_args(["--env", options.env, "--model", options.model, "--warmup-sft-steps",
-                       str(options.steps), "--warmup-lr", str(options.lr)])
+                       str(options.steps), "--warmup-lr", str(options.lr),
+                       "--micro-batch-size", "8"])
     torch.manual_seed(args.seed)
     policy = build_policy(args, torch.device("cpu"))
     trainable = [p for p in policy.parameters() if p.requires_grad]
