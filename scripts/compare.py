@@ -264,8 +264,10 @@ def report(args, envs, methods):
     if not curves:
         sys.exit("no finished comparison runs to report")
     rows, evals = next(iter(curves.values()))[0]
-    header = (f"Per seed one warm start (train.py's, and `{args.warmup_flags or 'no flags'}`) "
-              f"that every method starts from, "
+    warm_start = "train.py's default"
+    if args.warmup_flags:
+        warm_start = f"train.py's, with `{args.warmup_flags}`"
+    header = (f"Per seed one warm start ({warm_start}) that every method starts from, "
               f"then {args.updates} updates of {rows[0]['env_steps']} environment steps. "
               f"Success is sampled at T = {evals[-1]['eval_temperature']} over "
               f"{evals[-1]['eval_episodes']} fresh episodes per seed "
