@@ -24,6 +24,18 @@ from distill import sft_loss
 from ppo import accumulated_step
 
 
+def random_move(game, rng):
+    """The demonstrations' random action. Where the environment lists the commands admissible now
+    (the household), one of them: the mistakes of an agent that copies its command from the list,
+    such as going to a receptacle that does not hold what it needs, after which the expert shows
+    where to go instead. Elsewhere any action (on the household nearly all of those are
+    inadmissible and change nothing)."""
+    if hasattr(game, "admissible"):
+        commands = game.admissible()
+        return game.actions.index(commands[int(rng.integers(len(commands)))])
+    return int(rng.integers(len(game.actions)))
+
+
 def expert_demonstrations(envs, rng, explore=0.2):
     """An endless stream of (observation, prompt, expert answer) from the environments' `expert()`.
 
@@ -41,7 +53,7 @@ def expert_demonstrations(envs, rng, explore=0.2):
             yield (observations[i], game.prompt(),
                    gtr_envs.format_answer(thoughts, game.actions[action]))
             if rng.random() < explore:
-                action = int(rng.integers(len(game.actions)))
+                action = random_move(game, rng)
             observations[i], _, terminated, truncated, _ = env.step(action)
             if terminated or truncated:
                 observations[i], _ = env.reset(seed=int(rng.integers(2**31)))

@@ -8,9 +8,11 @@ import random
 import subprocess
 import sys
 
+import gymnasium as gym
 import numpy as np
 import pytest
 
+from demonstrations import random_move
 from envs import action_span, format_answer, parse_action
 from envs.household import (
     CELL_PAD,
@@ -447,3 +449,19 @@ def test_warm_start_curve_script(tiny_dir):
     cards = subprocess.run([sys.executable, script, "--env", "gtr/NumberLine-v0"],
                            capture_output=True, text=True, timeout=120)
     assert cards.returncode != 0 and "use gtr/Household-v0" in cards.stderr
+
+
+def test_demonstrations_explore_with_admissible_commands():
+    """The warm start's random moves on the household are admissible commands (the mistakes of
+    an agent that copies from the list); on a card game any action, drawn as before."""
+    env = HouseholdEnv(image_size=48)
+    rng = np.random.default_rng(0)
+    for seed in range(5):
+        env.reset(seed=seed)
+        for _ in range(10):
+            action = random_move(env, rng)
+            assert env.actions[action] in env.admissible()
+            env.step(action)
+    card = gym.make("gtr/NumberLine-v0").unwrapped
+    drawn = int(np.random.default_rng(3).integers(len(card.actions)))
+    assert random_move(card, np.random.default_rng(3)) == drawn
