@@ -42,7 +42,7 @@ from demonstrations import warm_start
 from distill import kl_penalized_advantages, sft_loss
 from plumbing import checkpoint
 from plumbing.distributed import all_mean, setup_distributed, shutdown_distributed
-from plumbing.loader import load_policy
+from plumbing.loader import check_adapter_base, load_policy
 from plumbing.report import RunLog, log_update, run_evaluation
 from plumbing.tinyvlm import TINY_MODELS, offline_model
 from ppo import (
@@ -71,6 +71,8 @@ def build_policy(args, device, adapter_path=None, dtype=None):
     the LoRA flags; `dtype` as load_policy's (None: float32 on CPU, bfloat16 on GPU)."""
     model = offline_model(args.model, envs.FAMILY_OF.get(args.env, "cards"), args.seed,
                           args.image_size or 112, device)
+    if model and adapter_path:
+        check_adapter_base(adapter_path, model)
     return load_policy(model or args.model, envs.action_span, device=device,
                        thought_coef=args.thought_coef, image_size=args.image_size or None,
                        adapter_path=adapter_path, lora_r=args.lora_r, lora_alpha=args.lora_alpha,

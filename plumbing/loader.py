@@ -21,6 +21,23 @@ import torch.nn as nn
 from policy import ActorCritic
 
 
+def check_adapter_base(adapter_path, model_folder):
+    """Raise ValueError when a saved adapter was trained on another offline model than
+    `model_folder`. The tiny models differ by --seed, the environment's family and --image-size
+    (their folder names say which); another one's adapter would load without an error and answer
+    nonsense."""
+    config = os.path.join(adapter_path, "adapter_config.json")
+    if not os.path.exists(config):
+        return  # not an adapter folder: PEFT's own loading says so
+    with open(config) as f:
+        base = json.load(f).get("base_model_name_or_path") or ""
+    trained_on = os.path.basename(base.rstrip("/"))
+    if trained_on != os.path.basename(model_folder.rstrip("/")):
+        raise ValueError(f"the adapter {adapter_path} was trained on the offline model "
+                         f"{trained_on!r}, but this run builds {os.path.basename(model_folder)!r}:"
+                         f" give the --seed, --env and --image-size of the run that saved it.")
+
+
 def image_only_processor_class(base=None):
     """A Qwen2(.5)-VL processor without its video processor.
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import envs
-from plumbing.loader import load_policy
+from plumbing.loader import check_adapter_base, load_policy
 from plumbing.tinyvlm import tiny_model
 
 
@@ -72,6 +72,18 @@ def test_loading_errors_name_their_real_cause(hub_dir, tmp_path):
     with pytest.raises((OSError, ValueError)) as error:
         load_policy(str(broken), envs.action_span, lora_r=8, lora_alpha=16)
     assert "network" not in str(error.value) and "tokenizer" in str(error.value)
+
+
+def test_an_adapter_of_another_tiny_model_is_refused(tmp_path):
+    """An adapter saved on the seed-1 household model, loaded on the seed-0 one, would answer
+    nonsense without an error: the check names the flags to give instead."""
+    adapter = tmp_path / "policy"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/elsewhere/tiny-vlm/household-seed1-112px"}))
+    check_adapter_base(str(adapter), "/here/tiny-vlm/household-seed1-112px")
+    with pytest.raises(ValueError, match="household-seed1-112px.*--seed"):
+        check_adapter_base(str(adapter), "/here/tiny-vlm/household-seed0-112px")
 
 
 def test_sampling_ignores_the_checkpoint_generation_config(hub_dir, tmp_path):
