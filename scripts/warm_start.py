@@ -6,8 +6,8 @@ command costs -1 and changes nothing, so the share of admissible commands is wha
 from. This runs the warm start's own loop (same demonstrations, optimizer and held-out set as
 train.py's) and, every --every steps, prints the held-out SFT loss per answer token and the
 share of admissible commands the policy samples (T = 0.5) on 96 held-out states. The states come
-from the expert playing fresh deals with a random command 20 % of the time, as in the
-demonstrations, so that they include the states after a mistake.
+from the expert playing fresh deals with a random command (of all 130) 20 % of the time, so
+that they include the states after a mistake.
 
     python scripts/warm_start.py                            # tiny household model, 800 steps
     python scripts/warm_start.py --steps 400 --lr 3e-3      # another warm-start learning rate
@@ -29,12 +29,12 @@ from distill import sft_loss  # noqa: E402
 from ppo import accumulated_step  # noqa: E402
 from train import build_policy, parse_args  # noqa: E402
 
-EXPLORE = 0.2  # the demonstrations' share of random commands (demonstrations.py)
+EXPLORE = 0.2  # the share of random commands in the held-out play, as in demonstrations.py
 
 
 def held_out_states(env_id, count, seed=99):
     """(environment copy, observation) pairs from the expert's play of fresh deals (seeds 5000 on,
-    never a training deal's), every third step, with random commands as the demonstrations have."""
+    never a training deal's), every third step, a random command of all 130 a fifth of the time."""
     rng = np.random.default_rng(seed)
     env = gym.make(env_id).unwrapped
     states = []
