@@ -11,6 +11,7 @@ Use (train.py does this when --warmup-sft-steps > 0):
     row = warm_start(model, policy, trainable, args, rank, world)    # the metrics row of update 0
 """
 
+import functools
 import itertools
 import time
 
@@ -59,27 +60,40 @@ def expert_demonstrations(envs, rng, explore=0.2):
                 observations[i], _ = env.reset(seed=int(rng.integers(2**31)))
 
 
+def held_out_demonstrations(env_id):
+    """The 32 demonstrations the warm start reports its loss on: a fixed stream that no seed's
+    training stream draws."""
+    return list(itertools.islice(expert_demonstrations([gym.make(env_id) for _ in range(4)],
+                                                       np.random.default_rng(10**6)), 32))
+
+
+def training_demonstrations(args, rank):
+    """Process `rank`'s endless stream of warm-start demonstrations (Args: env, seed, num_envs)."""
+    return expert_demonstrations([gym.make(args.env) for _ in range(args.num_envs)],
+                                 np.random.default_rng(args.seed + 7919 * (rank + 1)))
+
+
+def demonstration_sft_loss(model, policy, demos):
+    """distill.py's SFT loss over every answer token of `demos`, (image, prompt, answer) triples;
+    `model` is the policy or its DDP wrapper."""
+    images, prompts, answers = zip(*demos)
+    out = model(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0)
+    # The value head gets no SFT signal; its zero-weighted term keeps DDP's gradient all-reduce
+    # expecting the same parameters in every backward.
+    return sft_loss(out["logprobs"], out["response_mask"]) + 0.0 * out["value"].sum()
+
+
 def warm_start(model, policy, trainable, args, rank, world):
     """SFT of the policy adapter on expert demonstrations; returns a metrics row with the loss
     on 32 held-out demonstrations before and after. Reads these fields of train.py's Args: env,
     seed, num_envs, warmup_sft_steps, warmup_lr, warmup_batch_size, micro_batch_size."""
     optimizer = torch.optim.Adam(trainable, lr=args.warmup_lr)
-    held_out = list(itertools.islice(
-        expert_demonstrations([gym.make(args.env) for _ in range(4)],
-                              np.random.default_rng(10**6)), 32))
-    demonstrations = expert_demonstrations([gym.make(args.env) for _ in range(args.num_envs)],
-                                           np.random.default_rng(args.seed + 7919 * (rank + 1)))
+    held_out = held_out_demonstrations(args.env)
+    demonstrations = training_demonstrations(args, rank)
     loss_before = demonstration_loss(policy, held_out, args.micro_batch_size)
     start = time.perf_counter()
     policy.train()
-
-    def loss_of(demos):
-        images, prompts, answers = zip(*demos)
-        out = model(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0)
-        # The value head gets no SFT signal; its zero-weighted term keeps DDP's gradient
-        # all-reduce expecting the same parameters in every backward.
-        return sft_loss(out["logprobs"], out["response_mask"]) + 0.0 * out["value"].sum()
-
+    loss_of = functools.partial(demonstration_sft_loss, model, policy)
     for _ in tqdm(range(args.warmup_sft_steps), disable=rank != 0, desc="warm start"):
         demos = list(itertools.islice(demonstrations, args.warmup_batch_size))
         accumulated_step(loss_of, demos, args.micro_batch_size, optimizer, [(trainable, 1.0)],

@@ -14,6 +14,7 @@ that they include the states after a mistake.
 """
 import argparse
 import copy
+import functools
 import itertools
 import os
 import sys
@@ -24,8 +25,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from demonstrations import demonstration_loss, expert_demonstrations  # noqa: E402
-from distill import sft_loss  # noqa: E402
+from demonstrations import (  # noqa: E402
+    demonstration_loss,
+    demonstration_sft_loss,
+    held_out_demonstrations,
+    training_demonstrations,
+)
 from ppo import accumulated_step  # noqa: E402
 from train import build_policy, parse_args  # noqa: E402
 
@@ -89,17 +94,10 @@ def main():
     policy = build_policy(args, torch.device("cpu"))
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=args.warmup_lr)
-    # demonstrations.warm_start's held-out set and training stream (rank 0)
-    held_out = list(itertools.islice(expert_demonstrations(
-        [gym.make(args.env) for _ in range(4)], np.random.default_rng(10**6)), 32))
-    demonstrations = expert_demonstrations([gym.make(args.env) for _ in range(args.num_envs)],
-                                           np.random.default_rng(args.seed + 7919))
+    held_out = held_out_demonstrations(args.env)
+    demonstrations = training_demonstrations(args, rank=0)
     states = held_out_states(args.env, options.states)
-
-    def loss_of(demos):
-        images, prompts, answers = zip(*demos)
-        out = policy(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0)
-        return sft_loss(out["logprobs"], out["response_mask"])
+    loss_of = functools.partial(demonstration_sft_loss, policy, policy)
 
     start = time.perf_counter()
     print(f"{args.env}, --model {args.model}, warm-start lr {args.warmup_lr}, batch "
