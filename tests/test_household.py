@@ -437,15 +437,18 @@ def test_rollout_counts_answers_that_name_an_admissible_command(unparsed_action)
 
 
 def test_warm_start_curve_script(tiny_dir):
-    """scripts/warm_start.py prints one table row per reading, and names the fix for an
-    environment that lists no admissible commands."""
+    """scripts/warm_start.py prints one table row per reading (loss, admissible commands, going
+    where the picture shows), and names the fix for an environment that lists no admissible
+    commands."""
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
                           "warm_start.py")
     run = subprocess.run([sys.executable, script, "--steps", "2", "--every", "2", "--states", "4"],
                          cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    row = run.stdout.strip().splitlines()[-1].split("|")
-    assert row[1].strip() == "2" and float(row[2]) > 0 and 0 <= float(row[3]) <= 1
+    rows = [line.split("|") for line in run.stdout.strip().splitlines()[-2:]]
+    assert [row[1].strip() for row in rows] == ["0", "2"]  # the untrained model, then step 2
+    for row in rows:
+        assert float(row[2]) > 0 and 0 <= float(row[3]) <= 1 and 0 <= float(row[4]) <= 1
     cards = subprocess.run([sys.executable, script, "--env", "gtr/NumberLine-v0"],
                            capture_output=True, text=True, timeout=120)
     assert cards.returncode != 0 and "use gtr/Household-v0" in cards.stderr
