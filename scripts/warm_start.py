@@ -17,8 +17,8 @@ train.py's) and, at step 0 and every --every steps, prints:
 
     python scripts/warm_start.py                            # tiny household model, 800 steps
     python scripts/warm_start.py --steps 400 --lr 3e-3      # another warm-start learning rate
-    python scripts/warm_start.py --steps 0 \
-        --init runs/household/Household-v0/warm/seed0/checkpoint/adapters/policy
+    python scripts/warm_start.py --steps 0 --seed 1 \
+        --init runs/household/Household-v0/warm/seed1/checkpoint/adapters/policy
                                                             # the readings of a saved warm start
 """
 import argparse
@@ -112,13 +112,15 @@ def main():
     cli.add_argument("--model", default="tiny", help="train.py's --model")
     cli.add_argument("--states", type=int, default=96, help="held-out states judged")
     cli.add_argument("--init", default="", help="train.py's --init: start from a saved adapter")
+    cli.add_argument("--seed", type=int, default=0, help="train.py's --seed (the tiny model's too)")
     options = cli.parse_args()
     if not hasattr(gym.make(options.env).unwrapped, "admissible"):
         sys.exit(f"--env {options.env}: its environment lists no admissible commands; "
                  "use gtr/Household-v0")
     args = parse_args(["--env", options.env, "--model", options.model, "--warmup-sft-steps",
                        str(options.steps), "--warmup-lr", str(options.lr),
-                       "--micro-batch-size", "8", "--init", options.init])
+                       "--micro-batch-size", "8", "--init", options.init,
+                       "--seed", str(options.seed)])
     torch.manual_seed(args.seed)
     policy = build_policy(args, torch.device("cpu"), args.init or None)
     trainable = [p for p in policy.parameters() if p.requires_grad]
