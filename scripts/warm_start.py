@@ -17,6 +17,7 @@ train.py's) and, at step 0 and every --every steps, prints:
 
     python scripts/warm_start.py                            # tiny household model, 800 steps
     python scripts/warm_start.py --steps 400 --lr 3e-3      # another warm-start learning rate
+    python scripts/warm_start.py --image-size 168           # larger pictures (36 image tokens)
     python scripts/warm_start.py --steps 0 --seed 1 \
         --init runs/household/Household-v0/warm/seed1/checkpoint/adapters/policy
                                                             # the readings of a saved warm start
@@ -113,6 +114,8 @@ def main():
     cli.add_argument("--states", type=int, default=96, help="held-out states judged")
     cli.add_argument("--init", default="", help="train.py's --init: start from a saved adapter")
     cli.add_argument("--seed", type=int, default=0, help="train.py's --seed (the tiny model's too)")
+    cli.add_argument("--image-size", type=int, default=0,
+                     help="train.py's --image-size (a tiny model is built for it; 0: 112)")
     options = cli.parse_args()
     if not hasattr(gym.make(options.env).unwrapped, "admissible"):
         sys.exit(f"--env {options.env}: its environment lists no admissible commands; "
@@ -120,7 +123,7 @@ def main():
     args = parse_args(["--env", options.env, "--model", options.model, "--warmup-sft-steps",
                        str(options.steps), "--warmup-lr", str(options.lr),
                        "--micro-batch-size", "8", "--init", options.init,
-                       "--seed", str(options.seed)])
+                       "--seed", str(options.seed), "--image-size", str(options.image_size)])
     torch.manual_seed(args.seed)
     policy = build_policy(args, torch.device("cpu"), args.init or None)
     trainable = [p for p in policy.parameters() if p.requires_grad]
