@@ -135,23 +135,27 @@ def main():
     loss_of = functools.partial(demonstration_sft_loss, policy, policy)
 
     start = time.perf_counter()
+
+    def print_reading(step):
+        loss = demonstration_loss(policy, held_out, args.micro_batch_size)
+        print(f"| {step} | {loss:.3f} | {admissible_share(policy, states):.3f} | "
+              f"{expert_share(policy, pictures):.3f} | {time.perf_counter() - start:.0f} |",
+              flush=True)
+
     print(f"{args.env}, --model {args.model}, warm-start lr {args.warmup_lr}, batch "
           f"{args.warmup_batch_size}, seed {args.seed}; {options.states} held-out states, "
           f"{PICTURE_STATES} picture states, T = 0.5\n")
     print("| SFT steps | held-out loss per answer token | admissible commands | "
           "goes where the picture shows | seconds |")
     print("|---|---|---|---|---|")
-    for step in range(args.warmup_sft_steps + 1):
-        if step:
-            policy.train()
-            demos = list(itertools.islice(demonstrations, args.warmup_batch_size))
-            accumulated_step(loss_of, demos, args.micro_batch_size, optimizer,
-                             [(trainable, 1.0)], model=policy)
+    print_reading(0)  # the model before any SFT step (or the --init adapter as saved)
+    for step in range(1, args.warmup_sft_steps + 1):
+        policy.train()
+        demos = list(itertools.islice(demonstrations, args.warmup_batch_size))
+        accumulated_step(loss_of, demos, args.micro_batch_size, optimizer, [(trainable, 1.0)],
+                         model=policy)
         if step % options.every == 0 or step == args.warmup_sft_steps:
-            loss = demonstration_loss(policy, held_out, args.micro_batch_size)
-            print(f"| {step} | {loss:.3f} | {admissible_share(policy, states):.3f} | "
-                  f"{expert_share(policy, pictures):.3f} | {time.perf_counter() - start:.0f} |",
-                  flush=True)
+            print_reading(step)
 
 
 if __name__ == "__main__":
