@@ -316,6 +316,12 @@ class HouseholdEnv(VisualTextEnv):
         return [o for o in OBJECTS
                 if here is not None and self.where[o] == here and self._reachable(here)]
 
+    def in_sight(self) -> dict[str, str]:
+        """Each object the picture shows, and the receptacle it is in or on (not one in hand,
+        nor one behind a closed door)."""
+        return {o: self.where[o] for o in OBJECTS
+                if self.where[o] is not None and self._reachable(self.where[o])}
+
     def _admissible(self, verb, obj, receptacle) -> bool:
         here = receptacle == self.location
         if verb == "go to":
@@ -439,8 +445,7 @@ class HouseholdEnv(VisualTextEnv):
                 return (f"I must put the {kind(held)} down, so I open the {kind(here)}",
                         ("open", None, here))
             return f"I do not need the {kind(held)}, so I put it down", ("put", held, here)
-        wanted = [o for o in OBJECTS if kind(o) == what and self.where[o] is not None
-                  and self._reachable(self.where[o]) and not self._counts(o)]
+        wanted = [o for o in self.in_sight() if kind(o) == what and not self._counts(o)]
         if wanted:
             source = self.where[wanted[0]]
             if here != source:
