@@ -19,10 +19,13 @@ Two readouts over the tower's image tokens:
     python scripts/picture_probe.py                                   # 112 px, tokens readout
     python scripts/picture_probe.py --readout grid --fixed-layout     # every room in one order
     python scripts/picture_probe.py --image-size 168 --steps 1500     # 36 image tokens
+    python scripts/picture_probe.py --image-size 168 --steps 1500 --save runs/taught168
+    python scripts/warm_start.py --model runs/taught168 --image-size 168  # the warm start after it
 """
 import argparse
 import functools
 import os
+import shutil
 import sys
 import time
 
@@ -79,9 +82,9 @@ def top_receptacle_share(scores, labels):
 def lesson(model, image_processor, image_size, steps, seed, readout="tokens", fixed_layout=False,
            every=250, lr=1e-3, log=None):
     """Teach `model`'s vision tower (a transformers Qwen-VL) where the household's objects are,
-    through LoRA and a `readout` (module docstring). Returns the readings [(step, share,
-    seconds)] on HELD_OUT pictures, taken every `every` steps and after the last; `log` gets each
-    as a line."""
+    through LoRA and a `readout` (module docstring), then merge the LoRA into it. Returns the
+    readings [(step, share, seconds)] on HELD_OUT pictures, taken every `every` steps and after
+    the last; `log` gets each as a line."""
     from peft import LoraConfig, get_peft_model
 
     targets = [name for name, module in model.named_modules()
@@ -129,6 +132,7 @@ def lesson(model, image_processor, image_size, steps, seed, readout="tokens", fi
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    taught.merge_and_unload()  # `model` is a plain model again, the lesson in its weights
     return readings
 
 
@@ -144,6 +148,9 @@ def main():
     cli.add_argument("--every", type=int, default=250, help="steps between readings")
     cli.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     cli.add_argument("--seed", type=int, default=0, help="the tiny model's seed and the lesson's")
+    cli.add_argument("--save", default="",
+                     help="save the taught model (the LoRA merged into it) to this folder, for "
+                          "train.py's --model")
     options = cli.parse_args()
     from transformers import AutoModelForImageTextToText
 
@@ -164,6 +171,9 @@ def main():
     lesson(model, image_processor, options.image_size, options.steps, options.seed,
            readout=options.readout, fixed_layout=options.fixed_layout, every=options.every,
            lr=options.lr, log=functools.partial(print, flush=True))
+    if options.save:
+        shutil.copytree(folder, options.save, dirs_exist_ok=True)  # tokenizer and processor
+        model.save_pretrained(options.save)
 
 
 if __name__ == "__main__":

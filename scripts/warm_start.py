@@ -114,6 +114,8 @@ def main():
     cli.add_argument("--states", type=int, default=96, help="held-out states judged")
     cli.add_argument("--init", default="", help="train.py's --init: start from a saved adapter")
     cli.add_argument("--seed", type=int, default=0, help="train.py's --seed (the tiny model's too)")
+    cli.add_argument("--no-lora-vision", action="store_true",
+                     help="train.py's --no-lora-vision: the vision tower as --model has it")
     cli.add_argument("--image-size", type=int, default=0,
                      help="train.py's --image-size (a tiny model is built for it; 0: 112)")
     options = cli.parse_args()
@@ -123,7 +125,8 @@ def main():
     args = parse_args(["--env", options.env, "--model", options.model, "--warmup-sft-steps",
                        str(options.steps), "--warmup-lr", str(options.lr),
                        "--micro-batch-size", "8", "--init", options.init,
-                       "--seed", str(options.seed), "--image-size", str(options.image_size)])
+                       "--seed", str(options.seed), "--image-size", str(options.image_size),
+                       "--lora-vision" if not options.no_lora_vision else "--no-lora-vision"])
     torch.manual_seed(args.seed)
     policy = build_policy(args, torch.device("cpu"), args.init or None)
     trainable = [p for p in policy.parameters() if p.requires_grad]
