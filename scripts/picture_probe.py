@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from envs.household import OBJECT_COLORS, RECEPTACLES  # noqa: E402
+from envs.household import OBJECT_COLORS, RECEPTACLES, kind  # noqa: E402
 from plumbing.loader import load_processor  # noqa: E402
 from plumbing.tinyvlm import tiny_model  # noqa: E402
 
@@ -60,7 +60,7 @@ def lesson_pictures(env, count, first_seed, rng, image_size, fixed_layout=False)
                 break
         images.append(Image.fromarray(obs).resize((image_size, image_size), Image.BICUBIC))
         for obj, receptacle in env.in_sight().items():
-            labels[i, KINDS.index(obj.rsplit(" ", 1)[0]), RECEPTACLES.index(receptacle)] = 1
+            labels[i, KINDS.index(kind(obj)), RECEPTACLES.index(receptacle)] = 1
     return images, labels
 
 
@@ -89,17 +89,16 @@ def lesson(model, image_processor, image_size, steps, seed, readout="tokens", fi
 
     targets = [name for name, module in model.named_modules()
                if "visual" in name and isinstance(module, torch.nn.Linear)]
-    model.requires_grad_(False)
+    # peft freezes the model and trains only the LoRA factors
     taught = get_peft_model(model, LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05,
-                                                    target_modules=targets))
+                                              target_modules=targets))
     visual = taught.get_base_model().model.visual
-    hidden = model.config.text_config.hidden_size
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         env = gym.make("gtr/Household-v0").unwrapped
         held_out = lesson_pictures(env, HELD_OUT, HELD_OUT_SEED, rng, image_size, fixed_layout)
-        tokens = image_tokens(visual, image_processor, held_out[0][:1]).shape[1]
+        tokens, hidden = image_tokens(visual, image_processor, held_out[0][:1]).shape[1:]
         head = torch.nn.Linear(hidden if readout == "tokens" else tokens * hidden,
                                len(KINDS) * len(RECEPTACLES))
         trainable = [p for p in taught.parameters() if p.requires_grad]
@@ -115,23 +114,27 @@ def lesson(model, image_processor, image_size, steps, seed, readout="tokens", fi
             return logits.reshape(len(images), len(KINDS), len(RECEPTACLES))
 
         readings, start = [], time.perf_counter()
-        for step in range(steps + 1):
-            if step % every == 0 or step == steps:
-                taught.eval()
-                with torch.no_grad():
-                    share = top_receptacle_share(scores(held_out[0]), held_out[1])
-                readings.append((step, share, time.perf_counter() - start))
-                if log:
-                    log(f"| {step} | {share:.3f} | {readings[-1][2]:.0f} |")
-            if step == steps:
-                break
+
+        def read(step):
+            taught.eval()
+            with torch.no_grad():
+                share = top_receptacle_share(scores(held_out[0]), held_out[1])
+            readings.append((step, share, time.perf_counter() - start))
+            if log:
+                log(f"| {step} | {share:.3f} | {readings[-1][2]:.0f} |")
+
+        read(0)
+        for step in range(1, steps + 1):
             taught.train()
-            images, labels = lesson_pictures(env, BATCH, BATCH * step, rng, image_size,
+            # step N draws deals BATCH * (N - 1) on, far below the held-out ones
+            images, labels = lesson_pictures(env, BATCH, BATCH * (step - 1), rng, image_size,
                                              fixed_layout)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(scores(images), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if step % every == 0 or step == steps:
+                read(step)
     taught.merge_and_unload()  # `model` is a plain model again, the lesson in its weights
     return readings
 
@@ -157,7 +160,8 @@ def main():
     folder = tiny_model(seed=options.seed, image_size=options.image_size, family="household")
     model = AutoModelForImageTextToText.from_pretrained(folder)
     image_processor = load_processor(folder).image_processor
-    # The prior: each kind's commonest receptacles over 1024 pictures, scored on the held-out ones
+    # The prior: each kind's commonest receptacles over 1024 pictures, scored on the held-out
+    # pictures' labels (the first draws of `lesson`'s generator, seeded the same)
     env = gym.make("gtr/Household-v0").unwrapped
     _, counts = lesson_pictures(env, 1024, 2 * HELD_OUT_SEED, np.random.default_rng(1), 28,
                                 options.fixed_layout)

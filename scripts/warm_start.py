@@ -126,7 +126,7 @@ def main():
                        str(options.steps), "--warmup-lr", str(options.lr),
                        "--micro-batch-size", "8", "--init", options.init,
                        "--seed", str(options.seed), "--image-size", str(options.image_size),
-                       "--lora-vision" if not options.no_lora_vision else "--no-lora-vision"])
+                       "--no-lora-vision" if options.no_lora_vision else "--lora-vision"])
     torch.manual_seed(args.seed)
     policy = build_policy(args, torch.device("cpu"), args.init or None)
     trainable = [p for p in policy.parameters() if p.requires_grad]

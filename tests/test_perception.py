@@ -56,7 +56,6 @@ def test_warm_started_policy_reads_the_image(make_policy, one_thread):
     assert seen >= 0.75 and seen - blind >= 0.2, (seen, blind)
 
 
-
 def test_picture_probe_learns(tiny_dir, one_thread):
     """scripts/picture_probe.py trains the household vision tower: in a room that never moves,
     with a readout that knows each token's place, the share of held-out pictures whose top
