@@ -147,7 +147,9 @@ def main(args):
     def update_with(guidance):
         """One update of train.py's loop: rollout, the teacher's guidance, PPO epochs."""
         run = dataclasses.replace(args, guidance=guidance, teacher="")
-        batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens)
+        batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens,
+                                kl_temperature=(teacher.kl_temperature() if guidance == "kl"
+                                                else None))
         advice = None
         if guidance != "none":
             teacher.args = run
@@ -186,8 +188,9 @@ def main(args):
     results["sft_over_none"] = update_time["sft"] / update_time["none"]
 
     # ---- The PPO epochs alone, the teacher's KL pass alone, and the update's MFU --------------
-    batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens)
     teacher.args = dataclasses.replace(args, guidance="kl", teacher="")
+    batch = batched.collect(policy, steps, args.temperature, args.max_new_tokens,
+                            kl_temperature=teacher.kl_temperature())
     results["seconds_teacher_kl"] = statistics.median(
         teacher.guide(policy, batch, batched.envs[0].unwrapped).seconds
         for _ in range(args.repeats))

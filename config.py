@@ -16,6 +16,7 @@ from typing import Literal
 import gymnasium as gym
 
 import envs
+from plumbing import checkpoint
 from plumbing.flags import invalid, parse_dataclass
 from plumbing.tinyvlm import TINY_MODELS, WARM_START_STEPS
 
@@ -158,6 +159,9 @@ class Args:
     # Checkpoints and evaluation
     save_every: int = 5
     """write OUT/checkpoint every this many updates (and after the last)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept (OUT/checkpoint, OUT/checkpoint.1, ...): --resume falls back to the
+    previous one when the newest is cut short or corrupt"""
     resume: bool = False
     """continue from OUT/checkpoint"""
     eval_episodes: int = 128
@@ -188,6 +192,8 @@ def check_args(args):
                  "eval_episodes", "eval_every", "merge_every"):
         if getattr(args, name) < 0:
             invalid(name, getattr(args, name), "non-negative")
+    if not 1 <= args.keep_checkpoints <= checkpoint.MAX_KEPT:
+        invalid("keep_checkpoints", args.keep_checkpoints, f"in [1, {checkpoint.MAX_KEPT}]")
     for name in ("gamma", "gae_lambda"):
         if not 0 <= getattr(args, name) <= 1:
             invalid(name, getattr(args, name), "in [0, 1]")

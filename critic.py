@@ -15,6 +15,9 @@ import torch
 import torch.nn as nn
 
 
+EPS = 1e-8  # added to the running variance of the returns before its square root
+
+
 class ValueHead(nn.Sequential):
     """The MLP, with the running mean, variance and count of the returns it regresses."""
 
@@ -26,11 +29,15 @@ class ValueHead(nn.Sequential):
         self.register_buffer("return_count", torch.zeros(()))
 
     def normalize(self, values):
-        """(V - mean) / std of the running return statistics: the regression's scale."""
-        return (values - self.return_mean) / self.return_var.sqrt()
+        """(V - mean) / std of the running return statistics: the regression's scale. The
+        standard deviation has a floor (EPS), so returns that are all equal give finite values."""
+        return (values - self.return_mean) / self.std()
 
     def denormalize(self, normalized):
-        return normalized * self.return_var.sqrt() + self.return_mean
+        return normalized * self.std() + self.return_mean
+
+    def std(self):
+        return (self.return_var + EPS).sqrt()
 
     @torch.no_grad()
     def update(self, mean, var, count):

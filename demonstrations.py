@@ -77,10 +77,12 @@ def demonstration_sft_loss(model, policy, demos):
     """distill.py's SFT loss over every answer token of `demos`, (image, prompt, answer) triples;
     `model` is the policy or its DDP wrapper."""
     images, prompts, answers = zip(*demos)
-    out = model(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0)
-    # The value head gets no SFT signal; its zero-weighted term keeps DDP's gradient all-reduce
-    # expecting the same parameters in every backward.
-    return sft_loss(out["logprobs"], out["response_mask"]) + 0.0 * out["value"].sum()
+    out = model(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0,
+                value=False)
+    # The critic gets no SFT signal and runs no pass; its weights' zero-weighted term keeps DDP's
+    # gradient all-reduce expecting the same parameters in every backward.
+    untouched = sum(p.sum() for p in policy.critic_parameters())
+    return sft_loss(out["logprobs"], out["response_mask"]) + 0.0 * untouched
 
 
 def warm_start(model, policy, trainable, args, rank, world):
@@ -114,6 +116,7 @@ def demonstration_loss(policy, demos, batch_size):
     losses = []
     for i in range(0, len(demos), batch_size):
         images, prompts, answers = zip(*demos[i:i + batch_size])
-        out = policy(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0)
+        out = policy(policy.encode(images, prompts), [policy.answer_ids(a) for a in answers], 1.0,
+                     value=False)
         losses.append(sft_loss(out["logprobs"], out["response_mask"]).item())
     return float(np.mean(losses))

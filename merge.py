@@ -79,6 +79,12 @@ def ties(task_vectors: list[StateDict], weights: list[float], density: float = 0
         # A trimmed entry is 0, whose sign never equals a non-zero elected sign, so m_i = 0
         # there; where the elected sign is 0 no vector agrees and the result is 0.
         agrees = ((torch.sign(trimmed) == elected) & (elected != 0)).float()  # [n, *shape]
+        # A tensor that is zero throughout (LoRA's B as initialised: a teacher that starts at
+        # B = 0) has not moved from the base; it was not trimmed. It agrees everywhere, adding
+        # 0 with its full weight, so TIES({tau, 0}, {w, 1 - w}) = w trim(tau), as a linear
+        # merge gives w tau, instead of trim(tau) at full weight.
+        unmoved = (trimmed.flatten(1) == 0).all(1).view(-1, *([1] * first.dim()))  # [n, 1, ...]
+        agrees = torch.where(unmoved, torch.ones_like(agrees), agrees)
         numerator = (w * agrees * trimmed).sum(0)  # [*shape]
         denominator = (w * agrees).sum(0)  # [*shape]
         # peft's `ties` divides by the COUNT of agreeing vectors, not by their weights; with the
@@ -91,18 +97,19 @@ def ties(task_vectors: list[StateDict], weights: list[float], density: float = 0
 
 
 def dare(task_vectors: list[StateDict], weights: list[float], density: float = 0.8,
-         seed: int = 0) -> StateDict:
+         seed: int = 0, kept_whole: int = 0) -> StateDict:
     """DARE: drop each entry with probability 1-density, rescale the kept by 1/density, then
-    average linearly.
+    average linearly. The last `kept_whole` task vectors are not dropped: a running teacher is
+    already a merge, and dropping it again at every update would pile up its noise.
 
     The rescale keeps every task vector unbiased: E[mask / density * tau] = tau. The mask comes
     from a CPU torch.Generator seeded with `seed`, drawn over keys in sorted order and task
     vectors in list order, so the same seed gives the same merge on every process and device.
     """
     generator = torch.Generator().manual_seed(seed)
-    dropped = [dict() for _ in task_vectors]
+    dropped = [dict(tv) for tv in task_vectors]
     for name in sorted(task_vectors[0]):
-        for tv, out in zip(task_vectors, dropped):
+        for tv, out in zip(task_vectors[:len(task_vectors) - kept_whole], dropped):
             tensor = tv[name].float()
             keep = torch.rand(tensor.shape, generator=generator) < density  # [*shape], CPU
             out[name] = (tensor * keep.to(tensor.device) / density).to(tv[name].dtype)
@@ -136,10 +143,12 @@ def _check_inputs(state_dicts: list[StateDict], weights: list[float], method: st
 
 @torch.no_grad()
 def merge(state_dicts: list[StateDict], weights: list[float], method: str = "ties",
-          density: float = 0.8, seed: int = 0, base: StateDict | None = None) -> StateDict:
+          density: float = 0.8, seed: int = 0, base: StateDict | None = None,
+          kept_whole: int = 0) -> StateDict:
     """Merge task vectors tau_i = state_dicts[i] - base with `method`, then add base back.
 
     base=None means a zero base, the LoRA case: the adapter weights are the task vectors.
+    `kept_whole`: DARE drops nothing of the last this many (see `dare`).
     """
     _check_inputs(state_dicts, weights, method, density, base)
     if base is None:
@@ -152,7 +161,7 @@ def merge(state_dicts: list[StateDict], weights: list[float], method: str = "tie
     elif method == "ties":
         merged = ties(task_vectors, weights, density)
     else:
-        merged = dare(task_vectors, weights, density, seed)
+        merged = dare(task_vectors, weights, density, seed, kept_whole)
     if base is None:
         return merged
     return {n: (t + base[n].float()).to(state_dicts[0][n].dtype) for n, t in merged.items()}
@@ -222,8 +231,9 @@ def update_teacher(teacher: StateDict | None, policy: StateDict | list[StateDict
         # One checkpoint and no previous teacher (or SMA's first merge): the teacher is a copy
         # of it, not a TIES merge of one input, which would trim it.
         return {n: t.detach().clone() for n, t in snapshots[0].items()}
+    old_teacher = len(inputs) - len(snapshots)  # 1 or 0: DARE drops the new snapshots only
     if space == "factors":
-        return merge(inputs, weights, method, density, seed)
+        return merge(inputs, weights, method, density, seed, kept_whole=old_teacher)
     if space != "delta":
         raise ValueError(f"unknown merge space {space!r}; expected 'factors' or 'delta'")
     pairs = lora_pairs(snapshots[0])
@@ -233,14 +243,16 @@ def update_teacher(teacher: StateDict | None, policy: StateDict | list[StateDict
     _check_inputs(inputs, weights, method, density, None)
     lora_keys = {key for pair in pairs.values() for key in pair}
     others = [{n: t for n, t in sd.items() if n not in lora_keys} for sd in inputs]
-    merged = merge(others, weights, method, density, seed) if others[0] else {}
+    merged = (merge(others, weights, method, density, seed, kept_whole=old_teacher)
+              if others[0] else {})
     # One layer at a time: for a 7B model all the B @ A of two inputs would take about 52 GB at
     # once, one layer's at most a few hundred MB. TIES trims each tensor on its own, so merging
     # layer by layer gives the same result; DARE draws layer i's masks from seed + i.
     for i, (prefix, (a_key, b_key)) in enumerate(pairs.items()):
         deltas = [{prefix: sd[b_key].float() @ sd[a_key].float()}
                   for sd in inputs]  # [out, in] each
-        merged_delta = merge(deltas, weights, method, density, seed + i)[prefix]  # [out, in]
+        merged_delta = merge(deltas, weights, method, density, seed + i,
+                             kept_whole=old_teacher)[prefix]  # [out, in]
         rank = snapshots[0][a_key].shape[0]
         u, s, vh = torch.linalg.svd(merged_delta, full_matrices=False)  # [out, m], [m], [m, in]
         root_s = s[:rank].sqrt()  # [r]

@@ -28,12 +28,14 @@ Use:
 """
 
 import contextlib
+import functools
 import os
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -62,6 +64,39 @@ def thought_action_masks(tokenizer, ids, action_span):
     action = [span is not None and s < span[1] and e > span[0] for s, e in zip(starts, ends)]
     action_mask = torch.tensor(action, dtype=torch.bool)
     return ~action_mask, action_mask
+
+
+# ---- Gradient checkpointing with several adapters --------------------------------------------
+def _adapter_layers(module):
+    """peft's LoRA layers inside `module`: each one knows which adapter(s) it runs."""
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def _adapters_active(adapter_layers, names):
+    """Run `adapter_layers` with the adapters `names` (one entry per layer), then put back the
+    ones they had. Only the layers' active adapter is set: no gradient flag is touched."""
+    found = [layer._active_adapter for layer in adapter_layers]
+    for layer, name in zip(adapter_layers, names):
+        layer._active_adapter = name
+    try:
+        yield
+    finally:
+        for layer, name in zip(adapter_layers, found):
+            layer._active_adapter = name
+
+
+def _recompute_with_forward_adapters(adapter_layers):
+    """`context_fn` of torch.utils.checkpoint for one checkpointed layer (docs/ALGORITHM.md §6).
+
+    Backward recomputes a checkpointed layer's activations with the adapters active AT BACKWARD.
+    A loss that adds the critic adapter's pass to the policy's (--critic adapter) is
+    back-propagated after `use_adapter("critic")` has switched back to the policy, so the
+    critic's layers would be replayed with the policy's weights: a gradient of the right shape
+    from the wrong activations. The adapters active in the forward pass are read here, at
+    forward time, and set again around the recomputation."""
+    names = [layer._active_adapter for layer in adapter_layers]
+    return contextlib.nullcontext(), _adapters_active(adapter_layers, names)
 
 
 # ---- The actor-critic ------------------------------------------------------------------------
@@ -112,6 +147,12 @@ class ActorCritic(nn.Module):
         # transformers' layers that can recompute their activations in backward (ActorCritic.train).
         self._checkpoint_layers = [m for m in model.modules()
                                    if isinstance(m, GradientCheckpointingLayer)]
+        for layer in self._checkpoint_layers:
+            if layer.gradient_checkpointing:
+                layer._gradient_checkpointing_func = functools.partial(
+                    torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                    context_fn=functools.partial(_recompute_with_forward_adapters,
+                                                 _adapter_layers(layer)))
 
     def _suppressed_ids(self):
         """[vocab] bool: vision placeholders, padding that is not a stop token, unused rows.
@@ -240,13 +281,17 @@ class ActorCritic(nn.Module):
         return torch.tensor(ids + [self.stop_ids()[0]])
 
     # -- evaluating ---------------------------------------------------------------------------
-    def forward(self, encoded, responses, temperature=0.2, targets=None):
+    def forward(self, encoded, responses, temperature=0.2, targets=None, value=True,
+                extra_temperature=None):
         """Score responses: per-token log-probs and entropy, masks, sequence log-prob and value.
 
         All per-token outputs are [batch, max_response_len], right-aligned like the batch (left
         padding puts every sequence's last token at the same position); `response_mask` marks
         real tokens. `temperature`: one for all or one per sample. `targets` (SFT guidance):
-        one more answer per sample scored on the same prompts (targets.py).
+        one more answer per sample scored on the same prompts (targets.py). `value=False` skips
+        the critic (with --critic adapter a pass of its own) where no value is used.
+        `extra_temperature`: also the per-token log-probs at that temperature, from the same
+        hidden states (`extra_logprobs`, without gradient; the teacher's KL scores at T = 1).
         """
         batch = self._collate(encoded, responses)
         backbone = self.model.get_base_model()
@@ -277,10 +322,16 @@ class ActorCritic(nn.Module):
         # log pi(a|o) = lambda * sum_thought log p + sum_action log p
         seq_logprob = sequence_logprob(logprobs, thought_mask, action_mask,
                                        self.thought_coef)  # [batch]
-        value = self._value(encoded, hidden[rows, last_prompt])  # [batch]
         out = {"logprobs": logprobs, "entropy": entropy, "response_mask": response_mask,
                "thought_mask": thought_mask, "action_mask": action_mask,
-               "seq_logprob": seq_logprob, "value": value}
+               "seq_logprob": seq_logprob}
+        if value:
+            out["value"] = self._value(encoded, hidden[rows, last_prompt])  # [batch]
+        if extra_temperature is not None:
+            with torch.no_grad():
+                extra = self._score(hidden[:, -width - 1:-1], batch["input_ids"][:, -width:],
+                                    torch.as_tensor(float(extra_temperature)))[0]
+            out["extra_logprobs"] = extra.masked_fill(~response_mask, 0.0)  # [batch, width]
         if self.opening_id is not None:
             with torch.no_grad():  # logged, never optimised
                 first = self._score(hidden[rows, last_prompt][:, None], torch.full_like(
@@ -394,12 +445,15 @@ class ActorCritic(nn.Module):
     @contextlib.contextmanager
     def use_adapter(self, name):
         """Run forward passes / generation with another adapter: the frozen teacher, or the
-        critic's own (--critic adapter), which keeps its gradient."""
+        critic's own (--critic adapter), which keeps its gradient. On leaving, the adapter that
+        was active on entering is active again, so passes nest (a teacher pass that reads the
+        critic leaves the teacher active)."""
+        found = self.model.active_adapter
         self._activate(name)
         try:
             yield self
         finally:
-            self._activate("policy")
+            self._activate(found)
 
     def add_teacher(self, path=None, name="teacher"):
         """A second, frozen adapter: a saved one (`path`, peft format) or, by default, one with the

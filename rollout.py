@@ -54,6 +54,8 @@ class Batch:
     episodes: list = field(default_factory=list)  # finished episodes: return, length, success
     texts: list = field(default_factory=list)     # T*N answers as sampled (decoded)
     facts: list = field(default_factory=list)     # T*N facts() of the state each answer replied to
+    kl_token_logprobs: list = field(default_factory=list)  # T*N per-token log-probs at the
+                                  # teacher KL's temperature (collect's kl_temperature), or empty
 
 
 class Rollout:
@@ -130,8 +132,10 @@ class Rollout:
                 for i in (active if active is not None else range(len(self.envs)))]
 
     def collect(self, policy, steps, temperature=0.2, max_new_tokens=256, format_reward=3.0,
-                format_penalty=-2.0):
-        """Play `steps` lockstep steps; returns a Batch of steps x num_envs."""
+                format_penalty=-2.0, kl_temperature=None):
+        """Play `steps` lockstep steps; returns a Batch of steps x num_envs. `kl_temperature`:
+        also keep each answer's per-token log-probs at that temperature, from the same scoring
+        pass (the teacher's KL compares the policy with the teacher there, teacher.py)."""
         def zeros():
             return torch.zeros(steps, len(self.envs))  # [T, N]
 
@@ -146,7 +150,7 @@ class Rollout:
             encoded = policy.encode(self.obs, self.prompts())
             responses, texts = policy.generate(encoded, temperature, max_new_tokens)
             with torch.no_grad():
-                scored = policy(encoded, responses, temperature)
+                scored = policy(encoded, responses, temperature, extra_temperature=kl_temperature)
             mask = scored["response_mask"]  # [N, width], right-aligned
             out.old_logprobs[t] = scored["seq_logprob"].cpu()
             out.values[t] = scored["value"].float().cpu()
@@ -161,6 +165,9 @@ class Rollout:
             out.facts += [env.unwrapped.facts() for env in self.envs]
             out.token_logprobs += [row[row.shape[0] - len(r):].cpu()
                                    for row, r in zip(scored["logprobs"], responses)]
+            if kl_temperature is not None:
+                out.kl_token_logprobs += [row[row.shape[0] - len(r):].cpu()
+                                          for row, r in zip(scored["extra_logprobs"], responses)]
 
             for i, result in enumerate(self.step(texts)):
                 out.rewards[t, i], out.actions[t, i] = result["reward"], result["action"]

@@ -107,7 +107,10 @@ class Teacher:
         from peft.utils import load_peft_weights
         self.merges = state["merges"]
         if not self.fixed:
-            self.weights = load_peft_weights(os.path.join(adapters_folder, "teacher"))
+            # To the CPU first: unmapped, peft puts the weights on a GPU whenever there is one,
+            # and the merges would then mix devices on a --device cpu run.
+            saved = load_peft_weights(os.path.join(adapters_folder, "teacher"), device="cpu")
+            self.weights = {k: t.to(policy.device) for k, t in saved.items()}
             policy.load_adapter_state(self.weights, "teacher")
 
     # ---- guidance --------------------------------------------------------------------------------
@@ -129,6 +132,12 @@ class Teacher:
         return Guidance(teacher_kl=kl, sft_targets=targets, sft_tokens=sft_tokens,
                         parse_rate=parse_rate, seconds=time.perf_counter() - start, samples=samples)
 
+    def kl_temperature(self):
+        """The temperature both policies are scored at for the KL (--kl-temperature; -1: the
+        sampling temperature)."""
+        a = self.args
+        return a.temperature if a.kl_temperature < 0 else a.kl_temperature
+
     def guided_tokens(self, policy, target):
         """How many tokens of an SFT target (token ids or None) its loss imitates: the thought
         tokens, or all with --guide-tokens all."""
@@ -142,25 +151,27 @@ class Teacher:
         """§4.3: per step, KL_hat = mean over thought tokens (every token with --guide-tokens
         all) of clip(log pi - log pi_T, 0, 10), pi_T's log-probs from teacher forward passes over
         the agent's OWN answers (no generation), --micro-batch-size at a time. Both policies are
-        scored at --kl-temperature: 1 (raw logits, the reference's) needs a second policy pass;
-        at the sampling temperature the rollout's log-probs are reused. A step whose answer does
-        not parse gets KL_hat = --unparsed-kl (the reference's 100), not a score of its tokens.
-        Returns [T*N]."""
+        scored at --kl-temperature (1: raw logits, the reference's); the agent's log-probs there
+        come from the rollout's own scoring pass (rollout.py, `kl_temperature`), so the agent is
+        not scored again. A step whose answer does not parse gets KL_hat = --unparsed-kl (the
+        reference's 100), not a score of its tokens. Returns [T*N]."""
         a = self.args
-        temperature = a.temperature if a.kl_temperature < 0 else a.kl_temperature
+        temperature = self.kl_temperature()
+        agent_logprobs = (batch.token_logprobs if temperature == a.temperature
+                          else batch.kl_token_logprobs)  # T*N, per answer token
+        if len(agent_logprobs) != len(batch.responses):
+            raise ValueError(f"the rollout kept no log-probs at the KL's temperature {temperature}:"
+                             " collect it with kl_temperature=teacher.kl_temperature()")
         kl = []
         for i in range(0, len(batch.responses), a.micro_batch_size):
             encoded = batch.encoded[i:i + a.micro_batch_size]
             responses = batch.responses[i:i + a.micro_batch_size]
             with policy.use_adapter("teacher"):
-                teacher = policy(encoded, responses, temperature)
+                teacher = policy(encoded, responses, temperature, value=False)
             width = teacher["logprobs"].shape[1]
-            if temperature == a.temperature:  # the log-probs the answers were sampled with
-                agent = torch.zeros_like(teacher["logprobs"])  # [B, width], right-aligned
-                for row, logprobs in enumerate(batch.token_logprobs[i:i + len(responses)]):
-                    agent[row, width - len(logprobs):] = logprobs.to(agent.device)
-            else:
-                agent = policy(encoded, responses, temperature)["logprobs"]  # [B, width]
+            agent = torch.zeros_like(teacher["logprobs"])  # [B, width], right-aligned
+            for row, logprobs in enumerate(agent_logprobs[i:i + len(responses)]):
+                agent[row, width - len(logprobs):] = logprobs.to(agent.device)
             guided = teacher["response_mask"]  # [B, width]
             if a.guide_tokens == "thought":
                 guided = guided & teacher["thought_mask"]

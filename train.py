@@ -96,11 +96,13 @@ def actor_critic_optimizer(policy, args):
          "max_grad_norm": args.critic_max_grad_norm}])
 
 
-def learning_rate(update, args, lr=None):
-    """The learning rate of update `update` (1-based): cosine from `lr` (--lr) at update 1 to
-    --lr-min at update --lr-updates + 1, then held (§3: the reference steps its scheduler once
-    per update)."""
-    return cosine_lr(update - 1, args.lr_updates or args.updates, lr or args.lr, args.lr_min)
+def learning_rate(update, args, lr=None, first=1):
+    """The learning rate of update `update` (1-based): cosine from `lr` (--lr) at update `first`
+    to --lr-min at update --lr-updates + 1 (all of --updates by default), then held (§3: the
+    reference steps its scheduler once per update). The actor's schedule starts after
+    --critic-warmup (`first`), the critic's at update 1."""
+    span = max(1, (args.lr_updates or args.updates) - (first - 1))
+    return cosine_lr(update - first, span, lr or args.lr, args.lr_min)
 
 
 def main(args, rank, world, device):
@@ -151,23 +153,27 @@ def main(args, rank, world, device):
         policy.load_adapter_state(policy.adapter_state("policy"), "critic")
     if args.warmup_sft_steps and not resume:
         # A checkpoint at update 0: the warm-started policy can seed other runs (--init).
-        checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world)
+        checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world,
+                            args.keep_checkpoints)
 
     recent = collections.deque(maxlen=10)  # (successes, episodes) of the last 10 updates
     for update in tqdm(range(counters["update"] + 1, args.updates + 1), disable=rank != 0,
                        desc="updates", initial=counters["update"], total=args.updates):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(update, args, group["base_lr"])
-        if update <= args.critic_warmup:  # the critic learns first; the actor stands still
-            optimizer.param_groups[0]["lr"] = 0.0
-        lr = optimizer.param_groups[0]["lr"]
+        # --critic-warmup: the critic learns first; the actor takes no step (ppo_update)
+        actor_frozen = update <= args.critic_warmup
+        actor, critic = optimizer.param_groups
+        actor["lr"] = 0.0 if actor_frozen else learning_rate(update, args, args.lr,
+                                                             first=args.critic_warmup + 1)
+        critic["lr"] = learning_rate(update, args, args.critic_lr)
+        lr = actor["lr"]
         # Rollouts, teacher and PPO passes run in eval mode: LoRA dropout would make the first ratio
         # differ from 1.
         policy.eval()
         start = time.perf_counter()
         # ---- 1. Rollout (rollout.py, docs/ALGORITHM.md §3) ------------------------------------
         batch = runner.collect(policy, args.steps_per_update // args.num_envs, args.temperature,
-                               args.max_new_tokens, args.format_reward, args.format_penalty)
+                               args.max_new_tokens, args.format_reward, args.format_penalty,
+                               teacher.kl_temperature() if args.guidance == "kl" else None)
         time_rollout = time.perf_counter() - start
         # ---- 2. Guide: the merged teacher's KL penalties or SFT answers (teacher.py, §4.2-4.3) -
         guidance = teacher.guide(policy, batch, runner.envs[0].unwrapped) if teacher else None
@@ -175,7 +181,7 @@ def main(args, rank, world, device):
         start = time.perf_counter()
         # --merge-snapshot epoch: ppo_update keeps the policy adapter after each epoch for step 4.
         snapshots = [] if teacher and args.merge_snapshot == "epoch" else None
-        logs = ppo_update(model, optimizer, batch, guidance, args, snapshots)
+        logs = ppo_update(model, optimizer, batch, guidance, args, snapshots, actor_frozen)
         time_update = time.perf_counter() - start
         # ---- 4. Merge the new policy into the teacher (teacher.py, merge.py, §4.1) ------------
         time_merge = teacher.merge(policy, update, snapshots or ()) if teacher else 0.0
@@ -188,7 +194,8 @@ def main(args, rank, world, device):
                   "env_steps_per_s": args.steps_per_update * world / time_rollout, "lr": lr}
         log_update(metrics, batch, guidance, logs | timing, counters, recent, world)
         if update % args.save_every == 0 or update == args.updates:
-            checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world)
+            checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world,
+                            args.keep_checkpoints)
         if args.eval_every and update % args.eval_every == 0 and update != args.updates:
             run_evaluation(policy, args, rank, world, update, metrics)
     if args.eval_episodes and counters["update"] > 0:  # a warm start alone was evaluated above
@@ -219,11 +226,13 @@ def advantages_and_returns(batch, guidance, args):
     return normalize_advantages(advantages.flatten()), returns.flatten(), diagnostics
 
 
-def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
+def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_frozen=False):
     """PPO epochs over mini-batches of one rollout (docs/ALGORITHM.md §3). Returns the logs.
     `optimizer`: actor_critic_optimizer's. `snapshots`: a list that gets a copy of the policy
     adapter after every epoch in which the policy stepped, the last one at an early stop
-    (--merge-snapshot epoch, §4.1)."""
+    (--merge-snapshot epoch, §4.1). `actor_frozen` (--critic-warmup): only the critic steps; the
+    actor's gradients are dropped before each step, so Adam neither moves the actor nor feeds
+    its moments."""
     advantages, returns, diagnostics = advantages_and_returns(batch, guidance, args)  # [T*N] each
     old_logprobs = batch.old_logprobs.flatten()  # [T*N]
     old_values = batch.values.flatten()  # [T*N], the value clip's anchor
@@ -270,6 +279,9 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None):
             if args.target_kl and all_mean(logs["approx_kl"][first:], world) > 1.5 * args.target_kl:
                 stop = True
                 break
+            if actor_frozen:
+                for param in optimizer.param_groups[0]["params"]:
+                    param.grad = None  # Adam skips a parameter without a gradient
             (grad_norm, critic_grad_norm), stepped = clipped_step(optimizer, clip_groups)
             logs["grad_norm"].append(grad_norm)
             logs["grad_norm_critic"].append(critic_grad_norm)
@@ -296,7 +308,7 @@ def recomputed_logprobs(model, batch, order, targets, args):
         for micro in range(0, len(minibatch), args.micro_batch_size):
             idx = minibatch[micro:micro + args.micro_batch_size]
             out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx],
-                        args.temperature, targets=micro_batch_targets(targets, idx))
+                        args.temperature, targets=micro_batch_targets(targets, idx), value=False)
             logprobs[idx] = out["seq_logprob"].float().cpu()
     return logprobs
 
@@ -357,8 +369,10 @@ def run(argv=None):
     """The command line: the process group (torchrun's, else a world of one) lives around `main`."""
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
-    main(args, rank, world, device)
-    shutdown_distributed(world)  # main's frame, DDP wrapper included, is gone by now
+    try:
+        main(args, rank, world, device)
+    finally:  # also after an exit inside main; main's frame, DDP wrapper included, is gone now
+        shutdown_distributed(world)
 
 
 if __name__ == "__main__":

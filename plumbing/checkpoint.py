@@ -9,13 +9,18 @@ A checkpoint (OUT/checkpoint) holds:
                (sampling, dropout, mini-batch order) and a digest of its weights. Resumed on
                another number of processes, these are not used: the environments are dealt
                afresh, with a warning.
-It is written to OUT/checkpoint.tmp and renamed, so a kill at any moment leaves a complete one.
-On resume, metrics.jsonl is cut back to the checkpoint's update: no gap and no duplicate.
+  manifest.json  every file's size and SHA-256, written last.
+It is written to OUT/checkpoint.tmp and renamed, so a kill at any moment leaves a complete one;
+the previous ones stay as OUT/checkpoint.1, .2, ... (--keep-checkpoints in all). On resume, a
+checkpoint whose files do not match its manifest (cut short by a full disk or an interrupted
+copy) is passed over with a warning for the previous one, and metrics.jsonl is cut back to the
+resumed update: no gap and no duplicate. rank<r>.pkl is a pickle: resuming runs code it holds,
+so resume only checkpoints from runs one trusts.
 
 Use (train.py):
     check_start(args, world)                             # --init, --teacher, --resume fit?
     metrics = open_run(out, config, last_update)         # config.json, metrics.jsonl
-    save(out, policy, optimizer, runner, counters, rank, world)
+    save(out, policy, optimizer, runner, counters, rank, world, keep=2)
     runner, counters = load(latest(out), optimizer, rank, world)   # runner None: another
                                                                    # process count
 """
@@ -30,18 +35,59 @@ import sys
 import torch
 import torch.distributed as dist
 
+# The most checkpoint folders `latest` looks through (--keep-checkpoints is checked against it).
+MAX_KEPT = 10
 # Flags that fix what a checkpoint holds; resuming with others would silently mix runs.
 FIXED_FLAGS = ("model", "env", "guidance", "num_envs", "steps_per_update", "lora_r", "lora_vision",
                "lora_targets")
 
 
+def folders(out, keep):
+    """The checkpoint folders of a run, newest first: OUT/checkpoint, OUT/checkpoint.1, ..."""
+    return [os.path.join(out, "checkpoint")] + [os.path.join(out, f"checkpoint.{i}")
+                                                  for i in range(1, keep)]
+
+
+def damage(path):
+    """None if the checkpoint in `path` is complete, else what is wrong with it (one line)."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.exists(os.path.join(path, "trainer.pt")):
+        return "it has no trainer.pt"
+    if not os.path.exists(manifest):
+        return None  # written by a version without manifests: taken as it is
+    try:
+        with open(manifest) as f:
+            expected = json.load(f)
+    except (OSError, ValueError):
+        return f"{manifest} is unreadable"
+    for name, (size, sha256) in expected.items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != size:
+            return f"{file} is cut short ({os.path.getsize(file)} of {size} bytes)"
+        if _sha256(file) != sha256:
+            return f"{file} is corrupt (its SHA-256 differs from the one saved)"
+    return None
+
+
 def latest(out):
-    """OUT/checkpoint, or the previous one if a save was killed between its two renames; None if
-    neither."""
-    for name in ("checkpoint", "checkpoint.old"):
-        path = os.path.join(out, name)
-        if os.path.exists(os.path.join(path, "trainer.pt")):
+    """The newest complete checkpoint of the run in `out`, or None. An incomplete one is passed
+    over with a warning that names what is wrong and which one is resumed instead."""
+    skipped = []
+    for path in folders(out, MAX_KEPT):
+        if not os.path.exists(path):
+            continue
+        problem = damage(path)
+        if problem is None:
+            if skipped:
+                print(f"warning: --resume: {'; '.join(skipped)}. Resuming from {path} instead.",
+                      file=sys.stderr)
             return path
+        skipped.append(f"{path} is not complete: {problem}")
+    if skipped:
+        sys.exit(f"--resume: {'; '.join(skipped)}; no earlier complete checkpoint in {out}. "
+                 "Start the run again without --resume (or with another --out).")
     return None
 
 
@@ -78,9 +124,18 @@ def _barrier(world):
         dist.barrier()
 
 
-def save(out, policy, optimizer, runner, counters, rank, world):
-    """Write OUT/checkpoint: to a staging folder first, then renamed into place."""
-    final, staging = os.path.join(out, "checkpoint"), os.path.join(out, "checkpoint.tmp")
+def _sha256(file):
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save(out, policy, optimizer, runner, counters, rank, world, keep=2):
+    """Write OUT/checkpoint: to a staging folder first, then renamed into place; the `keep` - 1
+    previous checkpoints move to OUT/checkpoint.1, ... and older ones are deleted."""
+    staging = os.path.join(out, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         adapters = [name for name in ("policy", "teacher", "critic")
@@ -100,14 +155,21 @@ def save(out, policy, optimizer, runner, counters, rank, world):
         pickle.dump({"runner": runner, "rng": rng, "weights_sha256": digest.hexdigest()}, f)
     _barrier(world)
     if rank == 0:
-        old = final + ".old"
-        if os.path.exists(final):
-            # With `final` complete, an `old` still there is what a kill during the last clean-up
-            # left (possibly half deleted); rename() cannot replace a non-empty folder.
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-        os.rename(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
+        files = sorted(os.path.relpath(os.path.join(folder, name), staging)
+                       for folder, _, names in os.walk(staging) for name in names)
+        with open(os.path.join(staging, "manifest.json"), "w") as f:
+            json.dump({name: (os.path.getsize(os.path.join(staging, name)),
+                              _sha256(os.path.join(staging, name))) for name in files}, f)
+        # Shift checkpoint -> .1 -> .2 ...; a folder past `keep` (and a half-deleted one that a
+        # kill during the last clean-up left) is removed first: rename() cannot replace one.
+        kept = folders(out, keep + 1)
+        shutil.rmtree(kept[-1], ignore_errors=True)
+        for newer, older in reversed(list(zip(kept, kept[1:]))):
+            if os.path.exists(newer):
+                shutil.rmtree(older, ignore_errors=True)
+                os.rename(newer, older)
+        os.rename(staging, kept[0])
+        shutil.rmtree(kept[-1], ignore_errors=True)
     _barrier(world)
 
 
@@ -123,7 +185,7 @@ def load(path, optimizer, rank, world):
     # Rank 0 saved the optimizer state from its own GPU: unmapped, every rank would restore it onto
     # that GPU (and a machine without one could not read it). load_state_dict moves each tensor
     # to its parameter's device.
-    trainer = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+    trainer = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(trainer.pop("optimizer"))
     saved_world = trainer.pop("world_size", world)
     if saved_world != world:

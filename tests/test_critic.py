@@ -155,8 +155,9 @@ def train(tiny_dir, out, *flags):
 
 def test_train_warms_the_critic_up_and_resumes_it(tiny_dir, tmp_path):
     """--critic adapter end to end: with --critic-warmup 2 the policy adapter stays as it was
-    initialised while the critic adapter learns; the checkpoint holds the critic adapter, and
-    --resume continues with the actor learning."""
+    initialised while the critic adapter learns, and Adam keeps no moments of the actor; the
+    checkpoint holds the critic adapter, and --resume continues with the actor learning from the
+    start of its own cosine schedule (--lr at its first update)."""
     from peft.utils import load_peft_weights
     out = tmp_path / "run"
     flags = ["--guidance", "kl", "--critic", "adapter", "--critic-warmup", "2",
@@ -171,6 +172,25 @@ def test_train_warms_the_critic_up_and_resumes_it(tiny_dir, tmp_path):
     assert all(torch.equal(initial[k], saved[k]) for k in initial)
     critic = load_peft_weights(str(adapters / "critic"))
     assert any(not torch.equal(saved[k], critic[k]) for k in saved)
+    trainer = torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)
+    groups = trainer["optimizer"]["param_groups"]
+    assert groups[1]["params"] and all(i in trainer["optimizer"]["state"]
+                                       for i in groups[1]["params"])
+    assert not any(i in trainer["optimizer"]["state"] for i in groups[0]["params"])
     rows = train(tiny_dir, out, *flags, "--updates", "3", "--resume")
-    assert [r["update"] for r in rows] == [1, 2, 3] and rows[-1]["lr"] > 0
+    assert [r["update"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["lr"] == pytest.approx(Args().lr)
     assert all(np.isfinite(r["grad_norm_critic"]) and 0.0 <= r["opening_prob"] <= 1.0 for r in rows)
+
+
+def test_normalised_returns_stay_finite_when_all_returns_are_equal(critics):
+    """A batch whose returns are all equal has variance 0: the normalisation's floor keeps the
+    value loss finite, so the step is not skipped."""
+    head = critics["adapter"].value_head
+    state = {k: v.clone() for k, v in head.state_dict().items()}
+    try:
+        head.return_var.zero_()
+        head.return_count.fill_(64)
+        assert torch.isfinite(head.normalize(torch.tensor([1.0, 1.5]))).all()
+    finally:
+        head.load_state_dict(state)

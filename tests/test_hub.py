@@ -260,3 +260,48 @@ def test_qwen3_vl_loads_samples_and_scores_targets_like_answers(tiny_dir):
                             targets=[target, target])["target_logprobs"].sum(1)
         as_answers = policy(encoded, [target, target], 1.0)["logprobs"].sum(1)
     assert len(texts) == 2 and torch.allclose(as_targets, as_answers, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_every_adapter_gets_its_exact_gradient_under_gradient_checkpointing(tiny_dir, architecture):
+    """--critic adapter runs the critic's pass with its own adapter inside the policy's forward,
+    and backward replays checkpointed layers: each must be replayed with the adapter of its own
+    forward pass. Policy adapter moved away from zero, critic adapter offset from it: both
+    adapters' gradients equal the unchecked ones, the vision tower's included."""
+    folder = tiny_model(tiny_dir, architecture=architecture)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        policy = perturbed(load_policy(folder, envs.action_span, lora_r=8, lora_alpha=16,
+                                       lora_dropout=0.0, critic="adapter",
+                                       gradient_checkpointing=checkpointing))
+        with torch.no_grad():
+            for param in policy.adapter_parameters("critic").values():
+                param.add_(0.05 * torch.randn_like(param))  # the critic has drifted
+        encoded = observations(policy, 3)
+        responses = [policy.answer_ids(envs.format_answer("current 2, target 4", "+"))] * 3
+        out = policy(encoded, responses, 1.0)
+        (out["seq_logprob"].sum() + out["value"].sum()).backward()
+        grads.append({name: torch.cat([p.grad.flatten() for p in
+                                       policy.adapter_parameters(name).values()])
+                      for name in ("policy", "critic")})
+        assert any(".visual." in n and p.grad is not None and p.grad.abs().sum() > 0
+                   for n, p in policy.model.named_parameters() if ".critic." in n)
+    exact, checkpointed = grads
+    for name in ("policy", "critic"):
+        difference = (checkpointed[name] - exact[name]).norm() / exact[name].norm()
+        assert difference < 1e-4, (name, difference.item())
+
+
+def test_use_adapter_puts_back_the_adapter_it_found(make_policy):
+    """A pass nested in a teacher pass (the critic's own, inside forward) leaves the teacher
+    active; leaving the outer block makes the policy active again."""
+    policy = make_policy(critic="adapter")
+    policy.add_teacher()
+    with policy.use_adapter("teacher"):
+        with policy.use_adapter("critic"):
+            assert policy.model.active_adapter == "critic"
+        assert policy.model.active_adapter == "teacher"
+        policy(observations(policy, 1), [policy.answer_ids("{}")], 1.0)  # reads the critic
+        assert policy.model.active_adapter == "teacher"
+    assert policy.model.active_adapter == "policy"

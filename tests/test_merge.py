@@ -151,7 +151,37 @@ def test_first_update_is_detached_clone():
     assert torch.equal(teacher["x"], policy["x"].detach())
 
 
+def test_first_ties_merge_from_a_zero_teacher_is_the_weighted_policy():
+    """A real --model without --init starts LoRA at B = 0, and so does the teacher. TIES's zero
+    entries abstain, but a B that is zero throughout has not moved: the first EMA merge gives
+    alpha trim(B) (the linear 0.5x), not trim(B) at full weight; A, moved in both, as before."""
+    torch.manual_seed(0)
+    start = {"lora_A": torch.randn(4, 6), "lora_B": torch.zeros(5, 4)}
+    policy = {"lora_A": start["lora_A"] + 0.01 * torch.randn(4, 6), "lora_B": torch.randn(5, 4)}
+    teacher = merge.update_teacher(start, policy, 1, scheme="ema", alpha=0.5, method="ties",
+                                   density=0.8)
+    assert torch.allclose(teacher["lora_B"], 0.5 * merge._trim(policy["lora_B"], 0.8))
+    both_moved = merge.ties([policy, start], [0.5, 0.5], density=0.8)["lora_A"]
+    assert torch.equal(teacher["lora_A"], both_moved)
+    # Entries trimmed to zero in a tensor that did move still abstain.
+    moved = {"x": t([1.0, 0.0])}
+    assert torch.equal(merge.ties([{"x": t([2.0, 4.0])}, moved], [0.5, 0.5], 1.0)["x"],
+                       t([1.5, 4.0]))
+
+
 # ---------------------------------------------------------------- DARE
+
+def test_dare_drops_the_incoming_checkpoints_and_not_the_running_teacher():
+    """Each DARE merge drops and rescales the new snapshots only: the old teacher, already a
+    merge, enters whole, so the drop noise does not pile up update after update."""
+    teacher, policy = {"x": torch.ones(1000)}, {"x": torch.zeros(1000)}
+    merged = merge.update_teacher(teacher, policy, 2, scheme="ema", alpha=0.5, method="dare",
+                                  density=0.5, seed=3)
+    assert torch.equal(merged["x"], torch.full((1000,), 0.5))
+    merged = merge.update_teacher(policy, teacher, 2, scheme="ema", alpha=0.5, method="dare",
+                                  density=0.5, seed=3)
+    assert set(merged["x"].tolist()) == {0.0, 1.0}  # the policy's entries: dropped or doubled
+
 
 def test_dare_deterministic_per_seed():
     vectors = [_snapshot(1), _snapshot(2)]

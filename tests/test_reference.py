@@ -74,10 +74,12 @@ def test_kl_is_scored_at_the_kl_temperature(make_policy):
     perturb(policy, 0.2)  # the policy moves away from its teacher
     batch = rollout_of(policy)
     sampling = 0.5
-    with torch.no_grad():
-        scored = policy(batch.encoded, batch.responses, sampling)
+    with torch.no_grad():  # as the rollout scores its answers: at T = 1 too, in the same pass
+        scored = policy(batch.encoded, batch.responses, sampling, extra_temperature=1.0)
     batch.token_logprobs = [lp[lp.shape[0] - len(r):]
                             for lp, r in zip(scored["logprobs"], batch.responses)]
+    batch.kl_token_logprobs = [lp[lp.shape[0] - len(r):]
+                               for lp, r in zip(scored["extra_logprobs"], batch.responses)]
     for kl_temperature, scored_at in ((1.0, 1.0), (-1.0, sampling)):
         teacher.args = Args(kl_temperature=kl_temperature, temperature=sampling, micro_batch_size=4)
         kl = teacher.kl_penalties(policy, batch)

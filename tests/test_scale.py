@@ -144,6 +144,29 @@ def test_incompatible_resume_fails_clearly(tiny_dir, tmp_path):
     assert result.returncode != 0 and "no checkpoint" in result.stderr
 
 
+def test_a_cut_checkpoint_falls_back_to_the_previous_one(tiny_dir, tmp_path):
+    """A trainer.pt or rank<r>.pkl cut short (a full disk, an interrupted copy) fails its
+    manifest: --resume warns, naming the file, and resumes the previous checkpoint (kept by
+    --keep-checkpoints 2); with no complete one left it stops with one line, no traceback."""
+    out = tmp_path / "run"
+    base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4",
+            "--minibatch-size", "4", "--guidance", "kl", "--save-every", "1"]
+    train(tiny_dir, *base, "--updates", "3")
+    assert sorted(os.listdir(out)).count("checkpoint.1") == 1
+    assert "checkpoint.2" not in os.listdir(out)
+    trainer = out / "checkpoint" / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[: trainer.stat().st_size // 2])
+    result = train(tiny_dir, *base, "--updates", "4", "--resume")
+    assert f"{trainer} is cut short" in result.stderr and "checkpoint.1 instead" in result.stderr
+    assert updates(out) == [1, 2, 3, 4]  # update 3 again, from the checkpoint of update 2
+    for folder in ("checkpoint", "checkpoint.1"):
+        ranks = out / folder / "rank0.pkl"
+        ranks.write_bytes(ranks.read_bytes()[:100])
+    result = train(tiny_dir, *base, "--updates", "5", "--resume", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "rank0.pkl is cut short" in result.stderr and "without --resume" in result.stderr
+
+
 def test_eval_only_reports_success_with_stderr(tiny_dir, tmp_path):
     out = tmp_path / "run"
     base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4",
