@@ -72,17 +72,22 @@ def _adapter_layers(module):
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
-@contextlib.contextmanager
-def _adapters_active(adapter_layers, names):
-    """Run `adapter_layers` with the adapters `names` (one entry per layer), then put back the
-    ones they had. Only the layers' active adapter is set: no gradient flag is touched."""
-    found = [layer._active_adapter for layer in adapter_layers]
-    for layer, name in zip(adapter_layers, names):
-        layer._active_adapter = name
-    try:
-        yield
-    finally:
-        for layer, name in zip(adapter_layers, found):
+class _ActiveAdapters:
+    """Context manager: run `adapter_layers` with the adapters `names` (one entry per layer),
+    then put back the ones they had. Only the layers' active adapter is set: no gradient flag is
+    touched. It can be entered again (backward recomputes a layer once per backward pass through
+    it, e.g. twice for a graph kept with retain_graph)."""
+
+    def __init__(self, adapter_layers, names):
+        self.adapter_layers, self.names, self.found = adapter_layers, names, []
+
+    def __enter__(self):
+        self.found.append([layer._active_adapter for layer in self.adapter_layers])
+        for layer, name in zip(self.adapter_layers, self.names):
+            layer._active_adapter = name
+
+    def __exit__(self, *exception):
+        for layer, name in zip(self.adapter_layers, self.found.pop()):
             layer._active_adapter = name
 
 
@@ -96,7 +101,7 @@ def _recompute_with_forward_adapters(adapter_layers):
     from the wrong activations. The adapters active in the forward pass are read here, at
     forward time, and set again around the recomputation."""
     names = [layer._active_adapter for layer in adapter_layers]
-    return contextlib.nullcontext(), _adapters_active(adapter_layers, names)
+    return contextlib.nullcontext(), _ActiveAdapters(adapter_layers, names)
 
 
 # ---- The actor-critic ------------------------------------------------------------------------

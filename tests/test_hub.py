@@ -281,7 +281,11 @@ def test_every_adapter_gets_its_exact_gradient_under_gradient_checkpointing(tiny
         encoded = observations(policy, 3)
         responses = [policy.answer_ids(envs.format_answer("current 2, target 4", "+"))] * 3
         out = policy(encoded, responses, 1.0)
-        (out["seq_logprob"].sum() + out["value"].sum()).backward()
+        loss = out["seq_logprob"].sum() + out["value"].sum()
+        # A first gradient with the graph kept (train.py's diagnostics): layers recompute twice.
+        torch.autograd.grad(loss, list(policy.adapter_parameters("critic").values()),
+                            retain_graph=True)
+        loss.backward()
         grads.append({name: torch.cat([p.grad.flatten() for p in
                                        policy.adapter_parameters(name).values()])
                       for name in ("policy", "critic")})
