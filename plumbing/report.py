@@ -22,6 +22,7 @@ from tqdm import tqdm
 from envs import extract_thoughts, thought_diversity, thought_grounding
 from plumbing import checkpoint
 from plumbing.distributed import all_mean
+from plumbing.provenance import code_version
 from rollout import evaluate
 
 
@@ -30,7 +31,7 @@ class RunLog:
     numbers as scalars there, against the update (evaluations under eval/)."""
 
     def __init__(self, args, world, last_update):
-        config = dataclasses.asdict(args) | {"world_size": world}
+        config = dataclasses.asdict(args) | {"world_size": world} | code_version()
         self.file = checkpoint.open_run(args.out, config, last_update)
         self.tensorboard = self.wandb = None
         if args.tensorboard:

@@ -25,8 +25,10 @@ figure whose file names are --name with .md and .png added:
         --variants "sma=kl --merge-weights sma"
                                               # an ablation: each variant is a method with its flags
 
-Finished runs (their final eval line written) are kept, so an interrupted comparison continues
-where it stopped.
+Finished runs (their final eval line written) of the current code are kept, so an interrupted
+comparison continues where it stopped. A run made by other code (its config.json's code digest,
+plumbing/provenance.py) is run again, and so are the runs that start from a warm start run
+again: a table never pairs the runs of one version with the warm starts of another.
 """
 
 import json
@@ -41,6 +43,9 @@ from dataclasses import dataclass
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from plumbing.flags import invalid, parse_dataclass  # noqa: E402  (the repository root is not a package)
+from plumbing.provenance import code_digest  # noqa: E402
+
+CODE_DIGEST = code_digest()  # the code this comparison's runs must have been made by
 
 METHODS = {"none": "PPO only (RL4VLM)", "sft": "GTR-Turbo SFT", "kl": "GTR-Turbo KL"}
 
@@ -102,11 +107,16 @@ def run_dir(args, env, method, seed):
     return os.path.join(args.out, env.split("/")[-1], method, f"seed{seed}")
 
 
-def finished(path, updates):
-    """A run is done when its evaluation after the last update is written."""
-    evals = os.path.join(path, "eval.jsonl")
-    return os.path.exists(evals) and any(json.loads(line)["update"] == updates
-                                         for line in open(evals))
+def finished(path, updates, after=0.0):
+    """A run is done when its evaluation after the last update is written, by the current code
+    (its config.json's code digest), later than `after` (its warm start's end, a time stamp)."""
+    evals, config = os.path.join(path, "eval.jsonl"), os.path.join(path, "config.json")
+    if not (os.path.exists(evals) and os.path.exists(config)) or os.path.getmtime(evals) < after:
+        return False
+    with open(config) as f:
+        if json.load(f).get("code_digest") != CODE_DIGEST:
+            return False
+    return any(json.loads(line)["update"] == updates for line in open(evals))
 
 
 def usable_cores():
@@ -130,7 +140,9 @@ def train(args, env, method, seed, threads):
                                                "--warmup-sft-steps", "0",
                                                "--updates", str(args.updates),
                                                *args.train_flags.split(), *flags]
-    if finished(path, updates):
+    warm_evals = os.path.join(run_dir(args, env, "warm", seed), "eval.jsonl")
+    after = 0.0 if method == "warm" else os.path.getmtime(warm_evals)
+    if finished(path, updates, after):
         return path
     os.makedirs(path, exist_ok=True)
     environ = dict(os.environ, OMP_NUM_THREADS=str(threads))

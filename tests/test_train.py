@@ -1,6 +1,7 @@
 """train.py end to end on the tiny model (subprocess smoke runs, like CleanRL's) and its wiring."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -334,18 +335,31 @@ def test_plot_draws_a_run(tiny_dir, tmp_path):
 
 def test_compare_smoke(tiny_dir, tmp_path):
     """scripts/compare.py runs a warm start and the three methods from it, and writes the
-    table."""
+    table. Run again, it keeps every finished run; a warm start made by other code (another code
+    digest in its config.json) is trained again, and every run that starts from it is rerun."""
     small = "--num-envs 2 --lora-r 8 --lora-alpha 16 --max-new-tokens 16"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"),
-                             "--seeds", "1", "--envs", "gtr/NumberLine-v0", "--updates", "1",
-                             "--jobs", "1", "--eval-episodes", "2",
-                             f"--warmup-flags=--warmup-sft-steps 2 --warmup-batch-size 4 {small}",
-                             "--train-flags=--steps-per-update 4 --minibatch-size 4 "
-                             f"--ppo-epochs 1 {small}",
-                             "--out", str(tmp_path / "runs"), "--docs", str(tmp_path)],
-                            cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    def compare():
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"),
+                                 "--seeds", "1", "--envs", "gtr/NumberLine-v0", "--updates", "1",
+                                 "--jobs", "1", "--eval-episodes", "2",
+                                 f"--warmup-flags=--warmup-sft-steps 2 --warmup-batch-size 4 "
+                                 f"{small}",
+                                 "--train-flags=--steps-per-update 4 --minibatch-size 4 "
+                                 f"--ppo-epochs 1 {small}",
+                                 "--out", str(tmp_path / "runs"), "--docs", str(tmp_path)],
+                                cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return re.findall(r"^(gtr/\S+ \w+ seed \d+): \d+ s$", result.stdout, re.MULTILINE)
+
+    assert len(compare()) == 4  # the warm start and three methods
     table = open(tmp_path / "comparison.md").read()
     for method in ("PPO only (RL4VLM)", "GTR-Turbo SFT", "GTR-Turbo KL"):
         assert f"| NumberLine-v0 | {method} |" in table
+    assert compare() == []
+    config_path = tmp_path / "runs" / "NumberLine-v0" / "warm" / "seed0" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"code_digest": "another version"}))
+    assert sorted(compare()) == sorted(f"gtr/NumberLine-v0 {method} seed 0"
+                                       for method in ("warm", "none", "sft", "kl"))
