@@ -18,7 +18,7 @@ import gymnasium as gym
 import envs
 from plumbing import checkpoint
 from plumbing.flags import invalid, parse_dataclass
-from plumbing.tinyvlm import TINY_MODELS, WARM_START_STEPS
+from plumbing.tinyvlm import TINY_MODELS, WARM_START_MAX_STEPS, WARM_START_STEPS
 
 
 @dataclass
@@ -152,6 +152,10 @@ class Args:
     warmup_sft_steps: int = -1
     """optimizer steps of SFT on expert demonstrations before RL (0: none; -1: 200 for a tiny
     --model without --init, else 0: a real checkpoint gets this toy warm start only when given N)"""
+    warmup_target_loss: float = 0.0
+    """the warm start stops once its held-out SFT loss per answer token is at most this (checked
+    every 50 steps; --warmup-sft-steps -1 then allows up to 1000 steps; 0: all the steps;
+    NumberLine: 0.05, where its warm starts read the picture)"""
     warmup_lr: float = 1e-3
     """learning rate of the warm start"""
     warmup_batch_size: int = 32
@@ -189,6 +193,7 @@ def check_args(args):
             invalid(name, getattr(args, name), "positive")
     for name in ("updates", "seed", "thought_coef", "vf_coef", "target_kl", "lr_min",
                  "lr_updates", "kl_coef", "sft_coef", "value_clip", "unparsed_kl", "critic_warmup",
+                 "warmup_target_loss",
                  "eval_episodes", "eval_every", "merge_every"):
         if getattr(args, name) < 0:
             invalid(name, getattr(args, name), "non-negative")
@@ -217,13 +222,16 @@ def check_args(args):
 
 def resolve_warmup(args):
     """--warmup-sft-steps -1 made explicit: for a tiny model that starts afresh, its family's
-    steps (200 on the card games, where it learns to read its pictures; 800 on the household);
+    steps (200 on the card games; 800 on the household), or up to 1000 where the warm start stops
+    at --warmup-target-loss (NumberLine: its seeds learn to read the picture after 200 to more
+    than 500 steps);
     none for a real checkpoint, whose RL starts from its own SFT (hundreds of steps at lr 1e-3 on
     the bundled experts would overwrite a pretrained 7B), or from an --init adapter."""
     if args.warmup_sft_steps == -1:
         tiny = args.model in TINY_MODELS and not args.init
         family = envs.FAMILY_OF.get(args.env, "cards")
-        args.warmup_sft_steps = WARM_START_STEPS[family] if tiny else 0
+        steps = WARM_START_MAX_STEPS if args.warmup_target_loss else WARM_START_STEPS[family]
+        args.warmup_sft_steps = steps if tiny else 0
     return args
 
 

@@ -22,7 +22,11 @@ from tqdm import tqdm
 
 import envs as gtr_envs
 from distill import sft_loss
+from plumbing.distributed import all_mean
 from ppo import accumulated_step
+
+
+TARGET_CHECK_EVERY = 50  # warm-start steps between readings of the held-out loss
 
 
 def random_move(game, rng):
@@ -88,23 +92,31 @@ def demonstration_sft_loss(model, policy, demos):
 def warm_start(model, policy, trainable, args, rank, world):
     """SFT of the policy adapter on expert demonstrations; returns a metrics row with the loss
     on 32 held-out demonstrations before and after. Reads these fields of train.py's Args: env,
-    seed, num_envs, warmup_sft_steps, warmup_lr, warmup_batch_size, micro_batch_size."""
+    seed, num_envs, warmup_sft_steps, warmup_target_loss, warmup_lr, warmup_batch_size,
+    micro_batch_size."""
     optimizer = torch.optim.Adam(trainable, lr=args.warmup_lr)
     held_out = held_out_demonstrations(args.env)
     demonstrations = training_demonstrations(args, rank)
     loss_before = demonstration_loss(policy, held_out, args.micro_batch_size)
     start = time.perf_counter()
-    policy.train()
     loss_of = functools.partial(demonstration_sft_loss, model, policy)
-    for _ in tqdm(range(args.warmup_sft_steps), disable=rank != 0, desc="warm start"):
+    steps = 0
+    for steps in tqdm(range(1, args.warmup_sft_steps + 1), disable=rank != 0, desc="warm start"):
+        policy.train()
         demos = list(itertools.islice(demonstrations, args.warmup_batch_size))
         accumulated_step(loss_of, demos, args.micro_batch_size, optimizer, [(trainable, 1.0)],
                          model=model)
+        # --warmup-target-loss: stop once the held-out loss says the picture is read (the same
+        # decision on every process: the loss is averaged over them).
+        if args.warmup_target_loss and steps % TARGET_CHECK_EVERY == 0:
+            loss = all_mean([demonstration_loss(policy, held_out, args.micro_batch_size)], world)
+            if loss <= args.warmup_target_loss:
+                break
     loss_after = demonstration_loss(policy, held_out, args.micro_batch_size)
     if rank == 0:
         tqdm.write(f"warm start: held-out SFT loss {loss_before:.3f} -> {loss_after:.3f} "
-                   f"after {args.warmup_sft_steps} steps")
-    return {"update": 0, "phase": "warm_start", "warmup_steps": args.warmup_sft_steps,
+                   f"after {steps} steps")
+    return {"update": 0, "phase": "warm_start", "warmup_steps": steps,
             "warmup_loss_before": loss_before, "warmup_loss_after": loss_after,
             "time_warmup": time.perf_counter() - start}
 

@@ -55,7 +55,8 @@ FAMILY_OF = ({env_id: family for family, ids in FAMILIES.items() for env_id in i
 # and evaluates 32 episodes, not 50 and 128 (an episode lasts up to 50 steps): a default run with
 # its 800-step warm start then fits 25 minutes on 2 CPU cores.
 ALFWORLD_SETTINGS = {"thought_coef": 0.2, "format_reward": 5.0, "format_penalty": -5.0}
-ENV_DEFAULTS = {"gtr/ALFWorld-v0": ALFWORLD_SETTINGS,
+ENV_DEFAULTS = {"gtr/NumberLine-v0": {"warmup_target_loss": 0.05},
+                "gtr/ALFWorld-v0": ALFWORLD_SETTINGS,
                 "gtr/Household-v0": ALFWORLD_SETTINGS | {"updates": 40, "eval_episodes": 32}}
 
 # What an environment needs beyond requirements.txt: a function giving None, or one line saying

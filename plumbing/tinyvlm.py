@@ -79,6 +79,7 @@ CORPUS_STEPS = {"cards": 1, "household": 60}
 # copies a command out of the prompt's list, a lookup the 2-layer model learns slowly: 200 steps
 # win no evaluation episode, 800 win about one in six (docs/RESULTS.md, "Household").
 WARM_START_STEPS = {"cards": 200, "household": 800}
+WARM_START_MAX_STEPS = 1000  # the auto warm start's cap where it stops at a held-out loss
 
 
 def tiny_model(cache_dir="tiny-vlm", seed=0, image_size=112, family="cards",

@@ -68,10 +68,12 @@ def test_readme_runs_each_paper_experiment_with_the_reference_settings(monkeypat
 
 def test_warm_start_is_the_tiny_models_only_unless_asked():
     """-1 (the default): 200 steps for a tiny model that starts afresh on the card games, 800 on
-    the household; none for a real checkpoint (a hub id or a folder), a random paper-size model,
-    or an --init adapter."""
-    assert parse_args([]).warmup_sft_steps == 200
-    assert parse_args(["--model", "tiny-qwen2.5-vl"]).warmup_sft_steps == 200
+    the household, up to 1000 where it stops at a held-out loss (NumberLine's 0.05); none for a
+    real checkpoint (a hub id or a folder), a random paper-size model, or an --init adapter."""
+    assert parse_args([]).warmup_sft_steps == 1000 and parse_args([]).warmup_target_loss == 0.05
+    ez_points = ["--env", "gtr/EZPoints-v0"]
+    assert parse_args(ez_points).warmup_sft_steps == 200
+    assert parse_args([*ez_points, "--model", "tiny-qwen2.5-vl"]).warmup_sft_steps == 200
     assert parse_args(["--env", "gtr/Household-v0"]).warmup_sft_steps == 800
     household_7b = ["--env", "gtr/Household-v0", "--model", "Qwen/Qwen2.5-VL-7B-Instruct"]
     assert parse_args(household_7b).warmup_sft_steps == 0
