@@ -54,7 +54,8 @@ class Args:
     thought_coef: float = 0.5
     """lambda: thoughts' weight in the action log-prob (0.5 card games; 0.2 Household, ALFWorld)"""
     format_reward: float = 3.0
-    """parsed answer's reward, added after GAE (0 here and in --format-penalty: off; Household 5)"""
+    """reward of an answer that parses, added after GAE (Household: 5; 0 for both this and
+    --format-penalty turns the format reward off)"""
     format_penalty: float = -2.0
     """reward for an answer that does not parse (Household, ALFWorld: -5)"""
     unparsed_action: Literal["random", "penalty"] = "random"

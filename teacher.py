@@ -16,7 +16,8 @@ own base model. Its whole life is here:
                teacher's thoughts                                                   (§4.2)
           --guide-tokens all: the action tokens too (KL over every token; SFT on the
                teacher's whole answer, its own action kept), the paper's ablation   (§4.3)
-  save / resume   its weights travel in the checkpoint as a peft adapter folder.
+  save / resume   its weights travel in the checkpoint as a peft adapter folder
+          (plumbing/checkpoint.py saves it; `load` here reads it back).
 The paper's static-teacher ablation: `--merge-every 0` keeps pi_T^(0), the warm start, for
 the whole run. A fixed adapter (`--teacher FOLDER`) can stand in for the merged one too: GTR
 with a local teacher.

@@ -19,7 +19,7 @@ so resume only checkpoints from runs one trusts.
 
 Use (train.py):
     check_start(args, world)                             # --init, --teacher, --resume fit?
-    metrics = open_run(out, config, last_update)         # config.json, metrics.jsonl
+    metrics = open_run(out, config, last_update)         # config.json, metrics.jsonl (report.py)
     save(out, policy, optimizer, runner, counters, rank, world, keep=2)
     runner, counters = load(latest(out), optimizer, rank, world)   # runner None: another
                                                                    # process count

@@ -1,12 +1,11 @@
 """The tiny offline VLM: a small random Qwen2-VL built in-process, for tests and CPU runs.
 
-Nothing can be downloaded where this project's tests run, so `--model tiny` (train.py's
-default) builds a Qwen2-VL of about 0.8 M parameters: a byte-level BPE tokenizer trained on the
-environments' prompts and expert answers, seeded random weights, and an image processor built
-for one image size. It is saved to a folder and loaded back by `loader.load_policy` through the
-same `from_pretrained` path as a real checkpoint. The choices that let it learn to read the
-pictures (white maps to 0, a large output-head init, the image size) are explained in
-docs/TINY_MODEL.md.
+With nothing to download, `--model tiny` (train.py's default) builds a Qwen2-VL of about 0.8 M
+parameters: a byte-level BPE tokenizer trained on the environments' prompts and expert answers,
+seeded random weights, and an image processor built for one image size. It is saved to a folder
+and loaded back by `loader.load_policy` through the same `from_pretrained` path as a real
+checkpoint. The choices that let it learn to read the pictures (white maps to 0, a large output-
+head init, the image size) are explained in docs/TINY_MODEL.md.
 
 Each family of environments (envs.FAMILIES: the card games, the household) gets its own tiny
 model, its tokenizer trained on that family's text only: a family's prompts stay short, and

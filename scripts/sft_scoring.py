@@ -1,10 +1,11 @@
-"""What scoring SFT targets on the prompt's key-value cache saves (policy.py:ActorCritic).
+"""What scoring SFT targets on the prompt's key-value cache saves (targets.py).
 
-The SFT loss scores the teacher's answers on the agent's prompts. `_score_targets` runs each
-prompt again before its target; `_score_targets_on_prompt_cache` continues from the prompt's
-keys and values of the agent's own pass. This times the PPO epochs of one update (tiny model,
-a warm start of 60 steps so that some teacher answers parse) with no guidance, with the cache
-path and with the plain path, interleaved, and prints the medians and their ratios.
+The SFT loss scores the teacher's answers on the agent's prompts. `targets.py:score_targets`
+runs each prompt again before its target; `targets.py:score_targets_on_prompt_cache` continues
+from the prompt's keys and values of the agent's own pass. This times the PPO epochs of one
+update (tiny model, a warm start of 60 steps so that some teacher answers parse) with no
+guidance, with the cache path and with the plain path, interleaved, and prints the medians and
+their ratios.
 
     python scripts/sft_scoring.py
 """
