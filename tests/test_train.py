@@ -276,7 +276,7 @@ def test_readme_states_the_default_configuration():
     from config import Args
     readme = open(os.path.join(ROOT, "README.md")).read()
     quick_start = readme.split("## Quick start")[1].split("```")[1]
-    assert re.search(r"&& torchrun train\.py +#", quick_start)
+    assert re.search(r"^torchrun train\.py +#", quick_start, flags=re.M)
     assert "python -m pytest -q tests" in quick_start
     section = readme.split("## The default run")[1].split("\n## ")[0]
     rows = re.findall(r"^\| `--([\w-]+)` \| `([^`]*)` \|", section, flags=re.M)
