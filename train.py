@@ -13,7 +13,7 @@ Before RL, a tiny model is warm-started by SFT on the environments' expert demon
 paper starts RL from an SFT checkpoint: a real --model is one, and gets no warm start).
 
 Run (a tiny offline VLM is built on first use; nothing is downloaded):
-    python train.py                       # warm start + GTR-Turbo (KL) on NumberLine, ~6 min on CPU
+    python train.py                       # warm start + GTR-Turbo (KL) on NumberLine, ~5 min on CPU
     python train.py --guidance none       # the RL4VLM baseline (PPO only)
     python train.py --guidance sft --env gtr/Points24-v0
     torchrun --nproc_per_node=2 train.py  # one process per CPU core or GPU
