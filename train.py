@@ -154,7 +154,7 @@ def main(args, rank, world, device):
     if args.warmup_sft_steps and not resume:
         # A checkpoint at update 0: the warm-started policy can seed other runs (--init).
         checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world,
-                            args.keep_checkpoints)
+                        args.keep_checkpoints)
 
     recent = collections.deque(maxlen=10)  # (successes, episodes) of the last 10 updates
     for update in tqdm(range(counters["update"] + 1, args.updates + 1), disable=rank != 0,
