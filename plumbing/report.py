@@ -1,11 +1,20 @@
 """What a run reports: one metrics row per update, its console line, and evaluations.
 
 Statistics are averaged over all processes (`all_mean`), so a torchrun job logs the same
-numbers as one process playing all the environments; only rank 0 prints and writes. The row's
-keys are listed in the README ("What a run writes"): episodes and answers, thought collapse
-(grounding and diversity of the thoughts, docs/ALGORITHM.md §4.5), PPO's health (approx_kl,
-clip and guard fractions, explained variance, gradient norms of each loss, advantage variance
-shares, skipped steps), the teacher's KL or SFT loss, and timings.
+numbers as one process playing all the environments; only rank 0 prints and writes.
+
+`metrics.jsonl`: a row per update (null where nothing was measured; a warm start's row has
+`"phase": "warm_start"` and its held-out SFT loss). The keys: episodes and answers
+(`success_rate`, `episode_return`, `episode_length`, `episodes`, `env_steps`, `format_valid`,
+`entropy`, `thought_tokens`, `opening_prob`, `admissible` on Household and ALFWorld); thought
+collapse (`thought_grounding`, `thought_diversity`, §4.5); PPO's health (`approx_kl`,
+`clip_fraction`, `guard_fraction`, `log_ratio_max`, `first_log_ratio_max`,
+`explained_variance`, `grad_norm`, `grad_norm_critic`, `grad_norm_policy_loss`,
+`grad_norm_value_loss`, `skipped_steps`, `optimizer_steps`, `adv_var_env`, `adv_var_format`,
+`policy_loss`, `value_loss`, `lr`); the teacher (`teacher_kl`, `sft_loss`,
+`teacher_parse_rate`, `teacher_samples`); time (`time_rollout`, `time_update`,
+`time_teacher`, `time_merge`, `env_steps_per_s`). A healthy update has approx_kl 0.003-0.02,
+clip fraction 0.05-0.15, guard 0; approx_kl above 0.1 announced each collapse.
 
 Use (train.py):
     metrics = RunLog(args, world, last_update) if rank == 0 else None
