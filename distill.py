@@ -90,6 +90,20 @@ def sft_loss(logprobs, mask, tokens=None):
     return nll / torch.as_tensor(count, dtype=nll.dtype, device=nll.device)
 
 
+def replay_sft_loss(logprobs, mask, samples):
+    """The reference's SFT loss (docs/ALGORITHM.md §4.2, --sft-batch replay), scalar: each
+    target's mean NLL over its masked tokens, summed and divided by `samples`, the mini-batch's
+    sample count, which also counts the drawn samples that have no target (they add 0).
+
+    `logprobs`, `mask` [B, L]: the policy's log-probs of B targets and the tokens imitated.
+    Unlike `sft_loss`, a short target weighs as much as a long one.
+    """
+    mask = mask.bool()
+    nll = -torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum(-1)  # [B]
+    per_target = nll / mask.sum(-1).clamp(min=1).to(nll.dtype)  # [B]
+    return per_target.sum() / samples
+
+
 def retry_temperatures(start=0.2, factor=1.1, cap=0.9, max_tries=20):
     """Sampling temperatures of the teacher's successive tries until its answer parses
     (docs/ALGORITHM.md §4.2): start, start*factor, start*factor^2, ... capped at `cap`

@@ -97,7 +97,10 @@ class Teacher:
         self.merges += 1
         checkpoints = list(snapshots) or policy.adapter_state("policy")
         previous = None if snapshots and self.merges == 1 else self.weights
-        self.weights = update_teacher(previous, checkpoints, self.merges, scheme=a.merge_weights,
+        # The reference's SMA counts loaded snapshots, 4 per update: merge k weighs the new ones
+        # 1 / (k + 1) in all and the old teacher k / (k + 1), one merge ahead of SMA's 1 / k.
+        k = self.merges + 1 if snapshots and a.merge_weights == "sma" else self.merges
+        self.weights = update_teacher(previous, checkpoints, k, scheme=a.merge_weights,
                                       alpha=a.ema_alpha, method=a.merge, density=a.ties_density,
                                       seed=a.seed + self.merges, space=a.merge_space)
         policy.load_adapter_state(self.weights, "teacher")

@@ -39,7 +39,7 @@ from tqdm import tqdm
 import config
 import envs
 from demonstrations import warm_start
-from distill import kl_penalized_advantages, sft_loss
+from distill import kl_penalized_advantages, replay_sft_loss, sft_loss
 from plumbing import checkpoint
 from plumbing.distributed import all_mean, setup_distributed, shutdown_distributed
 from plumbing.loader import check_adapter_base, load_policy
@@ -121,9 +121,11 @@ def main(args, rank, world, device):
     # bare module.
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
     optimizer = actor_critic_optimizer(policy, args)
-    runner, counters = None, {"update": 0, "env_steps": 0, "merges": 0}
+    runner, counters, replay = None, {"update": 0, "env_steps": 0, "merges": 0}, None
     if resume:  # runner stays None when the run had another number of processes
-        runner, counters = checkpoint.load(resume, optimizer, rank, world)
+        runner, counters, replay = checkpoint.load(resume, optimizer, rank, world)
+    if args.guidance == "sft" and args.sft_batch == "replay" and replay is None:
+        replay = []  # (encoded observation, SFT target or None) of every step since update 1
     if runner is None:
         # Distinct seeds per rank, offset by the update when resumed on another number of processes.
         runner = Rollout([gym.make(args.env) for _ in range(args.num_envs)],
@@ -154,7 +156,7 @@ def main(args, rank, world, device):
     if args.warmup_sft_steps and not resume:
         # A checkpoint at update 0: the warm-started policy can seed other runs (--init).
         checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world,
-                        args.keep_checkpoints)
+                        args.keep_checkpoints, replay)
 
     recent = collections.deque(maxlen=10)  # (successes, episodes) of the last 10 updates
     for update in tqdm(range(counters["update"] + 1, args.updates + 1), disable=rank != 0,
@@ -177,11 +179,14 @@ def main(args, rank, world, device):
         time_rollout = time.perf_counter() - start
         # ---- 2. Guide: the merged teacher's KL penalties or SFT answers (teacher.py, §4.2-4.3) -
         guidance = teacher.guide(policy, batch, runner.envs[0].unwrapped) if teacher else None
+        if replay is not None:  # --sft-batch replay: this rollout's targets join the buffer
+            replay.extend(zip(batch.encoded, guidance.sft_targets))
         # ---- 3. PPO epochs on the rollout (ppo.py, §3) ----------------------------------------
         start = time.perf_counter()
         # --merge-snapshot epoch: ppo_update keeps the policy adapter after each epoch for step 4.
         snapshots = [] if teacher and args.merge_snapshot == "epoch" else None
-        logs = ppo_update(model, optimizer, batch, guidance, args, snapshots, actor_frozen)
+        logs = ppo_update(model, optimizer, batch, guidance, args, snapshots, actor_frozen,
+                          replay)
         time_update = time.perf_counter() - start
         # ---- 4. Merge the new policy into the teacher (teacher.py, merge.py, §4.1) ------------
         time_merge = teacher.merge(policy, update, snapshots or ()) if teacher else 0.0
@@ -195,7 +200,7 @@ def main(args, rank, world, device):
         log_update(metrics, batch, guidance, logs | timing, counters, recent, world)
         if update % args.save_every == 0 or update == args.updates:
             checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world,
-                            args.keep_checkpoints)
+                            args.keep_checkpoints, replay)
         if args.eval_every and update % args.eval_every == 0 and update != args.updates:
             run_evaluation(policy, args, rank, world, update, metrics)
     if args.eval_episodes and counters["update"] > 0:  # a warm start alone was evaluated above
@@ -226,17 +231,20 @@ def advantages_and_returns(batch, guidance, args):
     return normalize_advantages(advantages.flatten()), returns.flatten(), diagnostics
 
 
-def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_frozen=False):
+def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_frozen=False,
+               replay=None):
     """PPO epochs over mini-batches of one rollout (docs/ALGORITHM.md §3). Returns the logs.
     `optimizer`: actor_critic_optimizer's. `snapshots`: a list that gets a copy of the policy
     adapter after every epoch in which the policy stepped, the last one at an early stop
     (--merge-snapshot epoch, §4.1). `actor_frozen` (--critic-warmup): only the critic steps; the
     actor's gradients are dropped before each step, so Adam neither moves the actor nor feeds
-    its moments."""
+    its moments. `replay` (--sft-batch replay): the (observation, SFT target or None) pairs of
+    every step so far; each mini-batch imitates as many of them, drawn without replacement
+    and reshuffled when all were drawn (§4.2)."""
     advantages, returns, diagnostics = advantages_and_returns(batch, guidance, args)  # [T*N] each
     old_logprobs = batch.old_logprobs.flatten()  # [T*N]
     old_values = batch.values.flatten()  # [T*N], the value clip's anchor
-    targets = guidance.sft_targets if args.guidance == "sft" else None
+    targets = guidance.sft_targets if args.guidance == "sft" and replay is None else None
     world = dist.get_world_size() if dist.is_initialized() else 1
     policy = model.module if world > 1 else model  # DDP wraps the policy
     if args.value_norm:  # the running statistics of the critic's targets, over all processes
@@ -247,6 +255,7 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_fr
     steps, stop = 0, False
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(samples).tolist()  # [T*N], this epoch's shuffle
+        draws = replay_draws(len(replay)) if replay else None  # this epoch's replay sampler
         if epoch == 0 and next(policy.parameters()).dtype != torch.float32:
             # bfloat16 rounds differently in differently padded batches: the rollout's log-probs
             # and PPO's of the same policy differ by up to 0.02 at T = 0.2 (docs/ALGORITHM.md §6),
@@ -267,6 +276,10 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_fr
             for micro in range(0, len(minibatch), args.micro_batch_size):
                 idx = minibatch[micro:micro + args.micro_batch_size]
                 last = micro + args.micro_batch_size >= len(minibatch)
+                if draws:  # the reference's SFT step: its own backward, before PPO's (§4.2)
+                    drawn = [replay[next(draws)] for _ in idx]
+                    with contextlib.nullcontext() if world == 1 else model.no_sync():
+                        replay_loss(policy, drawn, len(minibatch), args, logs)
                 with contextlib.nullcontext() if last or world == 1 else model.no_sync():
                     loss = micro_batch_loss(model, batch, advantages, returns, old_logprobs,
                                             old_values, targets, sft_tokens, args, logs, idx,
@@ -296,6 +309,27 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_fr
             | {k: float(np.mean(v)) for k, v in logs.items()}
             | {"log_ratio_max": max(logs["log_ratio_max"]),
                "skipped_steps": int(sum(logs["skipped_steps"])), "optimizer_steps": steps})
+
+
+def replay_draws(size):
+    """Indices into the SFT replay buffer, without replacement, reshuffled after every pass: the
+    reference's sampler (one per PPO epoch)."""
+    while True:
+        yield from torch.randperm(size).tolist()
+
+
+def replay_loss(policy, drawn, minibatch_size, args, logs):
+    """--sft-batch replay (§4.2): backward of the reference's SFT loss on `drawn`, a
+    micro-batch's share of (observation, target or None) pairs from the replay buffer, scored at
+    temperature 1 on the bare policy (under DDP its gradient joins the PPO loss's all-reduce)."""
+    pairs = [(encoded, target) for encoded, target in drawn if target is not None]
+    if not pairs:  # drawn samples without a target count in the mean, and add nothing
+        return
+    out = policy([encoded for encoded, _ in pairs], [target for _, target in pairs], 1.0,
+                 value=False)
+    guided = out["response_mask"] if args.guide_tokens == "all" else out["thought_mask"]
+    (args.sft_coef * replay_sft_loss(out["logprobs"], guided, minibatch_size)).backward()
+    logs["sft_loss"].append(replay_sft_loss(out["logprobs"], guided, len(pairs)).item())
 
 
 @torch.no_grad()

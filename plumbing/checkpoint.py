@@ -21,7 +21,7 @@ Use (train.py):
     check_start(args, world)                             # --init, --teacher, --resume fit?
     metrics = open_run(out, config, last_update)         # config.json, metrics.jsonl (report.py)
     save(out, policy, optimizer, runner, counters, rank, world, keep=2)
-    runner, counters = load(latest(out), optimizer, rank, world)   # runner None: another
+    runner, counters, replay = load(latest(out), optimizer, rank, world)  # None: another
                                                                    # process count
 """
 
@@ -136,9 +136,10 @@ def _sha256(file):
     return digest.hexdigest()
 
 
-def save(out, policy, optimizer, runner, counters, rank, world, keep=2):
+def save(out, policy, optimizer, runner, counters, rank, world, keep=2, replay=None):
     """Write OUT/checkpoint: to a staging folder first, then renamed into place; the `keep` - 1
-    previous checkpoints move to OUT/checkpoint.1, ... and older ones are deleted."""
+    previous checkpoints move to OUT/checkpoint.1, ... and older ones are deleted. `replay`: this
+    rank's SFT replay buffer (--sft-batch replay), kept with its environments."""
     staging = os.path.join(out, "checkpoint.tmp")
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -156,7 +157,8 @@ def save(out, policy, optimizer, runner, counters, rank, world, keep=2):
         if "lora_" in name or name.startswith("value_head"):
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
     with open(os.path.join(staging, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump({"runner": runner, "rng": rng, "weights_sha256": digest.hexdigest()}, f)
+        pickle.dump({"runner": runner, "replay": replay, "rng": rng,
+                     "weights_sha256": digest.hexdigest()}, f)
     _barrier(world)
     if rank == 0:
         files = sorted(os.path.relpath(os.path.join(folder, name), staging)
@@ -179,12 +181,13 @@ def save(out, policy, optimizer, runner, counters, rank, world, keep=2):
 
 def load(path, optimizer, rank, world):
     """Restore the optimizer and the counters, and this rank's RNG and environments; returns
-    (runner, counters). The policy adapter and value head are loaded by
+    (runner, counters, replay). The policy adapter and value head are loaded by
     load_policy(adapter_path=...), the teacher by Teacher.load.
 
     With another number of processes than the run had (a job that lost nodes, or moved from 8
     GPUs to 4), everything that all ranks share carries over, and the per-rank state cannot:
-    runner is then None (the caller deals the environments afresh) and a warning says so.
+    runner and replay are then None (the caller deals the environments afresh and starts the SFT
+    replay empty) and a warning says so.
     """
     # Rank 0 saved the optimizer state from its own GPU: unmapped, every rank would restore it onto
     # that GPU (and a machine without one could not read it). load_state_dict moves each tensor
@@ -196,15 +199,16 @@ def load(path, optimizer, rank, world):
         if rank == 0:
             print(f"warning: --resume with {world} processes, the run had {saved_world}: the "
                   "adapters, value head, optimizer, teacher and counters carry over; the "
-                  "environments are dealt afresh (episodes in progress are dropped) and each "
-                  "process's random streams start anew", file=sys.stderr)
-        return None, trainer
+                  "environments are dealt afresh (episodes in progress are dropped), the SFT "
+                  "replay starts empty and each process's random streams start anew",
+                  file=sys.stderr)
+        return None, trainer, None
     with open(os.path.join(path, f"rank{rank}.pkl"), "rb") as f:
         saved = pickle.load(f)
     torch.set_rng_state(saved["rng"]["torch"])
     if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["rng"]["cuda"])
-    return saved["runner"], trainer
+    return saved["runner"], trainer, saved.get("replay")
 
 
 def open_run(out, config, last_update):

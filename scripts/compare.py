@@ -60,7 +60,9 @@ class CompareArgs:
     """ablations: 'name=guidance flags...' separated by ';',
     e.g. 'sma=kl --merge-weights sma; static=kl --merge-every 0'"""
     seeds: int = 3
-    """seeds per method and environment (0, 1, ...)"""
+    """seeds per method and environment (--first-seed, --first-seed + 1, ...)"""
+    first_seed: int = 0
+    """the first seed"""
     updates: int = 25
     """PPO updates per run (the budget: updates x steps-per-update environment steps)"""
     warmup_flags: str = ""
@@ -100,6 +102,11 @@ def label(args, method):
         return METHODS[method]
     guidance, flags = variants(args)[method]
     return ", ".join([METHODS[guidance], *([" ".join(flags)] if flags else [])])
+
+
+def seed_list(args):
+    """The seeds of the comparison."""
+    return list(range(args.first_seed, args.first_seed + args.seeds))
 
 
 def run_dir(args, env, method, seed):
@@ -219,7 +226,7 @@ def report(args, envs, methods):
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for env in envs:
-        seeds = [s for s in range(args.seeds) if finished(run_dir(args, env, "warm", s), 0)
+        seeds = [s for s in seed_list(args) if finished(run_dir(args, env, "warm", s), 0)
                  and all(finished(run_dir(args, env, m, s), args.updates) for m in methods)]
         if not seeds:
             print(f"{env}: no seed with every method finished yet")
@@ -345,7 +352,7 @@ def main(args):
                  f"choose among {', '.join([*METHODS, *named])}")
     if not args.report_only:
         threads = max(1, usable_cores() // args.jobs)
-        pairs = [(env, seed) for seed in range(args.seeds) for env in envs]
+        pairs = [(env, seed) for seed in seed_list(args) for env in envs]
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda pair: train(args, pair[0], "warm", pair[1], threads), pairs))
             list(pool.map(lambda job: train(args, *job, threads),

@@ -97,6 +97,31 @@ def test_epoch_snapshots_are_merged_with_the_reference_weights(make_policy):
     assert teacher.merges == 2
 
 
+def test_epoch_snapshots_with_sma_get_the_reference_counters_weights(make_policy):
+    """--merge-snapshot epoch --merge-weights sma, as the reference's scripts run it: its counter
+    counts loaded adapters (4 per update), so after update u each new snapshot weighs
+    1 / (4(u + 1) + 4) and the old teacher 4(u + 1) / (4(u + 1) + 4): merge k >= 2 gives the
+    snapshots 1 / (k + 1) in all (1/3, then 1/4), not the plain mean's 1 / k."""
+    torch.manual_seed(0)
+    policy = make_policy()
+    teacher = Teacher(policy, Args(merge_snapshot="epoch", merge="linear", merge_weights="sma"))
+    teacher.start(policy)
+    expected = None
+    for update in (1, 2, 3):
+        snapshots = []
+        for _ in range(4):
+            perturb(policy)
+            snapshots.append(policy.adapter_state("policy"))
+        teacher.merge(policy, update, snapshots)
+        mean = {k: sum(s[k] for s in snapshots) / 4 for k in snapshots[0]}
+        loaded = 4 * update  # the reference's counter after loading this update's snapshots
+        expected = (mean if expected is None else
+                    {k: 4 / (loaded + 4) * mean[k] + loaded / (loaded + 4) * expected[k]
+                     for k in mean})
+        merged = policy.adapter_state("teacher")
+        assert all(torch.allclose(merged[k], expected[k], atol=1e-6) for k in expected)
+
+
 def test_ppo_update_keeps_a_snapshot_per_epoch(make_policy):
     """--merge-snapshot epoch: ppo_update keeps the policy adapter after every epoch (3 epochs of 2
     mini-batches: 3 snapshots, after 2, 4 and 6 steps); an early stop after the first step ends

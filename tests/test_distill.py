@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from distill import kl_estimate, kl_penalized_advantages, retry_temperatures, sft_loss
+from distill import (
+    kl_estimate,
+    kl_penalized_advantages,
+    replay_sft_loss,
+    retry_temperatures,
+    sft_loss,
+)
 from ppo import masked_mean
 
 # Policy p and teacher q over 4 tokens; q/p <= 2.5, so the forward estimator's clamp at 10
@@ -94,6 +100,19 @@ def test_sft_loss_hand_computed_and_ignores_action_tokens():
     loss2.backward()
     assert loss2.item() == loss.item()
     torch.testing.assert_close(lp2.grad, expected_grad)
+
+
+def test_replay_sft_loss_is_a_per_target_mean_over_the_drawn_samples():
+    """The reference's SFT loss (--sft-batch replay): each target's token mean, summed and divided
+    by the samples drawn, those without a target included; a 1-token target weighs as much as a
+    3-token one, where sft_loss weighs every token alike."""
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-6.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss = replay_sft_loss(lp, mask, samples=4)  # 4 drawn, 2 of them with a target
+    assert loss.item() == pytest.approx((2.0 + 6.0) / 4)
+    assert sft_loss(lp, mask).item() == pytest.approx(12.0 / 4)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[-1 / 12] * 3, [-1 / 4, 0.0, 0.0]]))
 
 
 def test_sft_loss_empty_mask_is_zero_with_grad():

@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 
 import numpy as np
+import pytest
 import torch
 from test_ablations import ANSWERS, ScriptedTeacher, perturb, rollout_of
 
@@ -16,7 +17,14 @@ from distill import kl_estimate
 from ppo import accumulated_step, value_loss
 from rollout import Batch
 from teacher import Guidance, Teacher
-from train import actor_critic_optimizer, advantages_and_returns, micro_batch_loss, ppo_update
+from train import (
+    actor_critic_optimizer,
+    advantages_and_returns,
+    micro_batch_loss,
+    ppo_update,
+    replay_draws,
+    replay_loss,
+)
 
 TEACHER_ANSWER = '{"thoughts": "current 1, target 3, so I move up", "action": "+"}'
 
@@ -152,6 +160,37 @@ def test_sft_loss_does_not_depend_on_the_micro_batch_split(make_policy):
     assert gradients[0].norm() > 0
     assert torch.allclose(gradients[0], gradients[1], rtol=1e-4, atol=1e-7)
     assert torch.allclose(gradients[0], gradients[2], rtol=1e-4, atol=1e-7)
+
+
+def test_sft_replay_imitates_the_drawn_targets_with_the_reference_loss(make_policy):
+    """--sft-batch replay: each buffer entry is drawn once before any is drawn twice, and three
+    drawn pairs (one without a target) in a mini-batch of 4 give the gradient of the two targets'
+    thought-token means at T = 1, summed and divided by 4, each target scored alone."""
+    torch.manual_seed(0)
+    policy = make_policy()
+    perturb(policy, 0.05)
+    policy.eval()
+    batch = rollout_of(policy)
+    targets = [policy.answer_ids(TEACHER_ANSWER), None, policy.answer_ids(ANSWERS[1]), None]
+    replay = list(zip(batch.encoded, targets))
+    draws = replay_draws(len(replay))
+    drawn = [next(draws) for _ in range(8)]
+    assert sorted(drawn[:4]) == sorted(drawn[4:]) == [0, 1, 2, 3]
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    logs = defaultdict(list)
+    replay_loss(policy, replay[:3], 4, Args(guidance="sft", temperature=0.5), logs)
+    gradient = torch.cat([p.grad.flatten() for p in trainable if p.grad is not None])
+    policy.zero_grad(set_to_none=True)
+    expected = 0.0
+    for i in (0, 2):
+        out = policy([batch.encoded[i]], [targets[i]], 1.0, value=False)
+        thought = out["thought_mask"]
+        expected = expected - (out["logprobs"] * thought).sum() / thought.sum() / 4
+    expected.backward()
+    reference = torch.cat([p.grad.flatten() for p in trainable if p.grad is not None])
+    assert gradient.norm() > 0
+    assert torch.allclose(gradient, reference, rtol=1e-4, atol=1e-7)
+    assert logs["sft_loss"][0] == pytest.approx(2 * expected.item(), rel=1e-4)
 
 
 def test_bfloat16_old_logprobs_are_recomputed_in_the_first_epochs_micro_batches(make_policy):

@@ -226,7 +226,7 @@ def test_a_checkpoint_saved_on_a_gpu_loads_anywhere(tiny_dir, make_policy, tmp_p
     monkeypatch.undo()
 
     restored = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in trainable])
-    _, counters = checkpoint.load(path, restored, rank=0, world=1)
+    _, counters, _ = checkpoint.load(path, restored, rank=0, world=1)
     saved, loaded = optimizer.state_dict()["state"], restored.state_dict()["state"]
     assert counters["update"] == 3 and saved.keys() == loaded.keys()
     for i in saved:

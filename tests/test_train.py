@@ -18,15 +18,18 @@ METRICS = ["update", "env_steps", "success_rate", "episode_return", "episode_len
 GUIDANCE_METRICS = ["teacher_kl", "sft_loss", "teacher_parse_rate", "time_teacher", "time_merge"]
 
 
+def train_command(out, *flags):
+    """train.py with tiny sizes and 2 updates; later flags override earlier ones."""
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), "--num-envs", "4",
+            "--steps-per-update", "8", "--updates", "2", "--max-new-tokens", "24", "--lora-r", "8",
+            "--lora-alpha", "16", "--ppo-epochs", "1", "--minibatch-size", "8",
+            "--micro-batch-size", "4", "--eval-episodes", "2", "--warmup-sft-steps", "0", *flags]
+
+
 def run_train(tiny_dir, out, *flags):
     """Run train.py with tiny sizes in the folder that holds the session's tiny model cache."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--out", str(out), "--num-envs", "4",
-           "--steps-per-update", "8", "--updates", "2", "--max-new-tokens", "24", "--lora-r", "8",
-           "--lora-alpha", "16", "--ppo-epochs", "1", "--minibatch-size", "8",
-           "--micro-batch-size", "4", "--eval-episodes", "2", "--warmup-sft-steps", "0",
-           *flags]
-    result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(train_command(out, *flags), cwd=os.path.dirname(tiny_dir),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["update"] for r in rows] == [1, 2]
@@ -85,6 +88,25 @@ def test_guided_smoke(tiny_dir, tmp_path, guidance):
                     else row["teacher_parse_rate"] is None)
     assert os.path.exists(tmp_path / "run" / "checkpoint" / "adapters" / "teacher"
                           / "adapter_config.json")
+
+
+def test_sft_replay_keeps_every_step_and_resumes_with_it(tiny_dir, tmp_path):
+    """--sft-batch replay: the buffer holds every step since update 1 (2 updates x 8 steps), goes
+    into each checkpoint, and a resumed run adds its steps to the saved ones."""
+    import pickle
+
+    def replay_size():
+        with open(tmp_path / "run" / "checkpoint" / "rank0.pkl", "rb") as f:
+            return len(pickle.load(f)["replay"])
+
+    flags = ("--guidance", "sft", "--sft-batch", "replay", "--max-new-tokens", "8")
+    run_train(tiny_dir, tmp_path / "run", *flags)
+    assert replay_size() == 16
+    cmd = train_command(tmp_path / "run", *flags, "--resume", "--updates", "3")
+    result = subprocess.run(cmd, cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert replay_size() == 24
 
 
 def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
