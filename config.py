@@ -126,10 +126,10 @@ class Args:
     sft_unparsed: Literal["none", "teacher"] = "none"
     """SFT target where the agent's answer does not parse: none (the reference) or teacher (its
     answer, the action played)"""
-    sft_batch: Literal["rollout", "replay"] = "rollout"
-    """SFT targets per PPO mini-batch: rollout (this rollout's, scored with the mini-batch; a mean
-    over guided tokens) or replay (the reference: as many drawn from every target since update 1,
-    each sample's token mean over the mini-batch's sample count, §4.2)"""
+    sft_batch: Literal["replay", "rollout"] = "replay"
+    """SFT targets per PPO mini-batch: replay (the reference: as many drawn from every target since
+    update 1, each target's token mean over the mini-batch's sample count) or rollout (this
+    rollout's, scored with the mini-batch, a mean over its guided tokens; §4.2)"""
     teacher_temperature: float = 0.2
     """teacher's SFT answers' first temperature, x1.1 per retry (paper: 0.2; scored at 1, §4.2)"""
     guide_tokens: Literal["thought", "all"] = "thought"
