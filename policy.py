@@ -28,14 +28,11 @@ Use:
 """
 
 import contextlib
-import functools
 import os
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
-from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -45,7 +42,7 @@ from targets import score_targets, score_targets_on_prompt_cache
 
 # Qwen's vision placeholders: never to be sampled (see `_suppressed_ids`).
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-# Positions x vocabulary entries scored at once (`ActorCritic._score`): 128 MB per float32 copy,
+# Positions x vocabulary entries scored at once (`ActorCritic.score`): 128 MB per float32 copy,
 # e.g. 55 positions of 4 answers at Qwen's 152k vocabulary.
 SCORE_CHUNK_ELEMENTS = 2 ** 25
 
@@ -64,44 +61,6 @@ def thought_action_masks(tokenizer, ids, action_span):
     action = [span is not None and s < span[1] and e > span[0] for s, e in zip(starts, ends)]
     action_mask = torch.tensor(action, dtype=torch.bool)
     return ~action_mask, action_mask
-
-
-# ---- Gradient checkpointing with several adapters --------------------------------------------
-def _adapter_layers(module):
-    """peft's LoRA layers inside `module`: each one knows which adapter(s) it runs."""
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-
-
-class _ActiveAdapters:
-    """Context manager: run `adapter_layers` with the adapters `names` (one entry per layer),
-    then put back the ones they had. Only the layers' active adapter is set: no gradient flag is
-    touched. It can be entered again (backward recomputes a layer once per backward pass through
-    it, e.g. twice for a graph kept with retain_graph)."""
-
-    def __init__(self, adapter_layers, names):
-        self.adapter_layers, self.names, self.found = adapter_layers, names, []
-
-    def __enter__(self):
-        self.found.append([layer._active_adapter for layer in self.adapter_layers])
-        for layer, name in zip(self.adapter_layers, self.names):
-            layer._active_adapter = name
-
-    def __exit__(self, *exception):
-        for layer, name in zip(self.adapter_layers, self.found.pop()):
-            layer._active_adapter = name
-
-
-def _recompute_with_forward_adapters(adapter_layers):
-    """`context_fn` of torch.utils.checkpoint for one checkpointed layer (docs/ALGORITHM.md §6).
-
-    Backward recomputes a checkpointed layer's activations with the adapters active AT BACKWARD.
-    A loss that adds the critic adapter's pass to the policy's (--critic adapter) is
-    back-propagated after `use_adapter("critic")` has switched back to the policy, so the
-    critic's layers would be replayed with the policy's weights: a gradient of the right shape
-    from the wrong activations. The adapters active in the forward pass are read here, at
-    forward time, and set again around the recomputation."""
-    names = [layer._active_adapter for layer in adapter_layers]
-    return contextlib.nullcontext(), _ActiveAdapters(adapter_layers, names)
 
 
 # ---- The actor-critic ------------------------------------------------------------------------
@@ -149,15 +108,10 @@ class ActorCritic(nn.Module):
             self._activate("policy")
         self.register_buffer("suppressed", self._suppressed_ids(), persistent=False)
         self._mask_cache = {}  # response token ids -> (thought_mask, action_mask)
-        # transformers' layers that can recompute their activations in backward (ActorCritic.train).
+        # transformers' layers that can recompute their activations in backward (ActorCritic.train;
+        # plumbing/loader.py makes them recompute with the adapters of their forward pass).
         self._checkpoint_layers = [m for m in model.modules()
                                    if isinstance(m, GradientCheckpointingLayer)]
-        for layer in self._checkpoint_layers:
-            if layer.gradient_checkpointing:
-                layer._gradient_checkpointing_func = functools.partial(
-                    torch.utils.checkpoint.checkpoint, use_reentrant=False,
-                    context_fn=functools.partial(_recompute_with_forward_adapters,
-                                                 _adapter_layers(layer)))
 
     def _suppressed_ids(self):
         """[vocab] bool: vision placeholders, padding that is not a stop token, unused rows.
@@ -217,7 +171,7 @@ class ActorCritic(nn.Module):
                             "image_grid_thw": inputs["image_grid_thw"]})   # [1, 3]
         return encoded
 
-    def _collate(self, encoded, responses=None):
+    def collate(self, encoded, responses=None):
         """Left-pad prompt (+ response) ids into one batch; image features are concatenated."""
         responses = responses or [torch.zeros(0, dtype=torch.long)] * len(encoded)
         sequences = [torch.cat([e["input_ids"], r.cpu()]) for e, r in zip(encoded, responses)]
@@ -243,7 +197,7 @@ class ActorCritic(nn.Module):
         """Sample one answer per sample in ONE batched call. `temperature`: one for all or one
         per sample; 0 means greedy. Returns (response ids, 1-D, ending at the stop token; texts)."""
         from transformers import GenerationConfig, LogitsProcessorList
-        batch = self._collate(encoded)
+        batch = self.collate(encoded)
         stop = self.stop_ids()
         temperatures = (torch.as_tensor(temperature, dtype=torch.float32)
                         .expand(len(encoded)).reshape(-1, 1))
@@ -298,7 +252,7 @@ class ActorCritic(nn.Module):
         `extra_temperature`: also the per-token log-probs at that temperature, from the same
         hidden states (`extra_logprobs`, without gradient; the teacher's KL scores at T = 1).
         """
-        batch = self._collate(encoded, responses)
+        batch = self.collate(encoded, responses)
         backbone = self.model.get_base_model()
         lengths = torch.tensor([len(r) for r in responses], device=self.device)  # [batch]
         # The critic reads the last prompt token, the state before any answer token.
@@ -320,9 +274,9 @@ class ActorCritic(nn.Module):
         width = int(lengths.max())
         temperature = torch.as_tensor(temperature, dtype=torch.float32,
                                       device=self.device).reshape(-1, 1, 1)
-        logprobs, entropy = self._score(hidden[:, -width - 1:-1], batch["input_ids"][:, -width:],
+        logprobs, entropy = self.score(hidden[:, -width - 1:-1], batch["input_ids"][:, -width:],
                                         temperature)
-        response_mask, thought_mask, action_mask = self._aligned_masks(responses, width, right=True)
+        response_mask, thought_mask, action_mask = self.aligned_masks(responses, width, right=True)
         logprobs = logprobs.masked_fill(~response_mask, 0.0)  # [batch, width]
         # log pi(a|o) = lambda * sum_thought log p + sum_action log p
         seq_logprob = sequence_logprob(logprobs, thought_mask, action_mask,
@@ -334,12 +288,12 @@ class ActorCritic(nn.Module):
             out["value"] = self._value(encoded, hidden[rows, last_prompt])  # [batch]
         if extra_temperature is not None:
             with torch.no_grad():
-                extra = self._score(hidden[:, -width - 1:-1], batch["input_ids"][:, -width:],
+                extra = self.score(hidden[:, -width - 1:-1], batch["input_ids"][:, -width:],
                                     torch.as_tensor(float(extra_temperature)))[0]
             out["extra_logprobs"] = extra.masked_fill(~response_mask, 0.0)  # [batch, width]
         if self.opening_id is not None:
             with torch.no_grad():  # logged, never optimised
-                first = self._score(hidden[rows, last_prompt][:, None], torch.full_like(
+                first = self.score(hidden[rows, last_prompt][:, None], torch.full_like(
                     rows, self.opening_id)[:, None], temperature)[0]  # [batch, 1]
             out["opening_logprob"] = first[:, 0]  # [batch]
         if reuse_prompt:
@@ -368,7 +322,7 @@ class ActorCritic(nn.Module):
                 layer.training = True
         return self
 
-    def _score(self, hidden, ids, temperature=1.0):
+    def score(self, hidden, ids, temperature=1.0):
         """Per-token log-probs (with gradient) and entropies (without) of the tokens `ids`
         [batch, len] predicted from `hidden` [batch, len, hidden], both [batch, len].
 
@@ -391,7 +345,7 @@ class ActorCritic(nn.Module):
         return torch.cat(logprobs, dim=1), torch.cat(entropies, dim=1)
 
     def _score_chunk(self, hidden, ids, temperature):
-        """`_score` of one chunk: float32 logits from the hidden state, never-sampled ids at -inf.
+        """`score` of one chunk: float32 logits from the hidden state, never-sampled ids at -inf.
 
         The output head runs in float32 (its weight cast for this chunk only): a bfloat16 head
         rounds logits near 25 by up to 0.06, an error of up to 0.3 per token at T = 0.2, summed
@@ -404,7 +358,7 @@ class ActorCritic(nn.Module):
             entropy = per_token_entropy(logits / temperature)  # [batch, chunk]
         return token_logprobs(logits, ids, temperature), entropy
 
-    def _aligned_masks(self, sequences, width, right):
+    def aligned_masks(self, sequences, width, right):
         """(real-token, thought, action) masks [len(sequences), width] of token sequences padded
         to `width`, right-aligned (the agent's answers) or left-aligned (SFT targets)."""
         masks = torch.zeros((3, len(sequences), width), dtype=torch.bool)
@@ -418,7 +372,7 @@ class ActorCritic(nn.Module):
         """V(s) of observations alone (for bootstrapping truncated episodes)."""
         if self.critic == "adapter":
             return self._value(encoded, None)
-        batch = self._collate(encoded)
+        batch = self.collate(encoded)
         hidden = self.model.get_base_model().model(
             **batch).last_hidden_state  # [batch, seq, hidden]
         return self._value(encoded, hidden[:, -1])
@@ -431,7 +385,7 @@ class ActorCritic(nn.Module):
         if self.critic == "adapter":
             with self.use_adapter("critic"):
                 hidden = self.model.get_base_model().model(
-                    **self._collate(encoded)).last_hidden_state
+                    **self.collate(encoded)).last_hidden_state
             prompt_state = hidden[:, -1]  # [batch, hidden], left padding: the last prompt token
         elif self.critic == "detached":
             prompt_state = prompt_state.detach()

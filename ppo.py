@@ -19,12 +19,11 @@ Usage (one update):
     lp = sequence_logprob(token_logprobs(logits, tokens, 0.2), th_mask, act_mask, 0.5)
     pg, stats = policy_loss(lp, old_lp, adv[idx])
     loss = pg + 0.5 * value_loss(v, ret.flatten()[idx])
-    for epoch in range(4):                              # train.py:ppo_update writes these loops out
-        order = torch.randperm(len(adv)).tolist()
-        for start in range(0, len(adv), 128):
-            norms, stepped = accumulated_step(
-                loss_of_indices, order[start:start + 128], 8, optimizer,
-                [(actor_params, 0.01), (critic_params, 1.0)])
+    for epoch in range(4):                              # as train.py:ppo_update, which also
+        order = torch.randperm(len(adv)).tolist()       # stops early and logs diagnostics
+        for minibatch in micro_batches(order, 128):
+            norms, stepped = accumulated_step(          # loss_of(indices): their mean loss
+                loss_of, minibatch, 8, optimizer, [(actor_params, 0.01), (critic_params, 1.0)])
     explained_variance(values, returns)                 # diagnostics an RL engineer reads, with
     gradient_norms({"policy": pg, "value": vf}, lora)   # variance_shares and policy_loss's stats
 """
@@ -176,24 +175,35 @@ def gradient_norms(losses, params):
     return norms
 
 
-def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, clip_groups,
-                     model=None):
-    """One optimizer step over a mini-batch of sample indices, its gradient accumulated over
-    micro-batches (the reference's gradient accumulation; the micro-batch size is a memory
-    setting only). `micro_batch_loss(indices)` returns that micro-batch's mean loss.
+def micro_batches(indices, size):
+    """The consecutive slices of `indices` of at most `size` each: how a mini-batch (or any list
+    of sample indices) is cut to fit in memory."""
+    for start in range(0, len(indices), size):
+        yield indices[start:start + size]
 
-    The step is `clipped_step(optimizer, clip_groups)`'s. `model`: a DistributedDataParallel
-    module (or anything with `no_sync`) whose gradients are averaged over processes once per
-    step, in the last micro-batch's backward, instead of in every backward. Returns (norms
-    before clipping, one per group; stepped?).
+
+def accumulate_gradient(micro_batch_loss, minibatch, micro_batch_size, model=None):
+    """Add the gradient of a mini-batch of sample indices to the parameters' `.grad`,
+    accumulated over its micro-batches (the reference's gradient accumulation; the micro-batch
+    size is a memory setting only). `micro_batch_loss(indices)` returns that micro-batch's mean
+    loss.
+
+    `model`: a DistributedDataParallel module (or anything with `no_sync`) whose gradients are
+    averaged over processes once, in the last micro-batch's backward, instead of in every one.
     """
-    optimizer.zero_grad(set_to_none=True)
-    starts = range(0, len(minibatch), micro_batch_size)
-    for start in starts:
-        idx = minibatch[start:start + micro_batch_size]
-        accumulating = start != starts[-1] and hasattr(model, "no_sync")
+    parts = list(micro_batches(minibatch, micro_batch_size))
+    for number, idx in enumerate(parts):
+        accumulating = number < len(parts) - 1 and hasattr(model, "no_sync")
         with model.no_sync() if accumulating else contextlib.nullcontext():
             (micro_batch_loss(idx) * len(idx) / len(minibatch)).backward()
+
+
+def accumulated_step(micro_batch_loss, minibatch, micro_batch_size, optimizer, clip_groups,
+                     model=None):
+    """One optimizer step over a mini-batch: its gradient from zero (`accumulate_gradient`),
+    then `clipped_step`. Returns (norms before clipping, one per group; stepped?)."""
+    optimizer.zero_grad(set_to_none=True)
+    accumulate_gradient(micro_batch_loss, minibatch, micro_batch_size, model)
     return clipped_step(optimizer, clip_groups)
 
 

@@ -10,7 +10,11 @@ are one backward:
                                   plain way is for gradient checkpointing, whose layers keep no
                                   key-value cache)
 Both return `target_logprobs`, `target_mask`, `target_thought_mask`, [batch, max_target_len],
-left-aligned. They use the policy's own collation, scoring and masks.
+left-aligned. What they need of the policy (an ActorCritic, policy.py, or anything with the same
+public interface): `model` (a PeftModel), `device`, `tokenizer`, `collate(encoded, responses)`,
+`score(hidden, ids)` and `aligned_masks(sequences, width, right)`. They import only torch.
+With --sft-batch replay (the default) the targets are scored as answers of their own
+observations instead (train.py:replay_loss), and these two serve --sft-batch rollout.
 """
 import torch
 
@@ -24,13 +28,13 @@ def score_targets(policy, encoded, targets):
     `score_targets_on_prompt_cache` gives the same outputs without the prompts' second pass;
     this one is for gradient checkpointing, whose layers keep no key-value cache."""
     targets = [t if t is not None else torch.zeros(0, dtype=torch.long) for t in targets]
-    batch = policy._collate(encoded, targets)
+    batch = policy.collate(encoded, targets)
     target_width = max(1, max(len(t) for t in targets))
     hidden = policy.model.get_base_model().model(
         **batch, use_cache=False).last_hidden_state  # [batch, seq, hidden]
-    right_logprobs, _ = policy._score(hidden[:, -target_width - 1:-1],
+    right_logprobs, _ = policy.score(hidden[:, -target_width - 1:-1],
                                     batch["input_ids"][:, -target_width:])
-    target_mask, target_thought_mask, _ = policy._aligned_masks(
+    target_mask, target_thought_mask, _ = policy.aligned_masks(
         targets, target_width, right=False)
     # Right-aligned (the batch's left padding) to left-aligned: row i's last len_i entries
     # first.
@@ -61,7 +65,7 @@ def score_targets_on_prompt_cache(policy, targets, batch, agent_pass, positions,
                             dtype=torch.long, device=policy.device)  # [batch, target_width]
     for i, t in enumerate(targets):
         target_ids[i, :len(t)] = t
-    target_mask, target_thought_mask, _ = policy._aligned_masks(
+    target_mask, target_thought_mask, _ = policy.aligned_masks(
         targets, target_width, right=False)
     # Keys visible to the targets: the prompt (not its padding), NOT the agent's answer, and the
     # target's own earlier tokens (the causal mask adds the order).
@@ -80,6 +84,6 @@ def score_targets_on_prompt_cache(policy, targets, batch, agent_pass, positions,
     hidden = agent_pass.last_hidden_state
     predictors = torch.cat([hidden[rows, last_prompt][:, None], continuation[:, :-1]],
                            dim=1)  # [batch, tw, hidden]
-    target_logprobs, _ = policy._score(predictors, target_ids)  # [batch, target_width]
+    target_logprobs, _ = policy.score(predictors, target_ids)  # [batch, target_width]
     return {"target_logprobs": target_logprobs.masked_fill(~target_mask, 0.0),
             "target_mask": target_mask, "target_thought_mask": target_thought_mask}

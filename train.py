@@ -26,6 +26,8 @@ Outputs in --out: config.json, metrics.jsonl (one JSON object per update), eval.
 
 import collections
 import contextlib
+import dataclasses
+import functools
 import os
 import sys
 import time
@@ -46,12 +48,14 @@ from plumbing.loader import check_adapter_base, load_policy
 from plumbing.report import RunLog, log_update, run_evaluation
 from plumbing.tinyvlm import TINY_MODELS, offline_model
 from ppo import (
+    accumulate_gradient,
     batch_moments,
     clipped_step,
     cosine_lr,
     explained_variance,
     gae,
     gradient_norms,
+    micro_batches,
     normalize_advantages,
     policy_loss,
     value_loss,
@@ -105,8 +109,23 @@ def learning_rate(update, args, lr=None, first=1):
     return cosine_lr(update - first, span, lr or args.lr, args.lr_min)
 
 
-def main(args, rank, world, device):
-    """One run (or --eval-only, one evaluation) as process `rank` of `world` (setup_distributed)."""
+@dataclasses.dataclass
+class Run:
+    """What one process's run holds between updates (`setup` builds it)."""
+    policy: torch.nn.Module        # the ActorCritic (policy.py)
+    model: torch.nn.Module         # the same, wrapped by DDP when there are several processes
+    optimizer: torch.optim.Optimizer
+    runner: Rollout                # the environments, in lockstep
+    counters: dict                 # update, env_steps, merges
+    teacher: Teacher | None        # None with --guidance none
+    metrics: RunLog | None         # rank 0 writes the run's records
+    replay: list | None            # --guidance sft --sft-batch replay: every step's target
+
+
+def setup(args, rank, world, device):
+    """Build or resume the run: the policy (--init, or the checkpoint of --resume), its optimizer,
+    the environments, the warm start (a tiny model's SFT on demonstrations, evaluated), the teacher
+    and the critic adapter. With --eval-only, the policy is evaluated and None returned."""
     checkpoint.check_start(args, world)
     torch.manual_seed(args.seed + rank)
     resume = checkpoint.latest(args.out) if args.resume else None
@@ -116,7 +135,6 @@ def main(args, rank, world, device):
     except (OSError, ValueError) as error:
         # a --model that cannot be loaded: its message, no traceback
         sys.exit(str(error))
-    trainable = [p for p in policy.parameters() if p.requires_grad]
     # DDP broadcasts rank 0's weights to every rank and all-reduces gradients; the rest runs on the
     # bare module.
     model = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
@@ -124,19 +142,19 @@ def main(args, rank, world, device):
     runner, counters, replay = None, {"update": 0, "env_steps": 0, "merges": 0}, None
     if resume:  # runner stays None when the run had another number of processes
         runner, counters, replay = checkpoint.load(resume, optimizer, rank, world)
-    if args.guidance == "sft" and args.sft_batch == "replay" and replay is None:
-        replay = []  # (encoded observation, SFT target or None) of every step since update 1
     if runner is None:
         # Distinct seeds per rank, offset by the update when resumed on another number of processes.
         runner = Rollout([gym.make(args.env) for _ in range(args.num_envs)],
                          unparsed_action=args.unparsed_action,
                          seed=args.seed + 1000 * rank + 7919 * counters["update"])
     if args.eval_only:
-        return run_evaluation(policy, args, rank, world, counters["update"])
-    metrics = None  # rank 0 writes the run's records
-    if rank == 0:
-        metrics = RunLog(args, world, counters["update"] if resume else None)
+        run_evaluation(policy, args, rank, world, counters["update"])
+        return None
+    if args.guidance == "sft" and args.sft_batch == "replay" and replay is None:
+        replay = []  # (encoded observation, SFT target or None) of every step since update 1
+    metrics = RunLog(args, world, counters["update"] if resume else None) if rank == 0 else None
     if args.warmup_sft_steps and not resume:
+        trainable = [p for p in policy.parameters() if p.requires_grad]
         row = warm_start(model, policy, trainable, args, rank, world)
         if metrics:
             metrics.write(row)
@@ -153,40 +171,59 @@ def main(args, rank, world, device):
         # The critic adapter starts as the policy RL starts from (a critic initialised from the
         # SFT model, as verl's and OpenRLHF's are): its features already read the game.
         policy.load_adapter_state(policy.adapter_state("policy"), "critic")
+    run = Run(policy, model, optimizer, runner, counters, teacher, metrics, replay)
     if args.warmup_sft_steps and not resume:
-        # A checkpoint at update 0: the warm-started policy can seed other runs (--init).
-        checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world,
-                        args.keep_checkpoints, replay)
+        save(run, args, rank, world)  # update 0: the warm-started policy can seed other runs
+    return run
 
+
+def save(run, args, rank, world):
+    """A checkpoint of the run (plumbing/checkpoint.py)."""
+    checkpoint.save(args.out, run.policy, run.optimizer, run.runner, run.counters, rank, world,
+                    args.keep_checkpoints, run.replay)
+
+
+def set_learning_rates(optimizer, update, args):
+    """This update's learning rates; returns the actor's. --critic-warmup: for its first N
+    updates only the critic learns (the actor's rate is 0, and ppo_update drops its gradients);
+    the actor's cosine then starts at update N + 1, the critic's at update 1."""
+    actor, critic = optimizer.param_groups
+    actor["lr"] = (0.0 if update <= args.critic_warmup
+                   else learning_rate(update, args, args.lr, first=args.critic_warmup + 1))
+    critic["lr"] = learning_rate(update, args, args.critic_lr)
+    return actor["lr"]
+
+
+def main(args, rank, world, device):
+    """One run (or --eval-only, one evaluation) as process `rank` of `world` (setup_distributed)."""
+    run = setup(args, rank, world, device)
+    if run is None:
+        return
+    policy, teacher, counters = run.policy, run.teacher, run.counters
     recent = collections.deque(maxlen=10)  # (successes, episodes) of the last 10 updates
     for update in tqdm(range(counters["update"] + 1, args.updates + 1), disable=rank != 0,
                        desc="updates", initial=counters["update"], total=args.updates):
-        # --critic-warmup: the critic learns first; the actor takes no step (ppo_update)
-        actor_frozen = update <= args.critic_warmup
-        actor, critic = optimizer.param_groups
-        actor["lr"] = 0.0 if actor_frozen else learning_rate(update, args, args.lr,
-                                                             first=args.critic_warmup + 1)
-        critic["lr"] = learning_rate(update, args, args.critic_lr)
-        lr = actor["lr"]
+        lr = set_learning_rates(run.optimizer, update, args)
         # Rollouts, teacher and PPO passes run in eval mode: LoRA dropout would make the first ratio
         # differ from 1.
         policy.eval()
         start = time.perf_counter()
         # ---- 1. Rollout (rollout.py, docs/ALGORITHM.md §3) ------------------------------------
-        batch = runner.collect(policy, args.steps_per_update // args.num_envs, args.temperature,
-                               args.max_new_tokens, args.format_reward, args.format_penalty,
-                               teacher.kl_temperature() if args.guidance == "kl" else None)
+        batch = run.runner.collect(policy, args.steps_per_update // args.num_envs,
+                                   args.temperature, args.max_new_tokens, args.format_reward,
+                                   args.format_penalty,
+                                   teacher.kl_temperature() if args.guidance == "kl" else None)
         time_rollout = time.perf_counter() - start
         # ---- 2. Guide: the merged teacher's KL penalties or SFT answers (teacher.py, §4.2-4.3) -
-        guidance = teacher.guide(policy, batch, runner.envs[0].unwrapped) if teacher else None
-        if replay is not None:  # --sft-batch replay: this rollout's targets join the buffer
-            replay.extend(zip(batch.encoded, guidance.sft_targets))
+        guidance = teacher.guide(policy, batch, run.runner.envs[0].unwrapped) if teacher else None
+        if run.replay is not None:  # --sft-batch replay: this rollout's targets join the buffer
+            run.replay.extend(zip(batch.encoded, guidance.sft_targets))
         # ---- 3. PPO epochs on the rollout (ppo.py, §3) ----------------------------------------
         start = time.perf_counter()
         # --merge-snapshot epoch: ppo_update keeps the policy adapter after each epoch for step 4.
         snapshots = [] if teacher and args.merge_snapshot == "epoch" else None
-        logs = ppo_update(model, optimizer, batch, guidance, args, snapshots, actor_frozen,
-                          replay)
+        logs = ppo_update(run.model, run.optimizer, batch, guidance, args, snapshots,
+                          update <= args.critic_warmup, run.replay)
         time_update = time.perf_counter() - start
         # ---- 4. Merge the new policy into the teacher (teacher.py, merge.py, §4.1) ------------
         time_merge = teacher.merge(policy, update, snapshots or ()) if teacher else 0.0
@@ -197,16 +234,15 @@ def main(args, rank, world, device):
         timing = {"time_rollout": time_rollout, "time_update": time_update,
                   "time_merge": time_merge, "time_teacher": guidance.seconds if guidance else 0.0,
                   "env_steps_per_s": args.steps_per_update * world / time_rollout, "lr": lr}
-        log_update(metrics, batch, guidance, logs | timing, counters, recent, world)
+        log_update(run.metrics, batch, guidance, logs | timing, counters, recent, world)
         if update % args.save_every == 0 or update == args.updates:
-            checkpoint.save(args.out, policy, optimizer, runner, counters, rank, world,
-                            args.keep_checkpoints, replay)
+            save(run, args, rank, world)
         if args.eval_every and update % args.eval_every == 0 and update != args.updates:
-            run_evaluation(policy, args, rank, world, update, metrics)
+            run_evaluation(policy, args, rank, world, update, run.metrics)
     if args.eval_episodes and counters["update"] > 0:  # a warm start alone was evaluated above
-        run_evaluation(policy, args, rank, world, counters["update"], metrics)
-    if metrics:
-        metrics.close()
+        run_evaluation(policy, args, rank, world, counters["update"], run.metrics)
+    if run.metrics:
+        run.metrics.close()
 
 
 def advantages_and_returns(batch, guidance, args):
@@ -255,7 +291,6 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_fr
     steps, stop = 0, False
     for epoch in range(args.ppo_epochs):
         order = torch.randperm(samples).tolist()  # [T*N], this epoch's shuffle
-        draws = replay_draws(len(replay)) if replay else None  # this epoch's replay sampler
         if epoch == 0 and next(policy.parameters()).dtype != torch.float32:
             # bfloat16 rounds differently in differently padded batches: the rollout's log-probs
             # and PPO's of the same policy differ by up to 0.02 at T = 0.2 (docs/ALGORITHM.md §6),
@@ -263,29 +298,23 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_fr
             # micro-batches, every ratio before the first step is exactly 1.
             old_logprobs = recomputed_logprobs(model, batch, order, targets, args)
         steps_in_epoch = 0
-        for start in range(0, samples, args.minibatch_size):
-            minibatch = order[start:start + args.minibatch_size]
+        draws = replay_draws(len(replay)) if replay else None  # this epoch's replay sampler
+        for number, minibatch in enumerate(micro_batches(order, args.minibatch_size)):
             # §4.2: the SFT loss is the NLL over the mini-batch's guided tokens, however it is
             # split.
             sft_tokens = (sum(guidance.sft_tokens[i] for i in minibatch) / len(minibatch)
                           if targets else 0.0)
-            # One gradient over the mini-batch, accumulated over micro-batches; DDP all-reduces it
-            # in the last micro-batch's backward only.
-            optimizer.zero_grad(set_to_none=True)
             first = len(logs["approx_kl"])  # this mini-batch's statistics are logs[...][first:]
-            for micro in range(0, len(minibatch), args.micro_batch_size):
-                idx = minibatch[micro:micro + args.micro_batch_size]
-                last = micro + args.micro_batch_size >= len(minibatch)
-                if draws:  # the reference's SFT step: its own backward, before PPO's (§4.2)
-                    drawn = [replay[next(draws)] for _ in idx]
-                    with contextlib.nullcontext() if world == 1 else model.no_sync():
-                        replay_loss(policy, drawn, len(minibatch), args, logs)
-                with contextlib.nullcontext() if last or world == 1 else model.no_sync():
-                    loss = micro_batch_loss(model, batch, advantages, returns, old_logprobs,
-                                            old_values, targets, sft_tokens, args, logs, idx,
-                                            diagnose=epoch == start == micro == 0)
-                    (loss * len(idx) / len(minibatch)).backward()
-            if epoch == start == 0:  # before any step the ratio is 1 up to rounding (bf16)
+            # One gradient over the mini-batch, accumulated over micro-batches; DDP all-reduces it
+            # in the last micro-batch's backward only. The update's first mini-batch also logs
+            # each loss's gradient norm.
+            loss_of = functools.partial(
+                micro_batch_loss, model, batch, advantages, returns, old_logprobs, old_values,
+                targets, sft_tokens, args, logs, diagnose=epoch == number == 0,
+                replay=replay, draws=draws, minibatch_size=len(minibatch))
+            optimizer.zero_grad(set_to_none=True)
+            accumulate_gradient(loss_of, minibatch, args.micro_batch_size, model)
+            if epoch == number == 0:  # before any step the ratio is 1 up to rounding (bf16)
                 logs["first_log_ratio_max"].append(max(logs["log_ratio_max"]))
             # Early stop (--target-kl): the mini-batch's approx_kl to the rollout policy, before
             # this step, averaged over processes so that they all stop together.
@@ -321,7 +350,8 @@ def replay_draws(size):
 def replay_loss(policy, drawn, minibatch_size, args, logs):
     """--sft-batch replay (§4.2): backward of the reference's SFT loss on `drawn`, a
     micro-batch's share of (observation, target or None) pairs from the replay buffer, scored at
-    temperature 1 on the bare policy (under DDP its gradient joins the PPO loss's all-reduce)."""
+    temperature 1 on the bare policy (under DDP, called in `no_sync`: its gradient joins the PPO
+    loss's all-reduce)."""
     pairs = [(encoded, target) for encoded, target in drawn if target is not None]
     if not pairs:  # drawn samples without a target count in the mean, and add nothing
         return
@@ -337,10 +367,8 @@ def recomputed_logprobs(model, batch, order, targets, args):
     """The sequence log-probs of the rollout's answers, [T*N], each scored in the micro-batch of
     the epoch order `order` that PPO will score it in (same padding, same SFT targets beside it)."""
     logprobs = batch.old_logprobs.flatten().clone()  # [T*N]
-    for start in range(0, len(order), args.minibatch_size):
-        minibatch = order[start:start + args.minibatch_size]
-        for micro in range(0, len(minibatch), args.micro_batch_size):
-            idx = minibatch[micro:micro + args.micro_batch_size]
+    for minibatch in micro_batches(order, args.minibatch_size):
+        for idx in micro_batches(minibatch, args.micro_batch_size):
             out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx],
                         args.temperature, targets=micro_batch_targets(targets, idx), value=False)
             logprobs[idx] = out["seq_logprob"].float().cpu()
@@ -355,11 +383,19 @@ def micro_batch_targets(targets, idx):
 
 
 def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values, targets,
-                     sft_tokens, args, logs, idx, diagnose=False):
+                     sft_tokens, args, logs, idx, diagnose=False, replay=None, draws=None,
+                     minibatch_size=None):
     """PPO loss (+ the SFT loss on the teacher's thoughts) of the micro-batch `idx`, in ONE model
     call, and policy_loss's statistics; both are appended to `logs` too. `sft_tokens`: guided
     tokens per sample of the mini-batch (SFT guidance). `diagnose`: also log each loss's gradient
-    norm on the policy adapter (the update's first micro-batch, before any step)."""
+    norm on the policy adapter (the update's first mini-batch, before any step). `replay`,
+    `draws`, `minibatch_size` (--sft-batch replay): the SFT pass on as many pairs drawn from the
+    replay buffer runs first, with its own backward (replay_loss)."""
+    policy = model.module if hasattr(model, "module") else model  # DDP wraps the policy
+    if draws is not None:
+        drawn = [replay[next(draws)] for _ in idx]
+        with model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext():
+            replay_loss(policy, drawn, minibatch_size, args, logs)
     # Answers scored at the sampling temperature (§2); SFT guidance: the teacher's answers in the
     # same call, a second continuation of each prompt, at temperature 1 (the reference's). None
     # where no teacher answer parsed here.
@@ -367,7 +403,6 @@ def micro_batch_loss(model, batch, advantages, returns, old_logprobs, old_values
     out = model([batch.encoded[i] for i in idx], [batch.responses[i] for i in idx],
                 args.temperature, targets=sft_targets)
     device = out["value"].device
-    policy = model.module if hasattr(model, "module") else model  # DDP wraps the policy
     pg_loss, stats = policy_loss(out["seq_logprob"], old_logprobs[idx].to(device),
                                  advantages[idx].to(device), args.clip, args.ratio_guard)
     # The critic regresses on its normalised scale (identity without --value-norm); PPO2's value

@@ -10,6 +10,8 @@ Use:
     policy = load_policy(folder_or_hub_id, action_span=envs.action_span, lora_r=128)
 """
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -17,6 +19,9 @@ import re
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from policy import ActorCritic
 
@@ -107,6 +112,55 @@ def _lora_targets(model, vision):
     return names
 
 
+# ---- Gradient checkpointing with several adapters (docs/ALGORITHM.md §6) ------------------
+def _adapter_layers(module):
+    """peft's LoRA layers inside `module`: each one knows which adapter(s) it runs."""
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class _ActiveAdapters:
+    """Context manager: run `adapter_layers` with the adapters `names` (one entry per layer),
+    then put back the ones they had. Only the layers' active adapter is set: no gradient flag is
+    touched. It can be entered again (backward recomputes a layer once per backward pass through
+    it, e.g. twice for a graph kept with retain_graph)."""
+
+    def __init__(self, adapter_layers, names):
+        self.adapter_layers, self.names, self.found = adapter_layers, names, []
+
+    def __enter__(self):
+        self.found.append([layer._active_adapter for layer in self.adapter_layers])
+        for layer, name in zip(self.adapter_layers, self.names):
+            layer._active_adapter = name
+
+    def __exit__(self, *exception):
+        for layer, name in zip(self.adapter_layers, self.found.pop()):
+            layer._active_adapter = name
+
+
+def _recompute_with_forward_adapters(adapter_layers):
+    """`context_fn` of torch.utils.checkpoint for one checkpointed layer (docs/ALGORITHM.md §6).
+
+    Backward recomputes a checkpointed layer's activations with the adapters active AT BACKWARD.
+    A loss that adds the critic adapter's pass to the policy's (--critic adapter) is
+    back-propagated after `use_adapter("critic")` has switched back to the policy, so the
+    critic's layers would be replayed with the policy's weights: a gradient of the right shape
+    from the wrong activations. The adapters active in the forward pass are read here, at
+    forward time, and set again around the recomputation."""
+    names = [layer._active_adapter for layer in adapter_layers]
+    return contextlib.nullcontext(), _ActiveAdapters(adapter_layers, names)
+
+
+def recompute_with_forward_adapters(model):
+    """Give every checkpointed layer of `model` (a PeftModel with gradient checkpointing on) the
+    `context_fn` above: its recomputation in backward runs the adapters of its forward pass."""
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = functools.partial(
+                torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                context_fn=functools.partial(_recompute_with_forward_adapters,
+                                             _adapter_layers(layer)))
+
+
 def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=None,
                 adapter_path=None, lora_r=128, lora_alpha=256, lora_dropout=0.05, lora_vision=True,
                 lora_targets="", gradient_checkpointing=False, dtype=None, critic="shared",
@@ -191,6 +245,8 @@ def load_policy(model, action_span, device="cpu", thought_coef=0.5, image_size=N
         # size by its own rounding (112 -> 84, 56 -> 28 px); resize to it ourselves
         # (docs/TINY_MODEL.md).
         image_size = math.isqrt(pixels)
+    if gradient_checkpointing:
+        recompute_with_forward_adapters(peft_model)
     policy = ActorCritic(peft_model, processor, action_span, thought_coef=thought_coef,
                          image_size=image_size, critic=critic, answer_opening=answer_opening)
     critic_path = os.path.join(os.path.dirname(adapter_path or ""), "critic")

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,16 +115,39 @@ def run_dir(args, env, method, seed):
     return os.path.join(args.out, env.split("/")[-1], method, f"seed{seed}")
 
 
-def finished(path, updates, after=0.0):
-    """A run is done when its evaluation after the last update is written, by the current code
-    (its config.json's code digest), later than `after` (its warm start's end, a time stamp)."""
+def finished(path, updates, after=0.0, digest=CODE_DIGEST):
+    """A run is done when its evaluation after the last update is written, by the code of
+    `digest` (its config.json's code digest; None: any code), later than `after` (its warm
+    start's end, a time stamp)."""
     evals, config = os.path.join(path, "eval.jsonl"), os.path.join(path, "config.json")
     if not (os.path.exists(evals) and os.path.exists(config)) or os.path.getmtime(evals) < after:
         return False
-    with open(config) as f:
-        if json.load(f).get("code_digest") != CODE_DIGEST:
-            return False
+    if digest is not None and run_config(path).get("code_digest") != digest:
+        return False
     return any(json.loads(line)["update"] == updates for line in open(evals))
+
+
+def run_config(path):
+    """A run's config.json (train.py's flags, its code digest and commit, its world size)."""
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+# Two-sided 95 % quantiles of Student's t for 1-30 degrees of freedom (the normal's beyond).
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def paired_difference(differences):
+    """'mean +- se [low, high]' of per-seed differences: the 95 % t-interval with n - 1 degrees
+    of freedom, the test of docs/results/PLAN.md (a difference is resolved when it excludes 0)."""
+    mean, se = mean_se(differences)
+    n = len([d for d in differences if d is not None])
+    if n < 2:
+        return f"{mean:+.3f} (n = {n})"
+    t = T_975[n - 2] if n - 1 <= len(T_975) else 1.960
+    return f"{mean:+.3f} +- {se:.3f} [{mean - t * se:+.3f}, {mean + t * se:+.3f}]"
 
 
 def usable_cores():
@@ -205,6 +229,43 @@ def smooth(values, window=5):
     return out
 
 
+def provenance(args, envs, methods):
+    """Which code made the table's runs, on what machine, and the commands that regenerate them
+    ({seed} for the seed). Stops when the runs were made by more than one version of the code."""
+    configs = [run_config(run_dir(args, env, m, s)) for env in envs for m in ["warm", *methods]
+               for s in seed_list(args) if os.path.exists(os.path.join(run_dir(args, env, m, s),
+                                                                       "config.json"))]
+    versions = {(c.get("code_digest"), c.get("commit")) for c in configs}
+    if len(versions) > 1:
+        sys.exit(f"the runs in {args.out} were made by {len(versions)} versions of the code; "
+                 "a table reports one: rerun the stale ones (without --report-only)")
+    digest, commit = versions.pop() if versions else (None, None)
+    dates = sorted(time.strftime("%Y-%m-%d", time.gmtime(os.path.getmtime(os.path.join(
+        run_dir(args, env, m, s), "eval.jsonl")))) for env in envs for m in ["warm", *methods]
+                   for s in seed_list(args)
+                   if os.path.exists(os.path.join(run_dir(args, env, m, s), "eval.jsonl")))
+    seeds = seed_list(args)
+    flags = []
+    for field in dataclasses.fields(CompareArgs):  # the flags that differ from the defaults
+        value = getattr(args, field.name)
+        if field.name not in ("report_only", "docs", "jobs") and value != field.default:
+            quoted = f"'{value}'" if isinstance(value, str) and " " in value else value
+            flags.append(f"--{field.name.replace('_', '-')} {quoted}")
+    command = "python -m scripts.compare " + " ".join(flags)
+    return (f"Code: commit {commit or 'not recorded'} (code digest {str(digest)[:12]}). "
+            f"Runs finished {dates[0] if dates else '?'} to {dates[-1] if dates else '?'}, on "
+            f"{usable_cores()} CPU cores with {max(1, usable_cores() // args.jobs)} thread(s) a "
+            f"run, {args.jobs} at a time; torch {torch_version()}. Seeds {seeds[0]}-{seeds[-1]}."
+            f" Command (each seed's train.py commands are in its runs' config.json):\n\n"
+            f"    {command}\n\n")
+
+
+def torch_version():
+    """The installed torch's version, without importing it (a second of start-up)."""
+    from importlib.metadata import version
+    return version("torch")
+
+
 def report(args, envs, methods):
     """Both tables from the finished runs. A seed counts once all its methods have finished, so
     every row compares the methods on the same seeds (an interrupted comparison reports the
@@ -214,7 +275,8 @@ def report(args, envs, methods):
              "format valid: first / last quarter | thought grounding: first / last quarter | "
              "thought diversity: first / last quarter | entropy: first / middle / last update | "
              "s per update | teacher: parsed / answers sampled per observation | "
-             "final success minus the first method's, paired over seeds | "
+             "final success minus the first method's, paired over seeds: mean +- se "
+             "[95 % t-interval] | "
              "explained variance: first / last quarter | opening token's probability: first / "
              "last quarter | admissible commands: after warm start / final |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -224,10 +286,12 @@ def report(args, envs, methods):
                 "thought diversity: first / last quarter | "
                 "explained variance: first / last quarter |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
-    curves = {}
+    curves, digest = {}, None if args.report_only else CODE_DIGEST
     for env in envs:
-        seeds = [s for s in seed_list(args) if finished(run_dir(args, env, "warm", s), 0)
-                 and all(finished(run_dir(args, env, m, s), args.updates) for m in methods)]
+        seeds = [s for s in seed_list(args)
+                 if finished(run_dir(args, env, "warm", s), 0, 0.0, digest)
+                 and all(finished(run_dir(args, env, m, s), args.updates, 0.0, digest)
+                         for m in methods)]
         if not seeds:
             print(f"{env}: no seed with every method finished yet")
             continue
@@ -260,14 +324,15 @@ def report(args, envs, methods):
             sampled = mean_se([r.get("teacher_samples") for rows, _ in runs for r in rows])[0]
             # The methods of a seed share its warm start: their difference per seed is the sharp
             # measure.
-            paired = mean_se([f - b for f, b in zip(finals[method], finals[methods[0]])])
+            paired = paired_difference([f - b for f, b in zip(finals[method],
+                                                               finals[methods[0]])])
             lines.append(f"| {env.split('/')[-1]} | {label(args, method)} | {len(seeds)} | "
                          f"{start[0]:.3f} +- {start[1]:.3f} | "
                          f"**{final[0]:.3f} +- {final[1]:.3f}** | {ret[0]:.2f} +- {ret[1]:.2f} | "
                          f"{pair(success)} | {pair(valid)} | {pair(grounding)} | "
                          f"{pair(diversity)} | {' / '.join(f'{e:.3f}' for e in entropy)} | "
                          f"{seconds[0]:.1f} | {parsed:.3f} / {sampled:.2f} | "
-                         f"{paired[0]:+.3f} +- {paired[1]:.3f} | {pair(variance)} | "
+                         f"{paired} | {pair(variance)} | "
                          f"{pair(opening)} | {commands} |")
             curves[env, method] = runs
             for i, s in enumerate(seeds):
@@ -292,7 +357,8 @@ def report(args, envs, methods):
               f"{evals[-1]['eval_episodes']} fresh episodes per seed "
               f"(mean +- standard error over seeds). Further flags of every RL run: "
               f"`{args.train_flags or 'none'}`.\n\n")
-    text = header + "\n".join(lines) + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n"
+    text = (header + provenance(args, envs, methods) + "\n".join(lines) + "\n\nPer seed:\n\n"
+            + "\n".join(per_seed) + "\n")
     with open(os.path.join(args.docs, f"{args.name}.md"), "w") as f:
         f.write(text)
     print(text)

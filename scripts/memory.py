@@ -331,7 +331,7 @@ def ppo_flops(config, mb=MicroBatch(), lora_r=LORA_R, causal=True):
 # The tables of docs/PERFORMANCE.md
 # ---------------------------------------------------------------------------------------------
 def scored_chunk(config, mb=MicroBatch()):
-    """Positions policy.py:ActorCritic._score scores at once: SCORE_CHUNK_ELEMENTS / (batch x
+    """Positions policy.py:ActorCritic.score scores at once: SCORE_CHUNK_ELEMENTS / (batch x
     vocabulary)."""
     return max(1, SCORE_CHUNK_ELEMENTS // (mb.batch * Dims.of(config).vocab))
 

@@ -103,8 +103,8 @@ def test_sampling_ignores_the_checkpoint_generation_config(hub_dir, tmp_path):
     # p(first answer token) of every allowed token, as PPO's scoring computes it
     with torch.no_grad():
         last = policy.model.get_base_model().model(
-            **policy._collate(prompt)).last_hidden_state[:, -1:]  # [1, 1, h]
-        logprobs, _ = policy._score(last.expand(1, len(allowed), -1),
+            **policy.collate(prompt)).last_hidden_state[:, -1:]  # [1, 1, h]
+        logprobs, _ = policy.score(last.expand(1, len(allowed), -1),
                                     torch.tensor([allowed]))  # [1, allowed]
     p = dict(zip(allowed, logprobs[0].exp().tolist()))
     assert sum(p.values()) == pytest.approx(1.0, abs=1e-4)
@@ -177,7 +177,7 @@ def test_scoring_keeps_no_full_vocabulary_tensor_for_backward(make_policy, monke
                 lambda t: saved.setdefault(t.untyped_storage().data_ptr(),
                                            t.untyped_storage().nbytes()) and t,
                 lambda t: t):
-            logprobs, entropy = policy._score(leaf, ids, 0.5)
+            logprobs, entropy = policy.score(leaf, ids, 0.5)
         logprobs.sum().backward()
         results[elements] = (logprobs.detach(), leaf.grad, sum(saved.values()))
         assert not entropy.requires_grad

@@ -40,7 +40,7 @@ def test_generate_logprobs_match_evaluate(policy):
     prompts = ["Move to the target.",
                "A much longer prompt: reach the target number, answer in JSON.", "x"]
     encoded = policy.encode(images(3), prompts)
-    batch = policy._collate(encoded)
+    batch = policy.collate(encoded)
     torch.manual_seed(1)
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                               max_new_tokens=16, eos_token_id=policy.stop_ids(),
