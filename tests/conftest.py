@@ -1,10 +1,19 @@
-"""Shared fixtures: the tiny offline VLM is built once per test session into a temp folder."""
+"""Shared fixtures: the tiny offline VLM is built once per test session into a temp folder.
+
+The `slow` marker is on tests that start processes (train.py, torchrun, the scripts) or train
+for hundreds of steps: `pytest -m "not slow" tests` is the quick tier to run while editing.
+"""
 import os
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts processes or trains at length (the quick "
+                                       "tier is pytest -m 'not slow')")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import envs
@@ -208,6 +209,7 @@ def test_sft_targets_keep_the_teacher_action_only_when_guiding_every_token():
                    for t in targets)
 
 
+@pytest.mark.slow
 def test_train_runs_the_ablations_end_to_end(tiny_dir, tmp_path):
     """--merge-snapshot epoch with 2 PPO epochs merges once per update (2 after 2 updates), with
     --guide-tokens all; --merge-every 0 merges none."""

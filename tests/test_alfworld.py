@@ -85,6 +85,7 @@ def play(env, command):
     return env.step(alfworld_env.VOCABULARY.index(command))
 
 
+@pytest.mark.slow
 def test_without_the_package_one_line_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "alfworld", None)  # importing it now fails, installed or not
     with pytest.raises(ImportError) as error:

@@ -153,6 +153,7 @@ def train(tiny_dir, out, *flags):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_train_warms_the_critic_up_and_resumes_it(tiny_dir, tmp_path):
     """--critic adapter end to end: with --critic-warmup 2 the policy adapter stays as it was
     initialised while the critic adapter learns, and Adam keeps no moments of the actor; the

@@ -436,6 +436,7 @@ def test_rollout_counts_answers_that_name_an_admissible_command(unparsed_action)
     assert math.isnan(admissible_share([{"length": 3, "success": False, "return": 0.0}], world=1))
 
 
+@pytest.mark.slow
 def test_warm_start_curve_script(tiny_dir):
     """scripts/warm_start.py prints one table row per reading (loss, admissible commands, going
     where the picture shows), and names the fix for an environment that lists no admissible

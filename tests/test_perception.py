@@ -7,6 +7,8 @@ import torch
 
 import envs  # noqa: F401  (registers the environments)
 
+pytestmark = pytest.mark.slow  # warm starts of hundreds of steps
+
 
 def held_out_states(n, seed=123):
     """n NumberLine states (image, prompt, expert action) with fresh seeds."""

@@ -14,6 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--max-new-tokens", "16", "--lora-r", "8", "--lora-alpha", "16", "--ppo-epochs", "1",
         "--micro-batch-size", "4", "--eval-episodes", "0", "--warmup-sft-steps", "0"]
 
+pytestmark = pytest.mark.slow  # processes, torchrun and resumes
+
 
 def descendants(pid):
     """Ids of every process below `pid`, read from Linux's /proc (torchrun starts each rank in a

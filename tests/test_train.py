@@ -38,6 +38,7 @@ def run_train(tiny_dir, out, *flags):
     return rows, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env", ["gtr/NumberLine-v0", "gtr/Points24-v0"])
 def test_ppo_only_smoke(tiny_dir, tmp_path, env):
     rows, result = run_train(tiny_dir, tmp_path / "run", "--guidance", "none", "--env", env)
@@ -50,6 +51,7 @@ def test_ppo_only_smoke(tiny_dir, tmp_path, env):
     assert rows[-1]["admissible"] is None  # the card games do not judge commands
 
 
+@pytest.mark.slow
 def test_household_reports_admissible_commands(tiny_dir, tmp_path):
     """On Household the metrics rows, the console line and the evaluation carry the share of
     answers that name an admissible command."""
@@ -62,6 +64,7 @@ def test_household_reports_admissible_commands(tiny_dir, tmp_path):
     assert 0.0 <= evals[-1]["eval_admissible"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", ["kl", "sft"])
 def test_guided_smoke(tiny_dir, tmp_path, guidance):
     """Both guidances on the tiny Qwen2.5-VL in hub layout, with gradient checkpointing (the tiny
@@ -90,6 +93,7 @@ def test_guided_smoke(tiny_dir, tmp_path, guidance):
                           / "adapter_config.json")
 
 
+@pytest.mark.slow
 def test_sft_replay_keeps_every_step_and_resumes_with_it(tiny_dir, tmp_path):
     """--sft-batch replay: the buffer holds every step since update 1 (2 updates x 8 steps), goes
     into each checkpoint, and a resumed run adds its steps to the saved ones."""
@@ -109,6 +113,7 @@ def test_sft_replay_keeps_every_step_and_resumes_with_it(tiny_dir, tmp_path):
     assert replay_size() == 24
 
 
+@pytest.mark.slow
 def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
     """A bad flag stops train.py (and bench.py, scripts/compare.py) before anything runs, with one
     line that names the flag, its value and what is valid, and no traceback."""
@@ -132,6 +137,7 @@ def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_help_documents_every_flag():
     import dataclasses
 
@@ -175,6 +181,7 @@ def test_teacher_adapter_equals_merged_weights(make_policy):
     assert (a - c).abs().max() > 1e-4   # and it is not the policy
 
 
+@pytest.mark.slow
 def test_warm_start_lowers_held_out_sft_loss(make_policy):
     """A short SFT warm start on expert demonstrations lowers the loss on held-out
     demonstrations."""
@@ -190,6 +197,7 @@ def test_warm_start_lowers_held_out_sft_loss(make_policy):
     assert row["warmup_loss_after"] < 0.7 * row["warmup_loss_before"]
 
 
+@pytest.mark.slow
 def test_bench_smoke(tiny_dir):
     """bench.py runs end to end and reports every ratio and figure (no timing asserted), here on
     a small random Qwen2.5-VL built like the paper-size ones (plumbing/tinyvlm.py:random_model), so
@@ -309,6 +317,7 @@ def test_readme_states_the_default_configuration():
             f"README says --{flag} {value}")
 
 
+@pytest.mark.slow
 def test_tensorboard_and_wandb_log_every_metric(tiny_dir, tmp_path, monkeypatch):
     """--tensorboard and --wandb (offline, no network) get every metrics key and the evaluations."""
     for extra in ("tensorboard", "wandb"):
@@ -327,6 +336,7 @@ def test_tensorboard_and_wandb_log_every_metric(tiny_dir, tmp_path, monkeypatch)
     assert list((run / "wandb").glob("offline-run-*/*.wandb"))
 
 
+@pytest.mark.slow
 def test_missing_logging_extra_is_named_in_one_line(tmp_path):
     code = (f"import sys, runpy; sys.path.insert(0, {ROOT!r}); sys.modules['tensorboard'] = None; "
             f"sys.argv = ['train.py', '--tensorboard', '--out', {str(tmp_path / 'run')!r}]; "
@@ -338,6 +348,7 @@ def test_missing_logging_extra_is_named_in_one_line(tmp_path):
             "pip install tensorboard") in result.stderr
 
 
+@pytest.mark.slow
 def test_plot_draws_a_run(tiny_dir, tmp_path):
     """scripts/plot.py draws a short run (its metrics and evaluations) into one PNG."""
     pytest.importorskip("matplotlib",
@@ -355,6 +366,7 @@ def test_plot_draws_a_run(tiny_dir, tmp_path):
     assert result.returncode != 0 and "no metrics.jsonl there" in result.stderr
 
 
+@pytest.mark.slow
 def test_compare_smoke(tiny_dir, tmp_path):
     """scripts/compare.py runs a warm start and the three methods from it, and writes the
     table. Run again, it keeps every finished run; a warm start made by other code (another code
