@@ -14,9 +14,14 @@ and the facts of the state it replied to; where the environment judges commands 
 ALFWorld), whether the answer named an admissible one. Finished episodes are recorded with their
 return, length, success and, there, their number of admissible commands.
 
-Use:
-    envs = [gym.make("gtr/NumberLine-v0") for _ in range(8)]
-    runner = Rollout(envs, seed=0)
+It imports torch, numpy and gymnasium. What it needs of the caller: environments with an
+`unwrapped` that has `read(text) -> (thoughts, action id)` (None where the answer has none),
+`actions`, `prompt()`, `facts()` and `invalid_step()` (envs/base.py), and a policy with
+`encode`, `generate` and a forward pass that scores answers (policy.py:ActorCritic).
+
+Use (`import envs` registers the games):
+    games = [gym.make("gtr/NumberLine-v0") for _ in range(8)]
+    runner = Rollout(games, seed=0)
     batch = runner.collect(policy, steps=8, temperature=0.2, max_new_tokens=64)
 """
 
@@ -26,8 +31,6 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-import envs as gtr_envs
-from ppo import masked_mean
 
 
 @dataclass
@@ -77,8 +80,8 @@ class Rollout:
         admissible?). Admissible is None where the environment does not judge commands (its info
         has no "admissible"), and False for an answer that named no command."""
         env = self.envs[i].unwrapped
-        action = env.parse(text)
-        parsed = action is not None and gtr_envs.extract_thoughts(text) is not None
+        thoughts, action = env.read(text)
+        parsed = action is not None and thoughts is not None
         named = action is not None
         if action is None and self.unparsed_action == "penalty":
             # The environment's own penalty for a non-move (see each env's invalid_step).
@@ -154,7 +157,8 @@ class Rollout:
             mask = scored["response_mask"]  # [N, width], right-aligned
             out.old_logprobs[t] = scored["seq_logprob"].cpu()
             out.values[t] = scored["value"].float().cpu()
-            out.entropy[t] = masked_mean(scored["entropy"], mask).cpu()
+            entropy = (scored["entropy"] * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [N]
+            out.entropy[t] = entropy.cpu()  # the mean over each answer's tokens
             if "opening_logprob" in scored:
                 out.opening_prob[t] = scored["opening_logprob"].exp().cpu()
             out.thought_tokens[t] = (scored["thought_mask"] & mask).sum(-1).float().cpu()
@@ -198,7 +202,8 @@ class Rollout:
 def evaluate(policy, env_id, episodes, num_envs, seed, temperature=0.0, max_new_tokens=256,
              unparsed_action="random"):
     """Play `episodes` fresh episodes of `env_id` with up to `num_envs` environments in lockstep
-    (env i reset with seed + i); temperature 0 is greedy. Returns the episode dicts.
+    (env i reset with seed + i); temperature 0 is greedy. Returns the episode dicts. `env_id`
+    is a registered gymnasium id (`import envs` registers this repository's games).
 
     Each environment plays a fixed share of the episodes, so short episodes are not favoured by
     whichever environments finish first. Sampling draws from its own generator, seeded by

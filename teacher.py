@@ -39,8 +39,32 @@ from dataclasses import dataclass
 import torch
 
 from distill import kl_estimate, retry_temperatures
-from envs import extract_thoughts, format_answer
 from merge import update_teacher
+
+
+@dataclass
+class TeacherConfig:
+    """What the teacher reads of a run's settings, with train.py's defaults (config.py documents
+    each flag of the same name). train.py passes its whole Args, which has these fields."""
+    guidance: str = "kl"                # "kl" or "sft"
+    teacher: str = ""                   # a fixed adapter folder instead of the merged teacher
+    merge: str = "ties"                 # the merge operator (merge.py)
+    merge_weights: str = "ema"          # ema or sma (merge.py:teacher_weights)
+    ema_alpha: float = 0.5
+    ties_density: float = 0.8
+    merge_space: str = "factors"        # merge LoRA's factors or their product (merge.py)
+    merge_every: int = 1                # merge every this many updates; 0: a static teacher
+    seed: int = 0                       # seeds DARE's drops
+    kl_estimator: str = "clip"          # distill.py:kl_estimate
+    kl_temperature: float = 1.0         # both policies' scoring temperature for the KL
+    unparsed_kl: float = 100.0          # KL_hat of an answer that does not parse
+    guide_tokens: str = "thought"       # "thought" or "all"
+    sft_unparsed: str = "none"          # "teacher": SFT targets for unparsed answers too
+    temperature: float = 0.5            # the agent's sampling temperature
+    teacher_temperature: float = 0.2    # the teacher's first SFT answer temperature
+    max_new_tokens: int = 64
+    micro_batch_size: int = 32          # the KL pass's batch
+    num_envs: int = 8                   # the SFT answers' generate batch
 
 
 @dataclass
@@ -57,10 +81,9 @@ class Guidance:
 
 
 class Teacher:
-    """The teacher adapter of a guided run. Reads these fields of train.py's Args: guidance,
-    teacher, merge, merge_weights, ema_alpha, ties_density, merge_space, merge_every, seed,
-    kl_estimator, kl_temperature, unparsed_kl, guide_tokens, sft_unparsed, temperature,
-    teacher_temperature, max_new_tokens, micro_batch_size, num_envs."""
+    """The teacher adapter of a guided run. `args`: a TeacherConfig, or any object with its
+    fields (train.py's Args). `game` (guide's): an unwrapped environment with `read(text) ->
+    (thoughts, action id)`, `answer(thoughts, action id)` and `actions` (envs/base.py)."""
 
     def __init__(self, policy, args):
         self.args = args
@@ -226,14 +249,14 @@ class Teacher:
                                                [t for _, t in rows], self.args.max_new_tokens)
                     sampled += len(rows)
                     for (i, _), text in zip(rows, texts):  # rows of one i are in rising temperature
-                        thoughts, teacher_action = extract_thoughts(text), game.parse(text)
+                        thoughts, teacher_action = game.read(text)
                         if targets[i] is not None or thoughts is None or teacher_action is None:
                             continue
                         # The teacher's own action stays with --guide-tokens all, and where the
                         # agent's unparsed answer named none (penalty mode).
                         keep_teacher = self.args.guide_tokens == "all" or actions[i] < 0
-                        action = game.actions[teacher_action if keep_teacher else actions[i]]
-                        targets[i] = policy.answer_ids(format_answer(thoughts, action))
+                        action = teacher_action if keep_teacher else actions[i]
+                        targets[i] = policy.answer_ids(game.answer(thoughts, action))
                     pending = [i for i in pending if targets[i] is None]
                     tried += width
         return targets, sampled, len(asked)

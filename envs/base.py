@@ -3,8 +3,8 @@
 Concept: every environment is an image-in, text-out game (docs/ALGORITHM.md §1, §5). The
 observation is an RGB picture of ``image_size`` pixels, and the agent is a language model that
 answers in the format of answer.py. The base class gives each game its observation and action
-spaces, the ``rgb_array`` render mode, its ``actions`` strings and ``parse``; a game adds its
-rules, its picture (``_draw``), its prompt, its expert and its ``facts()``.
+spaces, the ``rgb_array`` render mode, its ``actions`` strings, ``parse`` and ``read``; a game
+adds its rules, its picture (``_draw``), its prompt, its expert and its ``facts()``.
 
 Use: ``class Game(VisualTextEnv)`` with ``actions = ["-", "+"]`` and ``_draw``, ``facts``,
 ``reset`` and ``step`` written; ``Game().parse('{"thoughts": "", "action": "+"}')`` gives ``1``.
@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 from PIL import Image
 
-from .answer import parse_action
+from .answer import extract_thoughts, format_answer, parse_action
 from .drawing import WHITE
 
 
@@ -58,6 +58,16 @@ class VisualTextEnv(gym.Env):
     def parse(self, text: str) -> int | None:
         """Action id named in a model's answer, or None (see ``parse_action``)."""
         return parse_action(text, self.actions)
+
+    def read(self, text: str) -> tuple[str | None, int | None]:
+        """(thoughts, action id) of a model's answer, each None where it has none: the answer
+        parses when both are there (docs/ALGORITHM.md §3)."""
+        return extract_thoughts(text), self.parse(text)
+
+    def answer(self, thoughts: str, action: int) -> str:
+        """The answer that names action id `action` with these thoughts, in the format ``read``
+        reads (an expert's, or the teacher's thoughts with the agent's action, §4.2)."""
+        return format_answer(thoughts, self.actions[action])
 
     def facts(self) -> list[str]:
         """The phrases a thought grounded in the current state names (docs/ALGORITHM.md §4.5):

@@ -137,6 +137,16 @@ def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+def test_teacher_config_has_the_flags_defaults():
+    """teacher.py's own config (for readers who copy the file) agrees with train.py's flags."""
+    import dataclasses
+
+    from config import Args
+    from teacher import TeacherConfig
+    for field in dataclasses.fields(TeacherConfig):
+        assert getattr(Args(), field.name) == field.default, field.name
+
+
 @pytest.mark.slow
 def test_help_documents_every_flag():
     import dataclasses
