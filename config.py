@@ -46,7 +46,7 @@ class Args:
     """recompute activations in backward: on, off, auto (on for a real model, off for tiny ones)"""
     image_size: int = 0
     """resize observations to this many pixels before the processor (0: the model's default)"""
-    # Sampling and the action log-prob (docs/ALGORITHM.md §2)
+    # Sampling, the answer's log-prob and its reward (docs/ALGORITHM.md §2-3)
     temperature: float = 0.5
     """sampling temperature; logits are divided by it when evaluating too (paper: 0.2)"""
     max_new_tokens: int = 64
@@ -54,12 +54,10 @@ class Args:
     thought_coef: float = 0.5
     """lambda: thoughts' weight in the action log-prob (0.5 card games; 0.2 Household, ALFWorld)"""
     format_reward: float = 3.0
-    """reward of an answer that parses, added after GAE (Household: 5; 0 for both this and
-    --format-penalty turns the format reward off)"""
+    """reward of an answer that parses, added after GAE (Household: 5); 0 here and in
+    --format-penalty turns the format reward off"""
     format_penalty: float = -2.0
     """reward for an answer that does not parse (Household, ALFWorld: -5)"""
-    unparsed_action: Literal["random", "penalty"] = "random"
-    """unparsed answers play: random (the reference) or penalty (the env's illegal-move penalty)"""
     # PPO (docs/ALGORITHM.md §3)
     gamma: float = 0.9
     """discount"""
@@ -67,25 +65,8 @@ class Args:
     """GAE lambda"""
     clip: float = 0.1
     """PPO clip range"""
-    ratio_guard: float = 10.0
-    """a sample whose ratio exceeds this uses only the clipped term (drops out of the step)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
-    value_clip: float = 0.0
-    """PPO2's value clip: V kept within this of its rollout value (the reference: 0.1; 0: off)"""
-    critic: Literal["shared", "detached", "adapter"] = "adapter"
-    """what the value head reads: adapter (its own LoRA adapter), shared (the policy's last prompt
-    state, the reference's), detached (the same, gradient stopped)"""
-    critic_lr: float = 1e-4
-    """Adam learning rate of the critic (value head, critic adapter), cosine-annealed like --lr"""
-    critic_max_grad_norm: float = 1.0
-    """gradient norm clip of the critic's weights, apart from the actor's --max-grad-norm"""
-    value_norm: bool = True
-    """the critic regresses returns normalised by their running mean and standard deviation"""
-    critic_warmup: int = 0
-    """the first this many updates train the critic only (the actor's learning rate is 0)"""
-    value_target: Literal["env", "shaped"] = "env"
-    """critic's target: env (the env's return) or shaped (+ format bonus, KL penalty; reference)"""
     max_grad_norm: float = 0.01
     """gradient norm clip"""
     target_kl: float = 0.02
@@ -100,8 +81,9 @@ class Args:
     """Adam learning rate, cosine-annealed to lr_min (paper: 1e-5)"""
     lr_min: float = 1e-9
     """final learning rate"""
-    lr_updates: int = 0
-    """updates over which the learning rate anneals (0: all of --updates; paper: 25)"""
+    critic_lr: float = 1e-4
+    """Adam learning rate of the critic (value head, critic adapter), cosine-annealed like --lr"""
+    # LoRA
     lora_r: int = 128
     """LoRA rank"""
     lora_alpha: int = 256
@@ -112,28 +94,13 @@ class Args:
     """also put LoRA on the vision tower"""
     lora_targets: str = ""
     """comma-separated module names (or suffixes) to adapt instead of every linear layer"""
-    # GTR-Turbo teacher (docs/ALGORITHM.md §4)
+    # The GTR-Turbo teacher (docs/ALGORITHM.md §4)
     kl_coef: float = 1.0
     """beta: weight of the teacher KL subtracted from the advantages"""
-    kl_estimator: Literal["clip", "abs", "k3", "forward"] = "clip"
-    """per-token KL estimator: clip (paper), abs, k3, forward"""
-    kl_temperature: float = 1.0
-    """temperature of both policies' KL scoring (1: raw logits, the reference; -1: --temperature)"""
-    unparsed_kl: float = 100.0
-    """KL_hat of an unparsed answer's step (reference: 100; 0: score its tokens as if it parsed)"""
     sft_coef: float = 1.0
     """weight of the SFT loss on the teacher's thoughts"""
-    sft_unparsed: Literal["none", "teacher"] = "none"
-    """SFT target where the agent's answer does not parse: none (the reference) or teacher (its
-    answer, the action played)"""
-    sft_batch: Literal["replay", "rollout"] = "replay"
-    """SFT targets per PPO mini-batch: replay (the reference: as many drawn from every target since
-    update 1, each target's token mean over the mini-batch's sample count) or rollout (this
-    rollout's, scored with the mini-batch, a mean over its guided tokens; §4.2)"""
     teacher_temperature: float = 0.2
     """teacher's SFT answers' first temperature, x1.1 per retry (paper: 0.2; scored at 1, §4.2)"""
-    guide_tokens: Literal["thought", "all"] = "thought"
-    """tokens the teacher guides: thought (paper) or all (ablation: KL and SFT on every token)"""
     merge: Literal["ties", "linear", "dare"] = "ties"
     """merge operator: ties, linear, dare"""
     merge_weights: Literal["ema", "sma"] = "ema"
@@ -142,15 +109,8 @@ class Args:
     """EMA weight of the newest checkpoint"""
     ties_density: float = 0.8
     """fraction of entries TIES (and DARE) keep"""
-    merge_space: Literal["factors", "delta"] = "factors"
-    """merge LoRA A and B factors (the reference) or their product B@A (delta)"""
     merge_every: int = 1
     """merge the policy into the teacher every this many updates (0: never: teacher = warm start)"""
-    merge_snapshot: Literal["update", "epoch"] = "update"
-    """what is merged: update (the policy after its PPO epochs) or epoch (the snapshots after each
-    epoch share its weight, the reference)"""
-    teacher: str = ""
-    """fixed teacher adapter folder, not the merged one (GTR with local teacher; static ablation)"""
     init: str = ""
     """start from this saved policy adapter, e.g. a warm start's OUT/checkpoint/adapters/policy"""
     # SFT warm start on the environments' expert demonstrations (the paper starts RL from SFT)
@@ -165,7 +125,7 @@ class Args:
     """learning rate of the warm start"""
     warmup_batch_size: int = 32
     """demonstrations per warm-start step"""
-    # Checkpoints and evaluation
+    # Checkpoints, evaluation, logging
     save_every: int = 5
     """write OUT/checkpoint every this many updates (and after the last)"""
     keep_checkpoints: int = 2
@@ -185,7 +145,51 @@ class Args:
     """also log metrics and evaluations to TensorBoard, OUT/tensorboard (pip install tensorboard)"""
     wandb: str = ""
     """also log to this Weights & Biases project (pip install wandb; offline: WANDB_MODE=offline)"""
-
+    # ---- The reference's semantics and the paper's ablations --------------------------------
+    # Where the reference's code and this repository differ, a flag below chooses between them
+    # (its help says which value is the reference's; docs/ALGORITHM.md §6), or it runs one of the
+    # paper's ablations (§4.3). A first reading can skip them.
+    critic: Literal["shared", "detached", "adapter"] = "adapter"
+    """what the value head reads: adapter (its own LoRA adapter), shared (the policy's last prompt
+    state, the reference's), detached (the same, gradient stopped)"""
+    critic_max_grad_norm: float = 1.0
+    """gradient norm clip of the critic's weights, apart from the actor's --max-grad-norm"""
+    value_norm: bool = True
+    """the critic regresses returns normalised by their running mean and standard deviation"""
+    value_clip: float = 0.0
+    """PPO2's value clip: V kept within this of its rollout value (the reference: 0.1; 0: off)"""
+    value_target: Literal["env", "shaped"] = "env"
+    """critic's target: env (the env's return) or shaped (+ format bonus, KL penalty; reference)"""
+    critic_warmup: int = 0
+    """the first this many updates train the critic only (the actor's learning rate is 0)"""
+    ratio_guard: float = 10.0
+    """a sample whose ratio exceeds this uses only the clipped term (drops out of the step)"""
+    lr_updates: int = 0
+    """updates over which the learning rate anneals (0: all of --updates; paper: 25)"""
+    unparsed_action: Literal["random", "penalty"] = "random"
+    """unparsed answers play: random (the reference) or penalty (the env's illegal-move penalty)"""
+    kl_estimator: Literal["clip", "abs", "k3", "forward"] = "clip"
+    """per-token KL estimator: clip (paper), abs, k3, forward"""
+    kl_temperature: float = 1.0
+    """temperature of both policies' KL scoring (1: raw logits, the reference; -1: --temperature)"""
+    unparsed_kl: float = 100.0
+    """KL_hat of an unparsed answer's step (reference: 100; 0: score its tokens as if it parsed)"""
+    sft_unparsed: Literal["none", "teacher"] = "none"
+    """SFT target where the agent's answer does not parse: none (the reference) or teacher (its
+    answer, the action played)"""
+    sft_batch: Literal["replay", "rollout"] = "replay"
+    """SFT targets per PPO mini-batch: replay (the reference: as many drawn from every target since
+    update 1, each target's token mean over the mini-batch's sample count) or rollout (this
+    rollout's, scored with the mini-batch, a mean over its guided tokens; §4.2)"""
+    guide_tokens: Literal["thought", "all"] = "thought"
+    """tokens the teacher guides: thought (paper) or all (ablation: KL and SFT on every token)"""
+    merge_space: Literal["factors", "delta"] = "factors"
+    """merge LoRA A and B factors (the reference) or their product B@A (delta)"""
+    merge_snapshot: Literal["update", "epoch"] = "update"
+    """what is merged: update (the policy after its PPO epochs) or epoch (the snapshots after each
+    epoch share its weight, the reference)"""
+    teacher: str = ""
+    """fixed teacher adapter folder, not the merged one (GTR with local teacher; static ablation)"""
 
 def check_args(args):
     """Every flag's value in its range, else the one line that names the flag, its value and what
