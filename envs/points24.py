@@ -29,9 +29,13 @@ reproduces a deal. A blank is drawn as "_" so the agent can see it.
 Expert: a solver that completes the current formula (see ``complete``; exact fractions). For any
 formula that can still be completed, the agent's own included, it finds the shortest completion, and
 the expert emits its next token (the deal's first plan takes < 50 ms; a plan is cached, so following
-it costs nothing more). When no completion exists (an unsolvable deal, a blank, a dead end), it
-chooses '=' at once: every such episode can earn at best -1 (from '=' or from the length
-truncation), and only '=' takes it without wasted steps.
+it costs nothing more). Why a solver over the grammar and not a plain list of the deal's formulas
+(4! card orders x 4^3 operators x 5 bracketings): the expert must complete any prefix the agent
+wrote, redundant parentheses and odd orders included, and a list completes only the prefixes of
+its own spellings; the exact parser is needed anyway to judge the agent's '='. When no
+completion exists (an unsolvable deal, a blank, a dead end), it chooses '=' at once: every such
+episode can earn at best -1 (from '=' or from the length truncation), and only '=' takes it
+without wasted steps.
 
 ``PointsEnv`` holds all of this with the target, card count, operators and length limit as
 class attributes; ``EZPointsEnv`` (ez_points.py) is the two-card variant.
