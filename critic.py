@@ -6,6 +6,7 @@ EZPoints' returns of +10 and NumberLine's of +-1 are the same regression; the st
 buffers, saved and loaded with the head's weights. What the head reads (the policy's state, a
 stop-gradient copy of it, or the critic's own adapter) is policy.py's `ActorCritic._value`.
 
+Usage:
     head = ValueHead(hidden)
     head.update(mean, var, count)                 # a batch's return statistics, once per update
     values = head.denormalize(head(states).squeeze(-1))

@@ -24,8 +24,8 @@ Usage (one update):
         for minibatch in micro_batches(order, 128):
             norms, stepped = accumulated_step(          # loss_of(indices): their mean loss
                 loss_of, minibatch, 8, optimizer, [(actor_params, 0.01), (critic_params, 1.0)])
-    explained_variance(values, returns)                 # diagnostics an RL engineer reads, with
-    gradient_norms({"policy": pg, "value": vf}, lora)   # variance_shares and policy_loss's stats
+    explained_variance(values, ret)                     # diagnostics an RL engineer reads, with
+    gradient_norms({"policy": pg, "value": loss - pg}, lora)   # variance_shares, `stats`
 """
 import contextlib
 import math
