@@ -60,13 +60,17 @@ cells, then each object's start (never, for an object of the goal's kind, the go
 ``reset(options=...)`` fixes any of ``{"task": {"type": ..., "object": ..., "target": ...},
 "cells": [8 receptacles], "objects": {object: receptacle}}``; the rest is drawn.
 
-Expert: a planner that uses only what the picture and the prompt show, so that its
-demonstrations can be imitated. It takes a visible object of the goal's kind (not one that
-already counts); when none is visible it opens the closed receptacles one by one in a fixed
-order (opened ones stay open: the picture is its memory); then it cleans, heats or cools the
-object at the appliance, and carries it to the place (opening it if closed) or, for the light
-task, to the desk and switches the lamp on. Something else in hand is put down first. It solves
-every deal within the step limit (tests/test_household.py plays it on many seeds).
+Expert: a planner whose every choice is in the text the model reads (the goal, the last command's
+feedback, the admissible commands), so that a policy without memory can imitate it, as
+ALFWorld's text agents search. It searches the receptacles in one fixed order (``SEARCH_ORDER``):
+where the feedback lists an object of the goal's kind (not one that already counts) it takes it;
+a closed receptacle it opens; otherwise it goes to the receptacle after the one it is at ("the
+cabinet 1 holds no mug, so I go to the drawer 1"). With the object in hand it cleans, heats or
+cools it at the appliance, and carries it to the place (opening it if closed) or, for the light
+task, to the desk and switches the lamp on. Something else in hand is put down first. It never
+reads the picture, which is left for RL to learn to use (a policy that sees where the object is
+can cut the search short). It solves every deal within the step limit (tests/test_household.py
+plays it on 1000 deals: 12.1 steps on average, 23 at most).
 
 Use::
 
@@ -89,7 +93,8 @@ from .drawing import INK, draw_text
 
 RECEPTACLES = ["fridge 1", "microwave 1", "sink 1", "cabinet 1", "drawer 1", "countertop 1",
                "table 1", "desk 1"]
-OPENABLE = ("fridge 1", "microwave 1", "cabinet 1", "drawer 1")  # also the expert's search order
+OPENABLE = ("fridge 1", "microwave 1", "cabinet 1", "drawer 1")
+SEARCH_ORDER = RECEPTACLES  # the expert's search: from each receptacle to the next, cyclic
 PLACES = ["cabinet 1", "drawer 1", "countertop 1", "table 1", "desk 1"]
 # "in the ..."; the others "on the ..."
 INSIDE = ("fridge 1", "microwave 1", "sink 1", "cabinet 1", "drawer 1")
@@ -316,12 +321,6 @@ class HouseholdEnv(VisualTextEnv):
         return [o for o in OBJECTS
                 if here is not None and self.where[o] == here and self._reachable(here)]
 
-    def in_sight(self) -> dict[str, str]:
-        """Each object the picture shows, and the receptacle it is in or on (not one in hand,
-        nor one behind a closed door)."""
-        return {o: self.where[o] for o in OBJECTS
-                if self.where[o] is not None and self._reachable(self.where[o])}
-
     def _admissible(self, verb, obj, receptacle) -> bool:
         here = receptacle == self.location
         if verb == "go to":
@@ -445,19 +444,18 @@ class HouseholdEnv(VisualTextEnv):
                 return (f"I must put the {kind(held)} down, so I open the {kind(here)}",
                         ("open", None, here))
             return f"I do not need the {kind(held)}, so I put it down", ("put", held, here)
-        wanted = [o for o in self.in_sight() if kind(o) == what and not self._counts(o)]
+        # The search, by the text: the feedback lists what the receptacle here holds.
+        wanted = [o for o in self._visible_here() if kind(o) == what and not self._counts(o)]
         if wanted:
-            source = self.where[wanted[0]]
-            if here != source:
-                return (f"I see a {what} {place_phrase(source)}, so I go there",
-                        ("go to", None, source))
-            return f"I take the {what}", ("take", wanted[0], source)
-        # a hidden object is in a closed one
-        closed = next(r for r in OPENABLE if r not in self.opened)
-        if here != closed:
-            return (f"no {what} in sight, so I look in the {kind(closed)}",
-                    ("go to", None, closed))
-        return f"no {what} in sight, so I open the {kind(closed)}", ("open", None, closed)
+            return f"the {here} holds a {what}, so I take it", ("take", wanted[0], here)
+        if here is not None and not self._reachable(here):
+            return f"the {here} is closed, so I open it", ("open", None, here)
+        if here is None:
+            return (f"I look for a {what}, so I go to the {SEARCH_ORDER[0]}",
+                    ("go to", None, SEARCH_ORDER[0]))
+        following = SEARCH_ORDER[(SEARCH_ORDER.index(here) + 1) % len(SEARCH_ORDER)]
+        return (f"the {here} holds no {what}, so I go to the {following}",
+                ("go to", None, following))
 
     # ------------------------------------------------------------------------- picture
 

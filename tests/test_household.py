@@ -3,10 +3,7 @@ episode ends, options, the expert on every task type, the picture, parsing multi
 the household tiny model and the per-environment defaults of train.py. check_env and seeding are
 run for it by tests/test_envs.py, which covers every id of envs.ENV_IDS."""
 import math
-import os
 import random
-import subprocess
-import sys
 
 import gymnasium as gym
 import numpy as np
@@ -18,7 +15,6 @@ from envs.household import (
     CELL_PAD,
     OBJECT_COLORS,
     OBJECTS,
-    OPENABLE,
     PLACES,
     RECEPTACLES,
     STATE_COLORS,
@@ -240,35 +236,49 @@ def test_expert_solves_every_task_object_and_place():
                     env.reset(seed=seed, options={"task": {"type": task_type, "object": what,
                                                            "target": target}})
                     total, info = play_expert(env)
-                    assert info["success"] and total == 50.0 and info["steps"] <= 20, (
+                    assert info["success"] and total == 50.0 and info["steps"] <= 30, (
                         task_type, what, target)
 
 
 def test_expert_solves_random_deals():
+    """1000 fresh deals, every one solved within the 50-step limit; the search by the text takes
+    12.1 steps on average and 23 at most (the module docstring reports these)."""
     env = HouseholdEnv(image_size=48)
     seen, lengths = set(), []
-    for seed in range(200):
+    for seed in range(1000):
         _, info = env.reset(seed=seed)
         seen.add(info["task_type"])
         total, info = play_expert(env)
         assert info["success"] and total == 50.0, seed
         lengths.append(info["steps"])
-    assert seen == set(TASK_TYPES) and max(lengths) <= 20 and 5 <= np.mean(lengths) <= 12
+    assert seen == set(TASK_TYPES)
+    assert max(lengths) == 23 and np.mean(lengths) == pytest.approx(12.1, abs=0.05)
 
 
-def test_expert_uses_only_what_it_sees():
-    """Two deals that differ only inside closed receptacles look and read the same, and the
-    expert does the same in both: its demonstrations can be learned from the picture and prompt."""
+def test_expert_chooses_from_the_text_alone():
+    """Every choice of the expert is in the prompt it reads (goal, feedback, admissible
+    commands): over its own play of 300 deals no prompt gets two different commands, so a policy
+    without memory can imitate it. Two deals that differ only in where the mug stands look
+    different and read the same until the feedback lists the mug, and the expert plays the same
+    commands in both until then: it never reads the picture."""
+    env = HouseholdEnv(image_size=48)
+    chosen = {}
+    for seed in range(300):
+        env.reset(seed=seed)
+        done = False
+        while not done:
+            action = env.expert()[1]
+            assert chosen.setdefault(env.prompt(), action) == action, seed
+            done = any(env.step(action)[2:4])
     task = {"type": "pick_clean_then_place_in_recep", "object": "mug", "target": "table 1"}
-    for hiding_place in OPENABLE:
-        other = next(r for r in OPENABLE if r != hiding_place)
-        a = fresh(task, LAYOUT | {"mug 1": hiding_place})
-        b = fresh(task, LAYOUT | {"mug 1": other})
-        while a.expert()[1] == b.expert()[1]:  # until one of them opens where the mug is
-            assert np.array_equal(a._observation(), b._observation()) and a.prompt() == b.prompt()
-            a.step(a.expert()[1])
-            b.step(b.expert()[1])
-        assert "take mug 1" in a.actions[a.expert()[1]] or "take mug 1" in b.actions[b.expert()[1]]
+    a = fresh(task, LAYOUT | {"mug 1": "countertop 1"})
+    b = fresh(task, LAYOUT | {"mug 1": "desk 1"})
+    assert not np.array_equal(a._observation(), b._observation())  # the mug is in sight in both
+    while a.prompt() == b.prompt():
+        assert a.expert()[1] == b.expert()[1]
+        a.step(a.expert()[1])
+        b.step(b.expert()[1])
+    assert "mug 1" in a.feedback + b.feedback
 
 
 def test_expert_recovers_from_detours():
@@ -434,25 +444,6 @@ def test_rollout_counts_answers_that_name_an_admissible_command(unparsed_action)
     (result,) = runner.step(["no answer at all"])
     assert result["admissible"] is None
     assert math.isnan(admissible_share([{"length": 3, "success": False, "return": 0.0}], world=1))
-
-
-@pytest.mark.slow
-def test_warm_start_curve_script(tiny_dir):
-    """scripts/warm_start.py prints one table row per reading (loss, admissible commands, going
-    where the picture shows), and names the fix for an environment that lists no admissible
-    commands."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                          "warm_start.py")
-    run = subprocess.run([sys.executable, script, "--steps", "2", "--every", "2", "--states", "4"],
-                         cwd=os.path.dirname(tiny_dir), capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    rows = [line.split("|") for line in run.stdout.strip().splitlines()[-2:]]
-    assert [row[1].strip() for row in rows] == ["0", "2"]  # the untrained model, then step 2
-    for row in rows:
-        assert float(row[2]) > 0 and 0 <= float(row[3]) <= 1 and 0 <= float(row[4]) <= 1
-    cards = subprocess.run([sys.executable, script, "--env", "gtr/NumberLine-v0"],
-                           capture_output=True, text=True, timeout=120)
-    assert cards.returncode != 0 and "use gtr/Household-v0" in cards.stderr
 
 
 def test_demonstrations_explore_with_admissible_commands():

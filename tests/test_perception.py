@@ -59,19 +59,3 @@ def test_warm_started_policy_reads_the_image(make_policy, one_thread):
     print(f"action accuracy: own images {seen:.3f}, shuffled images {blind:.3f}")
     assert seen >= 0.75 and seen - blind >= 0.2, (seen, blind)
 
-
-def test_picture_probe_learns(tiny_dir, one_thread):
-    """scripts/picture_probe.py trains the household vision tower: in a room that never moves,
-    with a readout that knows each token's place, the share of held-out pictures whose top
-    receptacle holds the kind is far above the prior's (about 0.2) after 200 steps. About 35 s."""
-    from transformers import AutoModelForImageTextToText
-
-    from plumbing.loader import load_processor
-    from plumbing.tinyvlm import tiny_model
-    from scripts.picture_probe import lesson
-    folder = tiny_model(tiny_dir, family="household")
-    model = AutoModelForImageTextToText.from_pretrained(folder)
-    readings = lesson(model, load_processor(folder).image_processor, 112, 200, seed=0,
-                      readout="grid", fixed_layout=True, every=200)
-    assert [step for step, _, _ in readings] == [0, 200]
-    assert readings[0][1] < 0.3 and readings[-1][1] > 0.45
