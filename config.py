@@ -193,7 +193,7 @@ class Args:
 
 def check_args(args):
     """Every flag's value in its range, else the one line that names the flag, its value and what
-    is valid (bench.py checks its flags here too)."""
+    is valid (scripts/bench.py checks its flags here too)."""
     for name in ("num_envs", "steps_per_update", "max_new_tokens", "temperature", "clip",
                  "max_grad_norm", "ppo_epochs", "minibatch_size", "micro_batch_size", "lr",
                  "lora_r", "lora_alpha", "critic_lr", "critic_max_grad_norm", "warmup_lr",

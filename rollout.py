@@ -3,7 +3,7 @@
 docs/ALGORITHM.md §3 (RL4VLM): every step the VLM reads each environment's image and prompt,
 answers with `{"thoughts": ..., "action": ...}`, and the parsed action moves that environment.
 The reference generates for one environment at a time; here all N observations of a step go
-through one `generate` and one scoring pass, which is what makes rollouts fast (bench.py).
+through one `generate` and one scoring pass, which is what makes rollouts fast (scripts/bench.py).
 
 This is plain RL4VLM: no teacher. Per step and environment the rollout keeps what PPO
 (ppo.py) and, in GTR-Turbo, the teacher (teacher.py) need: the encoded observation, the

@@ -12,7 +12,7 @@
 
 Fields become `--kebab-case` flags typed like their defaults; booleans get `--x / --no-x`; a
 `Literal` field accepts its values only. Each flag is declared once, in its dataclass (train.py's
-Args; bench.py reuses it). A value outside its choices or range stops the program before
+Args; scripts/bench.py reuses it). A value outside its choices or range stops the program before
 anything runs, with one line that names the flag, the value and what would be valid, and no
 traceback.
 """

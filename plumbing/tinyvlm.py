@@ -40,7 +40,8 @@ ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # train.py's --model names of the tiny models, and their architectures.
 TINY_MODELS = {"tiny": "qwen2_vl", "tiny-qwen2.5-vl": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}
 # --model names of the paper's model sizes with random weights (`model_config` below), and
-# their names in scripts/memory.py: speed and memory on a GPU with nothing to download (bench.py).
+# their names in scripts/memory.py: speed and memory on a GPU with nothing to download
+# (scripts/bench.py).
 RANDOM_MODELS = {"random-qwen2.5-vl-3b": "Qwen2.5-VL-3B", "random-qwen2.5-vl-7b": "Qwen2.5-VL-7B"}
 
 # A minimal Qwen-style chat template (real checkpoints ship their own).
@@ -164,7 +165,7 @@ def random_model(name, cache_dir="tiny-vlm", device="cpu", text=None, vision=Non
     """Folder of a real-size Qwen2.5-VL with random bfloat16 weights, built on `device` on first
     use.
 
-    For speed and memory measurements only (bench.py): the sizes are the real model's, the
+    For speed and memory measurements only (scripts/bench.py): the sizes are the real model's, the
     tokenizer and chat template the tiny Qwen2.5-VL's (its special tokens' ids replace Qwen's in
     the config), the image processor Qwen's own (a 300 px frame makes 110 image tokens). The
     output head still spans Qwen's 152k-token vocabulary; ids beyond the tokenizer's are never

@@ -6,19 +6,16 @@ that padding. For each seed this prints the largest |log pi - log pi_old| of the
 sequence log-prob: rollout batch vs PPO micro-batches, two different shufflings of PPO's
 micro-batches, and the same micro-batches twice (which train.py's recomputation makes of it).
 
-    python scripts/bf16_ratio.py        # a random tiny Qwen2.5-VL, T = 0.2, micro-batches of 4
+    python -m scripts.bf16_ratio        # a random tiny Qwen2.5-VL, T = 0.2, micro-batches of 4
 """
-import os
-import sys
 
 import gymnasium as gym
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import envs  # noqa: E402  (the repository root is not a package)
-from plumbing.loader import load_policy  # noqa: E402
-from plumbing.tinyvlm import offline_model  # noqa: E402
-from rollout import Rollout  # noqa: E402
+import envs
+from plumbing.loader import load_policy
+from plumbing.tinyvlm import offline_model
+from rollout import Rollout
 
 TEMPERATURE, MICRO_BATCH, NUM_ENVS, STEPS, TOKENS = 0.2, 4, 8, 4, 64
 

@@ -15,13 +15,13 @@ figure whose file names are --name with .md and .png added:
                   thought diversity (and admissible commands on Household) against env steps
                   (needs matplotlib: pip install matplotlib; training does not)
 
-    python scripts/compare.py                     # every run, table, figure
-    python scripts/compare.py --report-only       # table and figure from the runs already in --out
-    python scripts/compare.py --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
-    python scripts/compare.py --methods none --envs gtr/NumberLine-v0 --updates 60 \
+    python -m scripts.compare                     # every run, table, figure
+    python -m scripts.compare --report-only       # table and figure from the runs already in --out
+    python -m scripts.compare --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
+    python -m scripts.compare --methods none --envs gtr/NumberLine-v0 --updates 60 \
         --eval-episodes 128 --out runs/ppo --name ppo_numberline
                                               # PPO alone over 3 seeds (docs/RESULTS.md)
-    python scripts/compare.py --envs gtr/NumberLine-v0 --methods kl,sma \
+    python -m scripts.compare --envs gtr/NumberLine-v0 --methods kl,sma \
         --variants "sma=kl --merge-weights sma"
                                               # an ablation: each variant is a method with its flags
 
@@ -37,14 +37,14 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from plumbing.flags import invalid, parse_dataclass
+from plumbing.provenance import code_digest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from plumbing.flags import invalid, parse_dataclass  # noqa: E402  (the repository root is not a package)
-from plumbing.provenance import code_digest  # noqa: E402
 
 CODE_DIGEST = code_digest()  # the code this comparison's runs must have been made by
 

@@ -15,20 +15,17 @@ transformers' Qwen2.5-VL code under peft's LoRA. tests/test_memory.py checks tha
 byte for byte against autograd's own saved tensors on a small random Qwen2.5-VL, and
 `ppo_flops` against torch's FLOP counter.
 
-    python scripts/memory.py                        # docs/PERFORMANCE.md's tables, as Markdown
+    python -m scripts.memory                        # docs/PERFORMANCE.md's tables, as Markdown
     from scripts.memory import MicroBatch, ppo_flops  # FLOPs of a PPO micro-batch, for an MFU
 """
 
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from plumbing.loader import _lora_targets  # noqa: E402
-from plumbing.tinyvlm import MODELS, VISION, model_config  # noqa: E402, F401
-from policy import SCORE_CHUNK_ELEMENTS  # noqa: E402  (the repository root is not a package)
+from plumbing.loader import _lora_targets
+from plumbing.tinyvlm import MODELS, model_config
+from policy import SCORE_CHUNK_ELEMENTS
 
 GiB = 2 ** 30
 ACT = 2      # bytes of an activation: the base model runs in bfloat16 on a GPU

@@ -3,8 +3,8 @@ and diversity, docs/ALGORITHM.md §4.5), the teacher's KL or SFT loss, and PPO's
 against environment steps, with the evaluations and their standard errors. Needs matplotlib
 (pip install matplotlib); training never does.
 
-    python scripts/plot.py runs/default                          # -> runs/default/plot.png
-    python scripts/plot.py runs/a runs/b --out docs/a_vs_b.png   # several runs in one figure
+    python -m scripts.plot runs/default                          # -> runs/default/plot.png
+    python -m scripts.plot runs/a runs/b --out docs/a_vs_b.png   # several runs in one figure
 
 Each run is a train.py --out folder (metrics.jsonl, eval.jsonl). Per-update values are drawn
 as a trailing mean over --smooth updates (an update ends only 10-25 episodes).
@@ -15,10 +15,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from compare import smooth  # noqa: E402  (scripts/compare.py, beside this file)
+from scripts.compare import smooth
 
-from plumbing.flags import invalid, parse_dataclass  # noqa: E402  (the repository root is not a package)
+from plumbing.flags import invalid, parse_dataclass
 
 # (title, metrics.jsonl keys drawn in that panel)
 PANELS = [("success rate (training) and evaluations", ["success_rate"]),

@@ -7,23 +7,20 @@ update (tiny model, a warm start of 60 steps so that some teacher answers parse)
 guidance, with the cache path and with the plain path, interleaved, and prints the medians and
 their ratios.
 
-    python scripts/sft_scoring.py
+    python -m scripts.sft_scoring
 """
 import dataclasses
-import os
 import statistics
-import sys
 import time
 
 import gymnasium as gym
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from demonstrations import warm_start  # noqa: E402  (the repository root is not a package)
-from policy import ActorCritic  # noqa: E402
-from rollout import Rollout  # noqa: E402
-from teacher import Teacher  # noqa: E402
-from train import actor_critic_optimizer, build_policy, parse_args, ppo_update  # noqa: E402
+from demonstrations import warm_start
+from policy import ActorCritic
+from rollout import Rollout
+from teacher import Teacher
+from train import actor_critic_optimizer, build_policy, parse_args, ppo_update
 
 
 def plain_path(self):

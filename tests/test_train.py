@@ -10,6 +10,13 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The scripts run as modules of the repository (python -m scripts.x) from any folder.
+SCRIPTS = dict(os.environ, PYTHONPATH=ROOT)
+
+
+def script(name):
+    """The command that runs scripts/<name>.py: python -m scripts.<name>."""
+    return [sys.executable, "-m", f"scripts.{name}"]
 METRICS = ["update", "env_steps", "success_rate", "episode_return", "episode_length",
            "format_valid", "entropy", "thought_tokens", "thought_grounding", "thought_diversity",
            "policy_loss", "value_loss", "approx_kl", "clip_fraction", "lr",
@@ -115,8 +122,8 @@ def test_sft_replay_keeps_every_step_and_resumes_with_it(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
-    """A bad flag stops train.py (and bench.py, scripts/compare.py) before anything runs, with one
-    line that names the flag, its value and what is valid, and no traceback."""
+    """A bad flag stops train.py (and scripts.bench, scripts.compare) before anything runs, with
+    one line that names the flag, its value and what is valid, and no traceback."""
     cases = [("train.py", ["--guidance", "gpt4"], "--guidance: invalid choice: 'gpt4'"),
              ("train.py", ["--env", "gtr/Chess-v0"], "not a registered gymnasium id"),
              ("train.py", ["--steps-per-update", "10", "--num-envs", "4"], "must be a multiple"),
@@ -124,13 +131,15 @@ def test_bad_flags_fail_clearly(tiny_dir, tmp_path):
              ("train.py", ["--lr", "-1"], "--lr: -1.0 is not valid; it must be positive"),
              ("train.py", ["--gamma", "1.5"], "--gamma: 1.5 is not valid; it must be in [0, 1]"),
              ("train.py", ["--model", "./nope"], "--model './nope': no such folder"),
-             ("bench.py", ["--repeats", "0"], "--repeats: 0 is not valid"),
-             ("scripts/compare.py", ["--jobs", "0"], "--jobs: 0 is not valid"),
-             ("scripts/compare.py", ["--variants", "x=gpt4"], "--variants: 'x=gpt4' must read")]
-    for script, flags, message in cases:
-        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags,
-                                 "--out", str(tmp_path / "run")],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+             ("bench", ["--repeats", "0"], "--repeats: 0 is not valid"),
+             ("compare", ["--jobs", "0"], "--jobs: 0 is not valid"),
+             ("compare", ["--variants", "x=gpt4"], "--variants: 'x=gpt4' must read")]
+    for program, flags, message in cases:
+        command = ([sys.executable, os.path.join(ROOT, program)] if program.endswith(".py")
+                   else script(program))
+        result = subprocess.run([*command, *flags, "--out", str(tmp_path / "run")],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                env=SCRIPTS)
         lines = [line for line in result.stderr.splitlines() if line.strip()
                  and "Warning" not in line and not line.startswith("  warnings.warn")]
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
@@ -209,23 +218,24 @@ def test_warm_start_lowers_held_out_sft_loss(make_policy):
 
 @pytest.mark.slow
 def test_bench_smoke(tiny_dir):
-    """bench.py runs end to end and reports every ratio and figure (no timing asserted), here on
-    a small random Qwen2.5-VL built like the paper-size ones (plumbing/tinyvlm.py:random_model), so
-    that the MFU's FLOP count runs too (with a made-up peak)."""
+    """scripts/bench.py runs end to end and reports every ratio and figure (no timing asserted),
+    here on a small random Qwen2.5-VL built like the paper-size ones
+    (plumbing/tinyvlm.py:random_model), so that the MFU's FLOP count runs too (with a made-up
+    peak)."""
     from plumbing.tinyvlm import random_model
     model = random_model("random-qwen2.5-vl-3b", tiny_dir, text=dict(
         num_hidden_layers=1, vocab_size=2048, hidden_size=256, intermediate_size=512,
         num_attention_heads=2, num_key_value_heads=1),
         vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2,
                     fullatt_block_indexes=[0], out_hidden_size=256))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json",
+    result = subprocess.run([*script("bench"), "--json",
                              "--model", model, "--num-envs", "2",
                              "--steps-per-update", "4", "--max-new-tokens", "8",
                              "--warmup-sft-steps", "2", "--repeats", "1", "--lora-r", "8",
                              "--lora-alpha", "16", "--minibatch-size", "4",
                              "--generation-envs", "1,2", "--peak-tflops", "1"],
                             cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
-                            timeout=300)
+                            timeout=300, env=SCRIPTS)
     assert result.returncode == 0, result.stderr[-3000:]
     ratios = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ["rollout_speedup", "kl_over_none", "sft_over_none", "merge_fraction",
@@ -365,14 +375,12 @@ def test_plot_draws_a_run(tiny_dir, tmp_path):
                         reason="matplotlib is an optional extra (requirements-dev.txt)")
     run = tmp_path / "run"
     run_train(tiny_dir, run, "--guidance", "kl")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"), str(run),
-                             "--smooth", "2"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*script("plot"), str(run), "--smooth", "2"],
+                            capture_output=True, text=True, timeout=120, env=SCRIPTS)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run / "plot.png").stat().st_size > 10_000
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot.py"),
-                             str(tmp_path / "none")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*script("plot"), str(tmp_path / "none")],
+                            capture_output=True, text=True, timeout=120, env=SCRIPTS)
     assert result.returncode != 0 and "no metrics.jsonl there" in result.stderr
 
 
@@ -384,8 +392,8 @@ def test_compare_smoke(tiny_dir, tmp_path):
     small = "--num-envs 2 --lora-r 8 --lora-alpha 16 --max-new-tokens 16"
 
     def compare(methods="none,sft,kl"):
-        result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "compare.py"),
-                                 "--seeds", "1", "--envs", "gtr/NumberLine-v0", "--updates", "1",
+        result = subprocess.run([*script("compare"), "--seeds", "1", "--envs",
+                                 "gtr/NumberLine-v0", "--updates", "1",
                                  "--methods", methods,
                                  "--jobs", "1", "--eval-episodes", "2",
                                  f"--warmup-flags=--warmup-sft-steps 2 --warmup-batch-size 4 "
@@ -394,7 +402,7 @@ def test_compare_smoke(tiny_dir, tmp_path):
                                  f"--ppo-epochs 1 {small}",
                                  "--out", str(tmp_path / "runs"), "--docs", str(tmp_path)],
                                 cwd=os.path.dirname(tiny_dir), capture_output=True, text=True,
-                                timeout=600)
+                                timeout=600, env=SCRIPTS)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
         return re.findall(r"^(gtr/\S+ \w+ seed \d+): \d+ s$", result.stdout, re.MULTILINE)
 

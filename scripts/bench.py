@@ -1,9 +1,9 @@
 """Speed and memory of GTR-Turbo's pieces, as ratios measured in one run on one machine.
 
-    python bench.py --lora-r 8 --lora-alpha 16     # tiny model, CPU: the table the targets are for
-    python bench.py --lora-r 8 --lora-alpha 16 --json   # the same as one JSON object
-    python bench.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --max-new-tokens 128
-    python bench.py --model random-qwen2.5-vl-7b --device cuda --micro-batch-size 4 \
+    python -m scripts.bench --lora-r 8 --lora-alpha 16   # tiny model, CPU: the targets' table
+    python -m scripts.bench --lora-r 8 --lora-alpha 16 --json    # the same as one JSON object
+    python -m scripts.bench --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --max-new-tokens 128
+    python -m scripts.bench --model random-qwen2.5-vl-7b --device cuda --micro-batch-size 4 \
         --num-envs 16 --max-new-tokens 256 --warmup-sft-steps 0 \
         --generation-envs 1,8,32    # the paper's size, no download
 Every flag of train.py applies (the update measured is train.py's), plus the benchmark's own.
