@@ -286,6 +286,8 @@ def report(args, envs, methods):
                 "thought diversity: first / last quarter | "
                 "explained variance: first / last quarter |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+    pairs = ["| environment | difference of final success | seeds | mean +- se [95 % t-interval] |",
+             "|---|---|---|---|"]
     curves, digest = {}, None if args.report_only else CODE_DIGEST
     for env in envs:
         seeds = [s for s in seed_list(args)
@@ -335,6 +337,19 @@ def report(args, envs, methods):
                          f"{paired} | {pair(variance)} | "
                          f"{pair(opening)} | {commands} |")
             curves[env, method] = runs
+        # Each method against its warm start, and every pair of methods, paired by seed
+        # (docs/results/PLAN.md's test).
+        for method in methods:
+            differences = [f - warm[s][1][-1]["eval_success_rate"]
+                           for f, s in zip(finals[method], seeds)]
+            pairs.append(f"| {env.split('/')[-1]} | {label(args, method)} minus its warm start | "
+                         f"{len(seeds)} | {paired_difference(differences)} |")
+        for i, first in enumerate(methods):
+            for second in methods[i + 1:]:
+                differences = [b - a for a, b in zip(finals[first], finals[second])]
+                pairs.append(f"| {env.split('/')[-1]} | {label(args, second)} minus "
+                             f"{label(args, first)} | {len(seeds)} | "
+                             f"{paired_difference(differences)} |")
             for i, s in enumerate(seeds):
                 loss = warm[s][0][0]["warmup_loss_after"]
                 per_seed.append(f"| {env.split('/')[-1]} | {label(args, method)} | {s} | "
@@ -357,8 +372,9 @@ def report(args, envs, methods):
               f"{evals[-1]['eval_episodes']} fresh episodes per seed "
               f"(mean +- standard error over seeds). Further flags of every RL run: "
               f"`{args.train_flags or 'none'}`.\n\n")
-    text = (header + provenance(args, envs, methods) + "\n".join(lines) + "\n\nPer seed:\n\n"
-            + "\n".join(per_seed) + "\n")
+    text = (header + provenance(args, envs, methods) + "\n".join(lines)
+            + "\n\nPaired by seed (a difference is resolved when its interval excludes 0):\n\n"
+            + "\n".join(pairs) + "\n\nPer seed:\n\n" + "\n".join(per_seed) + "\n")
     with open(os.path.join(args.docs, f"{args.name}.md"), "w") as f:
         f.write(text)
     print(text)
