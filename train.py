@@ -251,8 +251,8 @@ def advantages_and_returns(batch, guidance, args):
     §3: the format reward b is added to a step's advantage after GAE; §4.3: so is the teacher's KL
     penalty, A' = A - beta * KL_hat. The critic learns the environment's return only: a V(s') that
     carried every future format bonus (up to 3 / (1 - 0.9) = 30) would make ending an episode, by
-    winning too, forfeit more than a win pays (docs/RESULTS.md; --value-target shaped
-    is the reference's way)."""
+    winning too, forfeit more than a win pays (docs/RESULTS.md, "Measured choices behind the
+    defaults"; --value-target shaped is the reference's way)."""
     env_advantages, returns = gae(batch.rewards, batch.values, batch.next_values, batch.terminated,
                                   batch.truncated, args.gamma, args.gae_lambda)  # [T, N]
     advantages = env_advantages + batch.format_rewards  # [T, N]

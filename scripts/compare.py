@@ -18,9 +18,8 @@ figure whose file names are --name with .md and .png added:
     python -m scripts.compare                     # every run, table, figure
     python -m scripts.compare --report-only       # table and figure from the runs already in --out
     python -m scripts.compare --seeds 1 --envs gtr/NumberLine-v0 --updates 4     # a quick look
-    python -m scripts.compare --methods none --envs gtr/NumberLine-v0 --updates 60 \
-        --eval-episodes 128 --out runs/ppo --name ppo_numberline
-                                              # PPO alone over 3 seeds (docs/RESULTS.md)
+    python -m scripts.compare --methods none --envs gtr/NumberLine-v0 --seeds 8 \
+        --eval-episodes 128 --out runs/ppo --name ppo_numberline     # PPO alone over 8 seeds
     python -m scripts.compare --envs gtr/NumberLine-v0 --methods kl,sma \
         --variants "sma=kl --merge-weights sma"
                                               # an ablation: each variant is a method with its flags
@@ -76,7 +75,7 @@ class CompareArgs:
     """runs at a time (each gets cores / jobs threads)"""
     out: str = "runs/compare"
     """folder of the runs (OUT/<env>/<method>/seed<N>)"""
-    docs: str = os.path.join(ROOT, "docs")
+    docs: str = os.path.join(ROOT, "docs", "results")
     """the folder the table and the figure go to"""
     name: str = "comparison"
     """file name (without extension) of the table and the figure"""
