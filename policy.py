@@ -153,14 +153,20 @@ class ActorCritic(nn.Module):
         return self.value_head[0].weight.device
 
     # -- inputs -------------------------------------------------------------------------------
+    def fitted(self, image):
+        """A frame (an array or a Pillow image) as the model reads it: a Pillow image, resized to
+        `image_size` where one is set."""
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        if self.image_size:
+            image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+        return image
+
     def encode(self, images, prompts):
         """Process (image, prompt) pairs once into per-sample model inputs, reused by every pass."""
         encoded = []
         for image, prompt in zip(images, prompts):
-            if not isinstance(image, Image.Image):
-                image = Image.fromarray(np.asarray(image))
-            if self.image_size:
-                image = image.resize((self.image_size, self.image_size), Image.BICUBIC)
+            image = self.fitted(image)
             messages = [{"role": "user",
                          "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True,

@@ -59,6 +59,8 @@ class Batch:
     facts: list = field(default_factory=list)     # T*N facts() of the state each answer replied to
     kl_token_logprobs: list = field(default_factory=list)  # T*N per-token log-probs at the
                                   # teacher KL's temperature (collect's kl_temperature), or empty
+    observations: list = field(default_factory=list)  # T*N (frame, prompt) each answer replied
+                                  # to: 8-bit pixels, smaller to keep than `encoded` (SFT replay)
 
 
 class Rollout:
@@ -150,7 +152,9 @@ class Rollout:
         self.episodes = []
         bootstrap = {}  # (t, i) -> encoded final observation of an episode truncated at step t
         for t in range(steps):
-            encoded = policy.encode(self.obs, self.prompts())
+            prompts = self.prompts()
+            encoded = policy.encode(self.obs, prompts)
+            out.observations += list(zip(self.obs, prompts))
             responses, texts = policy.generate(encoded, temperature, max_new_tokens)
             with torch.no_grad():
                 scored = policy(encoded, responses, temperature, extra_temperature=kl_temperature)

@@ -151,7 +151,7 @@ def setup(args, rank, world, device):
         run_evaluation(policy, args, rank, world, counters["update"])
         return None
     if args.guidance == "sft" and args.sft_batch == "replay" and replay is None:
-        replay = []  # (encoded observation, SFT target or None) of every step since update 1
+        replay = []  # ((frame, prompt), SFT target) or (None, None) of every step since update 1
     metrics = RunLog(args, world, counters["update"] if resume else None) if rank == 0 else None
     if args.warmup_sft_steps and not resume:
         trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -217,7 +217,10 @@ def main(args, rank, world, device):
         # ---- 2. Guide: the merged teacher's KL penalties or SFT answers (teacher.py, §4.2-4.3) -
         guidance = teacher.guide(policy, batch, run.runner.envs[0].unwrapped) if teacher else None
         if run.replay is not None:  # --sft-batch replay: this rollout's targets join the buffer
-            run.replay.extend(zip(batch.encoded, guidance.sft_targets))
+            for (frame, prompt), target in zip(batch.observations, guidance.sft_targets):
+                # the frame as the model reads it (a tiny model's 112 px, not the game's 300)
+                run.replay.append(((policy.fitted(frame), prompt), target) if target is not None
+                                  else (None, None))
         # ---- 3. PPO epochs on the rollout (ppo.py, §3) ----------------------------------------
         start = time.perf_counter()
         # --merge-snapshot epoch: ppo_update keeps the policy adapter after each epoch for step 4.
@@ -274,9 +277,9 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_fr
     adapter after every epoch in which the policy stepped, the last one at an early stop
     (--merge-snapshot epoch, §4.1). `actor_frozen` (--critic-warmup): only the critic steps; the
     actor's gradients are dropped before each step, so Adam neither moves the actor nor feeds
-    its moments. `replay` (--sft-batch replay): the (observation, SFT target or None) pairs of
-    every step so far; each mini-batch imitates as many of them, drawn without replacement
-    and reshuffled when all were drawn (§4.2)."""
+    its moments. `replay` (--sft-batch replay): the ((frame, prompt), SFT target) pairs of
+    every step so far, (None, None) where a step has no target; each mini-batch imitates as many
+    of them, drawn without replacement and reshuffled when all were drawn (§4.2)."""
     advantages, returns, diagnostics = advantages_and_returns(batch, guidance, args)  # [T*N] each
     old_logprobs = batch.old_logprobs.flatten()  # [T*N]
     old_values = batch.values.flatten()  # [T*N], the value clip's anchor
@@ -349,14 +352,15 @@ def replay_draws(size):
 
 def replay_loss(policy, drawn, minibatch_size, args, logs):
     """--sft-batch replay (§4.2): backward of the reference's SFT loss on `drawn`, a
-    micro-batch's share of (observation, target or None) pairs from the replay buffer, scored at
-    temperature 1 on the bare policy (under DDP, called in `no_sync`: its gradient joins the PPO
-    loss's all-reduce)."""
-    pairs = [(encoded, target) for encoded, target in drawn if target is not None]
+    micro-batch's share of ((frame, prompt), target) pairs from the replay buffer, encoded again
+    and scored at temperature 1 on the bare policy (under DDP, called in `no_sync`: its gradient
+    joins the PPO loss's all-reduce)."""
+    pairs = [(observation, target) for observation, target in drawn if target is not None]
     if not pairs:  # drawn samples without a target count in the mean, and add nothing
         return
-    out = policy([encoded for encoded, _ in pairs], [target for _, target in pairs], 1.0,
-                 value=False)
+    encoded = policy.encode([frame for (frame, _), _ in pairs],
+                            [prompt for (_, prompt), _ in pairs])
+    out = policy(encoded, [target for _, target in pairs], 1.0, value=False)
     guided = out["response_mask"] if args.guide_tokens == "all" else out["thought_mask"]
     (args.sft_coef * replay_sft_loss(out["logprobs"], guided, minibatch_size)).backward()
     logs["sft_loss"].append(replay_sft_loss(out["logprobs"], guided, len(pairs)).item())

@@ -55,6 +55,14 @@ def read(run):
 
 
 def plot(runs, out, window):
+    """Draw the runs (`figure`) into the PNG `out`."""
+    figure(runs, window).savefig(out, dpi=90)
+    print(f"wrote {out}")
+
+
+def figure(runs, window):
+    """The matplotlib figure of the runs: a panel per entry of PANELS, a line per run and key
+    that its metrics hold, and the evaluations on the first panel."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -84,8 +92,7 @@ def plot(runs, out, window):
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    print(f"wrote {out}")
+    return fig
 
 
 def main(argv):

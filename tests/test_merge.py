@@ -272,10 +272,20 @@ def test_factor_space_gap_random_vs_identical_vs_close():
     assert gaps["identical"] < 1e-6
 
 
-def test_delta_space_ties_runs_and_keeps_shapes():
+def test_delta_space_ties_is_the_best_low_rank_fit_of_ties_over_the_deltas():
+    """TIES in delta space: the EMA TIES of the two deltas B @ A, refactored to the adapter's
+    rank by truncated SVD, so the merged adapter's delta is that merge's best rank-r fit; the
+    factors keep their shapes."""
     policy, teacher = _rank1_lora(3), _rank1_lora(4)
     out = merge.update_teacher(teacher, policy, 3, scheme="ema", method="ties", space="delta")
-    assert all(out[n].shape == policy[n].shape and not torch.isnan(out[n]).any() for n in policy)
+    assert all(out[n].shape == policy[n].shape for n in policy)
+    merged = merge.ties([{"d": _delta(policy)}, {"d": _delta(teacher)}], [0.5, 0.5],
+                        density=0.8)["d"]
+    rank = policy[f"{PREFIX}.lora_A.weight"].shape[0]
+    u, singular, vh = torch.linalg.svd(merged)
+    best = u[:, :rank] * singular[:rank] @ vh[:rank]
+    assert _relative_error(_delta(out), best) < 1e-5
+    assert _relative_error(_delta(out), merged) > 1e-3  # the merge itself has a higher rank
 
 
 # ---------------------------------------------------------------- errors

@@ -172,7 +172,12 @@ def test_sft_replay_imitates_the_drawn_targets_with_the_reference_loss(make_poli
     policy.eval()
     batch = rollout_of(policy)
     targets = [policy.answer_ids(TEACHER_ANSWER), None, policy.answer_ids(ANSWERS[1]), None]
-    replay = list(zip(batch.encoded, targets))
+    frames = [np.random.default_rng(i).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+              for i in range(4)]
+    prompts = [f"prompt {i}" for i in range(4)]
+    batch.encoded = policy.encode(frames, prompts)
+    replay = [((frame, prompt), target) if target is not None else (None, None)
+              for frame, prompt, target in zip(frames, prompts, targets)]
     draws = replay_draws(len(replay))
     drawn = [next(draws) for _ in range(8)]
     assert sorted(drawn[:4]) == sorted(drawn[4:]) == [0, 1, 2, 3]

@@ -173,11 +173,21 @@ def test_eval_only_reports_success_with_stderr(tiny_dir, tmp_path):
     out = tmp_path / "run"
     base = ["--out", str(out), "--num-envs", "2", "--steps-per-update", "4",
             "--minibatch-size", "4", "--updates", "1", "--guidance", "none"]
+    """--eval-only plays the checkpoint's policy on fresh episodes and appends one row: a count
+    of successes out of the episodes asked for, its standard error, the same on a second call
+    (evaluation draws from its own seeded generator), and printed with its +- on the console."""
     train(tiny_dir, *base)
-    result = train(tiny_dir, *base, "--resume", "--eval-only", "--eval-episodes", "6")
-    row = json.loads(open(out / "eval.jsonl").readlines()[-1])
-    assert row["eval_episodes"] == 6 and 0.0 <= row["eval_success_rate"] <= 1.0
-    assert "+-" in result.stderr + result.stdout
+    rows = []
+    for _ in range(2):
+        result = train(tiny_dir, *base, "--resume", "--eval-only", "--eval-episodes", "6")
+        rows.append(json.loads(open(out / "eval.jsonl").readlines()[-1]))
+    row = rows[0]
+    assert row == rows[1] and row["eval_episodes"] == 6 and row["update"] == 1
+    successes = row["eval_success_rate"] * 6
+    assert successes == round(successes)
+    p = row["eval_success_rate"]
+    assert row["eval_success_stderr"] == pytest.approx((p * (1 - p) / 6) ** 0.5, abs=1e-9)
+    assert f"{p:.3f} +- {row['eval_success_stderr']:.3f}" in result.stderr + result.stdout
 
 
 def test_warm_start_checkpoint_seeds_other_runs(tiny_dir, tmp_path):

@@ -242,7 +242,11 @@ def test_bench_smoke(tiny_dir):
                 "teacher_memory_overhead", "generation_tokens_per_s_1",
                 "generation_tokens_per_s_2", "seconds_ppo_update", "seconds_teacher_kl",
                 "ppo_mfu"]:
-        assert ratios[key] > 0, key
+        assert np.isfinite(ratios[key]) and ratios[key] > 0, key
+    # shares of a whole: the merge's of the update time, the teacher's of the training memory,
+    # the model FLOPs' of the (made-up, 1 TFLOP/s) peak
+    assert ratios["merge_fraction"] < 1 and ratios["teacher_memory_overhead"] < 1
+    assert ratios["ppo_mfu"] < 1
 
 
 @pytest.mark.parametrize("guide_tokens", ["thought", "all"])
@@ -378,7 +382,16 @@ def test_plot_draws_a_run(tiny_dir, tmp_path):
     result = subprocess.run([*script("plot"), str(run), "--smooth", "2"],
                             capture_output=True, text=True, timeout=120, env=SCRIPTS)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (run / "plot.png").stat().st_size > 10_000
+    assert (run / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # What it draws: a line for each panel's metric the run logged, the evaluations (one after
+    # the last update) with their error bars on the first panel.
+    from scripts.plot import PANELS, figure
+    fig = figure([str(run)], 2)
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    for ax, (title, keys) in zip(fig.axes, PANELS):
+        logged = [k for k in keys if any(r.get(k) is not None for r in rows)]
+        assert len(ax.lines) >= len(logged), title
+    assert len(fig.axes[0].containers) == 1  # the final evaluation's error bar
     result = subprocess.run([*script("plot"), str(tmp_path / "none")],
                             capture_output=True, text=True, timeout=120, env=SCRIPTS)
     assert result.returncode != 0 and "no metrics.jsonl there" in result.stderr
