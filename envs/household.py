@@ -449,7 +449,7 @@ class HouseholdEnv(VisualTextEnv):
         if wanted:
             return f"the {here} holds a {what}, so I take it", ("take", wanted[0], here)
         if here is not None and not self._reachable(here):
-            return f"the {here} is closed, so I open it", ("open", None, here)
+            return f"the {here} is closed, so I open it to look for a {what}", ("open", None, here)
         if here is None:
             return (f"I look for a {what}, so I go to the {SEARCH_ORDER[0]}",
                     ("go to", None, SEARCH_ORDER[0]))
