@@ -336,6 +336,16 @@ def report(args, envs, methods):
                          f"{paired} | {pair(variance)} | "
                          f"{pair(opening)} | {commands} |")
             curves[env, method] = runs
+            for i, s in enumerate(seeds):
+                loss = warm[s][0][0]["warmup_loss_after"]
+                per_seed.append(f"| {env.split('/')[-1]} | {label(args, method)} | {s} | "
+                                f"{loss:.3f} | {warm[s][1][-1]['eval_success_rate']:.3f} | "
+                                f"{finals[method][i]:.3f} | "
+                                f"{success[i][0]:.3f} / {success[i][1]:.3f} | "
+                                f"{valid[i][0]:.3f} / {valid[i][1]:.3f} | "
+                                f"{grounding[i][0]:.3f} / {grounding[i][1]:.3f} | "
+                                f"{diversity[i][0]:.3f} / {diversity[i][1]:.3f} | "
+                                f"{variance[i][0]:.3f} / {variance[i][1]:.3f} |")
         # Each method against its warm start, and every pair of methods, paired by seed
         # (docs/results/PLAN.md's test).
         for method in methods:
@@ -349,16 +359,6 @@ def report(args, envs, methods):
                 pairs.append(f"| {env.split('/')[-1]} | {label(args, second)} minus "
                              f"{label(args, first)} | {len(seeds)} | "
                              f"{paired_difference(differences)} |")
-            for i, s in enumerate(seeds):
-                loss = warm[s][0][0]["warmup_loss_after"]
-                per_seed.append(f"| {env.split('/')[-1]} | {label(args, method)} | {s} | "
-                                f"{loss:.3f} | {warm[s][1][-1]['eval_success_rate']:.3f} | "
-                                f"{finals[method][i]:.3f} | "
-                                f"{success[i][0]:.3f} / {success[i][1]:.3f} | "
-                                f"{valid[i][0]:.3f} / {valid[i][1]:.3f} | "
-                                f"{grounding[i][0]:.3f} / {grounding[i][1]:.3f} | "
-                                f"{diversity[i][0]:.3f} / {diversity[i][1]:.3f} | "
-                                f"{variance[i][0]:.3f} / {variance[i][1]:.3f} |")
     if not curves:
         sys.exit("no finished comparison runs to report")
     rows, evals = next(iter(curves.values()))[0]

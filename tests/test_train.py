@@ -421,8 +421,12 @@ def test_compare_smoke(tiny_dir, tmp_path):
 
     assert len(compare()) == 4  # the warm start and three methods
     table = open(tmp_path / "comparison.md").read()
-    for method in ("PPO only (RL4VLM)", "GTR-Turbo SFT", "GTR-Turbo KL"):
-        assert f"| NumberLine-v0 | {method} |" in table
+    methods = ("PPO only (RL4VLM)", "GTR-Turbo SFT", "GTR-Turbo KL")
+    for method in methods:
+        assert f"| NumberLine-v0 | {method} |" in table  # its row of the summary
+        assert f"| NumberLine-v0 | {method} | 0 |" in table  # and of the per-seed table
+    assert "| NumberLine-v0 | GTR-Turbo KL minus PPO only (RL4VLM) | 1 |" in table
+    assert "Code: commit " in table and "python -m scripts.compare " in table
     assert compare() == []
     config_path = tmp_path / "runs" / "NumberLine-v0" / "warm" / "seed0" / "config.json"
     config = json.loads(config_path.read_text())
