@@ -4,7 +4,7 @@ hidden -> 1024 -> 512 -> 1, as in the reference, kept in float32 whatever the ba
 With --value-norm the head regresses returns normalised by their running mean and variance, so
 EZPoints' returns of +10 and NumberLine's of +-1 are the same regression; the statistics are
 buffers, saved and loaded with the head's weights. What the head reads (the policy's state, a
-stop-gradient copy of it, or the critic's own adapter) is policy.py's `ActorCritic._value`.
+stop-gradient copy of it, or the critic's own adapter) is policy.py's `ActorCritic.value`.
 
 Usage:
     head = ValueHead(hidden)

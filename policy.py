@@ -15,10 +15,6 @@ Adapters by name: "policy" is trained, and "critic" with --critic adapter; "teac
 merged checkpoint, teacher.py) is a frozen adapter on the SAME base weights, switched in with
 `use_adapter("teacher")`: one extra LoRA adapter, not a second copy of the model (§6).
 
-Which characters of an answer are its action is the answer format's business, not the
-model's: `action_span(text) -> (start, end) or None` is passed in (envs.action_span for the
-bundled games), so the masks agree with the parser that reads the action.
-
 Use:
     policy = load_policy(folder_or_hub_id, action_span=envs.action_span)   # plumbing/loader.py
     batch = policy.encode(images, prompts)            # list of per-sample model inputs
@@ -37,6 +33,7 @@ from PIL import Image
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from critic import ValueHead
+from envs.answer import thought_action_masks
 from ppo import per_token_entropy, sequence_logprob, token_logprobs
 from targets import score_targets, score_targets_on_prompt_cache
 
@@ -45,22 +42,6 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video
 # Positions x vocabulary entries scored at once (`ActorCritic.score`): 128 MB per float32 copy,
 # e.g. 55 positions of 4 answers at Qwen's 152k vocabulary.
 SCORE_CHUNK_ELEMENTS = 2 ** 25
-
-
-# ---- Masks: which response tokens are thought, which are action ----------------------------
-def thought_action_masks(tokenizer, ids, action_span):
-    """(thought_mask, action_mask) over one response's tokens: a token is action if it overlaps
-    the characters `action_span` finds in the decoded answer (docs/ALGORITHM.md §2). Offsets
-    in the text, not token ids: the reference's hard-coded id triple fits one tokenizer only."""
-    ids = list(ids)
-    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))],
-                                      skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    span = action_span(prefixes[-1]) if prefixes else None  # the last prefix is the whole answer
-    ends = [len(prefix) for prefix in prefixes]  # decoding prefixes works for any tokenizer
-    starts = [0] + ends[:-1]
-    action = [span is not None and s < span[1] and e > span[0] for s, e in zip(starts, ends)]
-    action_mask = torch.tensor(action, dtype=torch.bool)
-    return ~action_mask, action_mask
 
 
 # ---- The actor-critic ------------------------------------------------------------------------
@@ -291,7 +272,7 @@ class ActorCritic(nn.Module):
                "thought_mask": thought_mask, "action_mask": action_mask,
                "seq_logprob": seq_logprob}
         if value:
-            out["value"] = self._value(encoded, hidden[rows, last_prompt])  # [batch]
+            out["value"] = self.value(encoded, hidden[rows, last_prompt])  # [batch]
         if extra_temperature is not None:
             with torch.no_grad():
                 extra = self.score(hidden[:, -width - 1:-1], batch["input_ids"][:, -width:],
@@ -374,26 +355,21 @@ class ActorCritic(nn.Module):
             masks[0, i, span], masks[1, i, span], masks[2, i, span] = True, thought, action
         return tuple(m.to(self.device) for m in masks)
 
-    def value(self, encoded):
-        """V(s) of observations alone (for bootstrapping truncated episodes)."""
-        if self.critic == "adapter":
-            return self._value(encoded, None)
-        batch = self.collate(encoded)
-        hidden = self.model.get_base_model().model(
-            **batch).last_hidden_state  # [batch, seq, hidden]
-        return self._value(encoded, hidden[:, -1])
-
-    def _value(self, encoded, prompt_state):
+    def value(self, encoded, prompt_state=None):
         """V(s) [batch] from the last prompt token's hidden state: the policy pass's own
-        (`prompt_state` [batch, hidden]) with --critic shared, the reference's design; the same
-        state with its gradient stopped (detached), so the value loss cannot move the policy;
-        or a pass of the prompts through the critic's own adapter (adapter)."""
+        (`prompt_state` [batch, hidden], or a pass here) with --critic shared, the reference's
+        design; the same state with its gradient stopped (detached), so the value loss cannot
+        move the policy; or a pass of the prompts through the critic's own adapter (adapter)."""
+        backbone = self.model.get_base_model().model
         if self.critic == "adapter":
             with self.use_adapter("critic"):
-                hidden = self.model.get_base_model().model(
-                    **self.collate(encoded)).last_hidden_state
+                prompt_state = None
+                hidden = backbone(**self.collate(encoded)).last_hidden_state
+        elif prompt_state is None:
+            hidden = backbone(**self.collate(encoded)).last_hidden_state  # [batch, seq, hidden]
+        if prompt_state is None:
             prompt_state = hidden[:, -1]  # [batch, hidden], left padding: the last prompt token
-        elif self.critic == "detached":
+        if self.critic == "detached":
             prompt_state = prompt_state.detach()
         normalized = self.value_head(prompt_state.float()).squeeze(-1)  # [batch]
         return self.value_head.denormalize(normalized)

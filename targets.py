@@ -14,7 +14,7 @@ left-aligned. What they need of the policy (an ActorCritic, policy.py, or anythi
 public interface): `model` (a PeftModel), `device`, `tokenizer`, `collate(encoded, responses)`,
 `score(hidden, ids)` and `aligned_masks(sequences, width, right)`. They import only torch.
 With --sft-batch replay (the default) the targets are scored as answers of their own
-observations instead (train.py:replay_loss), and these two serve --sft-batch rollout.
+observations instead (teacher.py:replay_loss), and these two serve --sft-batch rollout.
 """
 import torch
 

@@ -30,6 +30,8 @@ Use (train.py):
     teacher.start(policy)                  # pi_T^(0)
     guidance = teacher.guide(policy, batch, game)     # after each rollout
     teacher.merge(policy, update, snapshots)  # after each update (snapshots: one per epoch)
+    remember(replay, policy, batch.observations, guidance.sft_targets)   # --sft-batch replay:
+    replay_loss(policy, [replay[i] for i in drawn], minibatch_size, args, logs)   # per micro-batch
 """
 
 import os
@@ -38,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill import kl_estimate, retry_temperatures
+from distill import kl_estimate, replay_sft_loss, retry_temperatures
 from merge import update_teacher
 
 
@@ -260,3 +262,36 @@ class Teacher:
                     pending = [i for i in pending if targets[i] is None]
                     tried += width
         return targets, sampled, len(asked)
+
+
+# ---- the SFT replay (--sft-batch replay, the reference's; docs/ALGORITHM.md §4.2) ------------
+def remember(replay, policy, observations, targets):
+    """Add a rollout's steps to the SFT replay: ((frame, prompt), target) for a step with a
+    target, the frame as the model reads it (a tiny model's 112 px, not the game's 300), and
+    (None, None) for one without (it still counts in the loss's mean)."""
+    for (frame, prompt), target in zip(observations, targets):
+        replay.append(((policy.fitted(frame), prompt), target) if target is not None
+                      else (None, None))
+
+
+def replay_draws(size):
+    """Indices into the SFT replay buffer, without replacement, reshuffled after every pass: the
+    reference's sampler (one per PPO epoch)."""
+    while True:
+        yield from torch.randperm(size).tolist()
+
+
+def replay_loss(policy, drawn, minibatch_size, args, logs):
+    """--sft-batch replay (§4.2): backward of the reference's SFT loss on `drawn`, a
+    micro-batch's share of ((frame, prompt), target) pairs from the replay buffer, encoded again
+    and scored at temperature 1 on the bare policy (under DDP, called in `no_sync`: its gradient
+    joins the PPO loss's all-reduce)."""
+    pairs = [(observation, target) for observation, target in drawn if target is not None]
+    if not pairs:  # drawn samples without a target count in the mean, and add nothing
+        return
+    encoded = policy.encode([frame for (frame, _), _ in pairs],
+                            [prompt for (_, prompt), _ in pairs])
+    out = policy(encoded, [target for _, target in pairs], 1.0, value=False)
+    guided = out["response_mask"] if args.guide_tokens == "all" else out["thought_mask"]
+    (args.sft_coef * replay_sft_loss(out["logprobs"], guided, minibatch_size)).backward()
+    logs["sft_loss"].append(replay_sft_loss(out["logprobs"], guided, len(pairs)).item())

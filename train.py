@@ -39,53 +39,22 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import config
-import envs
 from demonstrations import warm_start
-from distill import kl_penalized_advantages, replay_sft_loss, sft_loss
+from distill import kl_penalized_advantages, sft_loss
 from plumbing import checkpoint
 from plumbing.distributed import all_mean, setup_distributed, shutdown_distributed
-from plumbing.loader import check_adapter_base, load_policy
 from plumbing.report import RunLog, log_update, run_evaluation
-from plumbing.tinyvlm import TINY_MODELS, offline_model
-from ppo import (
-    accumulate_gradient,
-    batch_moments,
-    clipped_step,
-    cosine_lr,
-    explained_variance,
-    gae,
-    gradient_norms,
-    micro_batches,
-    normalize_advantages,
-    policy_loss,
-    value_loss,
-    variance_shares,
-)
+from plumbing.tinyvlm import build_policy
+from ppo import (accumulate_gradient, batch_moments, clipped_step, cosine_lr, explained_variance,
+                 gae, gradient_norms, micro_batches, normalize_advantages, policy_loss,
+                 value_loss, variance_shares)
 from rollout import Rollout
-from teacher import Teacher
+from teacher import Teacher, remember, replay_draws, replay_loss
 
 
 def parse_args(argv=None):
     """train.py's flags (config.py), checked, with this file's docstring heading --help."""
     return config.parse_args(argv, __doc__)
-
-
-def build_policy(args, device, adapter_path=None, dtype=None):
-    """The actor-critic of --model (an offline one, plumbing/tinyvlm.py, is built on first use) with
-    the LoRA flags; `dtype` as load_policy's (None: float32 on CPU, bfloat16 on GPU)."""
-    model = offline_model(args.model, envs.FAMILY_OF.get(args.env, "cards"), args.seed,
-                          args.image_size or 112, device)
-    if model and adapter_path:
-        check_adapter_base(adapter_path, model)
-    return load_policy(model or args.model, envs.action_span, device=device,
-                       thought_coef=args.thought_coef, image_size=args.image_size or None,
-                       adapter_path=adapter_path, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                       lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,
-                       lora_targets=args.lora_targets, dtype=dtype, critic=args.critic,
-                       answer_opening=envs.ANSWER_OPENING,
-                       gradient_checkpointing={
-                           "on": True, "off": False, "auto": args.model not in TINY_MODELS,
-                       }[args.gradient_checkpointing])
 
 
 def actor_critic_optimizer(policy, args):
@@ -217,10 +186,7 @@ def main(args, rank, world, device):
         # ---- 2. Guide: the merged teacher's KL penalties or SFT answers (teacher.py, §4.2-4.3) -
         guidance = teacher.guide(policy, batch, run.runner.envs[0].unwrapped) if teacher else None
         if run.replay is not None:  # --sft-batch replay: this rollout's targets join the buffer
-            for (frame, prompt), target in zip(batch.observations, guidance.sft_targets):
-                # the frame as the model reads it (a tiny model's 112 px, not the game's 300)
-                run.replay.append(((policy.fitted(frame), prompt), target) if target is not None
-                                  else (None, None))
+            remember(run.replay, policy, batch.observations, guidance.sft_targets)
         # ---- 3. PPO epochs on the rollout (ppo.py, §3) ----------------------------------------
         start = time.perf_counter()
         # --merge-snapshot epoch: ppo_update keeps the policy adapter after each epoch for step 4.
@@ -341,29 +307,6 @@ def ppo_update(model, optimizer, batch, guidance, args, snapshots=None, actor_fr
             | {k: float(np.mean(v)) for k, v in logs.items()}
             | {"log_ratio_max": max(logs["log_ratio_max"]),
                "skipped_steps": int(sum(logs["skipped_steps"])), "optimizer_steps": steps})
-
-
-def replay_draws(size):
-    """Indices into the SFT replay buffer, without replacement, reshuffled after every pass: the
-    reference's sampler (one per PPO epoch)."""
-    while True:
-        yield from torch.randperm(size).tolist()
-
-
-def replay_loss(policy, drawn, minibatch_size, args, logs):
-    """--sft-batch replay (§4.2): backward of the reference's SFT loss on `drawn`, a
-    micro-batch's share of ((frame, prompt), target) pairs from the replay buffer, encoded again
-    and scored at temperature 1 on the bare policy (under DDP, called in `no_sync`: its gradient
-    joins the PPO loss's all-reduce)."""
-    pairs = [(observation, target) for observation, target in drawn if target is not None]
-    if not pairs:  # drawn samples without a target count in the mean, and add nothing
-        return
-    encoded = policy.encode([frame for (frame, _), _ in pairs],
-                            [prompt for (_, prompt), _ in pairs])
-    out = policy(encoded, [target for _, target in pairs], 1.0, value=False)
-    guided = out["response_mask"] if args.guide_tokens == "all" else out["thought_mask"]
-    (args.sft_coef * replay_sft_loss(out["logprobs"], guided, minibatch_size)).backward()
-    logs["sft_loss"].append(replay_sft_loss(out["logprobs"], guided, len(pairs)).item())
 
 
 @torch.no_grad()

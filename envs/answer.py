@@ -3,7 +3,8 @@
 Concept: the agent answers every picture with a JSON object ``{"thoughts": "...", "action":
 "..."}`` (docs/ALGORITHM.md §1, §5). ``format_answer`` writes one; ``parse_action``,
 ``extract_thoughts`` and ``action_span`` read one with a tolerant, linear-time scanner, which
-must never raise on whatever a model writes.
+must never raise on whatever a model writes. ``thought_action_masks`` projects the action's
+characters onto a response's tokens, for any tokenizer (the log-prob of §2 weighs the two apart).
 
 Use: ``format_answer("current 2, target 4, so I move up", "+")`` gives
 ``{"thoughts": "current 2, target 4, so I move up", "action": "+"}``, and
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+
+import torch
 
 ANSWER_INSTRUCTION = ('Answer only with JSON: {"thoughts": "...", "action": "..."}, action being '
                       'one admissible action.')
@@ -152,3 +155,18 @@ def action_span(text: str) -> tuple[int, int] | None:
     _, _, start, end = field
     following = _NEXT_KEY.match(text, end)
     return start, (following.end(1) if following else len(text))
+
+
+def thought_action_masks(tokenizer, ids, action_span):
+    """(thought_mask, action_mask) over one response's tokens: a token is action if it overlaps
+    the characters `action_span` finds in the decoded answer (docs/ALGORITHM.md §2). Offsets
+    in the text, not token ids: the reference's hard-coded id triple fits one tokenizer only."""
+    ids = list(ids)
+    prefixes = tokenizer.batch_decode([ids[: i + 1] for i in range(len(ids))],
+                                      skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    span = action_span(prefixes[-1]) if prefixes else None  # the last prefix is the whole answer
+    ends = [len(prefix) for prefix in prefixes]  # decoding prefixes works for any tokenizer
+    starts = [0] + ends[:-1]
+    action = [span is not None and s < span[1] and e > span[0] for s, e in zip(starts, ends)]
+    action_mask = torch.tensor(action, dtype=torch.bool)
+    return ~action_mask, action_mask

@@ -30,7 +30,7 @@ import gymnasium as gym
 import torch
 
 import envs
-from plumbing.loader import image_only_processor_class
+from plumbing.loader import check_adapter_base, image_only_processor_class, load_policy
 
 # Qwen's special tokens, which the tiny tokenizer must know.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -374,3 +374,21 @@ def _set_processor_class(path, processor_class):
         saved = json.load(f)
     with open(config_file, "w") as f:
         json.dump(saved | {"processor_class": processor_class}, f, indent=2)
+
+
+def build_policy(args, device, adapter_path=None, dtype=None):
+    """The actor-critic of --model (an offline one, plumbing/tinyvlm.py, is built on first use) with
+    the LoRA flags; `dtype` as load_policy's (None: float32 on CPU, bfloat16 on GPU)."""
+    model = offline_model(args.model, envs.FAMILY_OF.get(args.env, "cards"), args.seed,
+                          args.image_size or 112, device)
+    if model and adapter_path:
+        check_adapter_base(adapter_path, model)
+    return load_policy(model or args.model, envs.action_span, device=device,
+                       thought_coef=args.thought_coef, image_size=args.image_size or None,
+                       adapter_path=adapter_path, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, lora_vision=args.lora_vision,
+                       lora_targets=args.lora_targets, dtype=dtype, critic=args.critic,
+                       answer_opening=envs.ANSWER_OPENING,
+                       gradient_checkpointing={
+                           "on": True, "off": False, "auto": args.model not in TINY_MODELS,
+                       }[args.gradient_checkpointing])

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 import envs
-from train import build_policy, parse_args
+from plumbing.tinyvlm import build_policy
+from train import parse_args
 
 EXPLORE = 0.2  # the share of random actions in the held-out play, as in demonstrations.py
 

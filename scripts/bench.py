@@ -54,7 +54,8 @@ from plumbing.distributed import setup_distributed
 from plumbing.flags import invalid, parse_dataclass
 from rollout import Rollout
 from teacher import Teacher
-from train import actor_critic_optimizer, build_policy, ppo_update
+from plumbing.tinyvlm import build_policy
+from train import actor_critic_optimizer, ppo_update
 
 
 @dataclass

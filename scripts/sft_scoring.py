@@ -20,7 +20,8 @@ from demonstrations import warm_start
 from policy import ActorCritic
 from rollout import Rollout
 from teacher import Teacher
-from train import actor_critic_optimizer, build_policy, parse_args, ppo_update
+from plumbing.tinyvlm import build_policy
+from train import actor_critic_optimizer, parse_args, ppo_update
 
 
 def plain_path(self):

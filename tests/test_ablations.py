@@ -12,7 +12,7 @@ import torch
 
 import envs
 from config import Args
-from policy import thought_action_masks
+from envs.answer import thought_action_masks
 from rollout import Batch
 from teacher import Teacher
 from train import actor_critic_optimizer, ppo_update
@@ -75,6 +75,17 @@ def test_static_teacher_keeps_the_warm_start(make_policy):
         assert teacher.merges == 3 * merge_every
 
 
+def merge_four_epoch_snapshots(policy, teacher, update):
+    """Four perturbed snapshots of the policy adapter, merged into the teacher as one update's
+    epochs; returns their mean."""
+    snapshots = []
+    for _ in range(4):
+        perturb(policy)
+        snapshots.append(policy.adapter_state("policy"))
+    teacher.merge(policy, update, snapshots)
+    return {k: sum(s[k] for s in snapshots) / 4 for k in snapshots[0]}
+
+
 def test_epoch_snapshots_are_merged_with_the_reference_weights(make_policy):
     """--merge-snapshot epoch: one merge per update of the epoch snapshots, each at alpha/4, and the
     old teacher at 1 - alpha (EMA); the first merge holds the 4 snapshots alone, at 1/4 each. With
@@ -85,12 +96,7 @@ def test_epoch_snapshots_are_merged_with_the_reference_weights(make_policy):
     teacher.start(policy)
     expected = None
     for update in (1, 2):
-        snapshots = []
-        for _ in range(4):
-            perturb(policy)
-            snapshots.append(policy.adapter_state("policy"))
-        teacher.merge(policy, update, snapshots)
-        mean = {k: sum(s[k] for s in snapshots) / 4 for k in snapshots[0]}
+        mean = merge_four_epoch_snapshots(policy, teacher, update)
         expected = (mean if expected is None
                     else {k: 0.5 * mean[k] + 0.5 * expected[k] for k in mean})
         merged = policy.adapter_state("teacher")
@@ -109,12 +115,7 @@ def test_epoch_snapshots_with_sma_get_the_reference_counters_weights(make_policy
     teacher.start(policy)
     expected = None
     for update in (1, 2, 3):
-        snapshots = []
-        for _ in range(4):
-            perturb(policy)
-            snapshots.append(policy.adapter_state("policy"))
-        teacher.merge(policy, update, snapshots)
-        mean = {k: sum(s[k] for s in snapshots) / 4 for k in snapshots[0]}
+        mean = merge_four_epoch_snapshots(policy, teacher, update)
         loaded = 4 * update  # the reference's counter after loading this update's snapshots
         expected = (mean if expected is None else
                     {k: 4 / (loaded + 4) * mean[k] + loaded / (loaded + 4) * expected[k]

@@ -8,7 +8,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "docs/ALGORITHM.md", "docs/TINY_MODEL.md", "docs/RESULTS.md",
-        "docs/PERFORMANCE.md", "docs/results/household.md"]
+        "docs/PERFORMANCE.md"]
 
 
 def defined_names(path):

@@ -9,7 +9,7 @@ import envs
 from envs import action_span
 from plumbing.loader import load_policy
 from plumbing.tinyvlm import tiny_model
-from policy import thought_action_masks
+from envs.answer import thought_action_masks
 
 ANSWER = '{"thoughts": "current 2, target 4, so I move up", "action": "+"}'
 

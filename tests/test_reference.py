@@ -16,14 +16,12 @@ from config import Args
 from distill import kl_estimate
 from ppo import accumulated_step, value_loss
 from rollout import Batch
-from teacher import Guidance, Teacher
+from teacher import Guidance, Teacher, replay_draws, replay_loss
 from train import (
     actor_critic_optimizer,
     advantages_and_returns,
     micro_batch_loss,
     ppo_update,
-    replay_draws,
-    replay_loss,
 )
 
 TEACHER_ANSWER = '{"thoughts": "current 1, target 3, so I move up", "action": "+"}'
