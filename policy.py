@@ -360,15 +360,13 @@ class ActorCritic(nn.Module):
         (`prompt_state` [batch, hidden], or a pass here) with --critic shared, the reference's
         design; the same state with its gradient stopped (detached), so the value loss cannot
         move the policy; or a pass of the prompts through the critic's own adapter (adapter)."""
+        # [batch, hidden]: with left padding, position -1 is every prompt's last token
         backbone = self.model.get_base_model().model
         if self.critic == "adapter":
             with self.use_adapter("critic"):
-                prompt_state = None
-                hidden = backbone(**self.collate(encoded)).last_hidden_state
+                prompt_state = backbone(**self.collate(encoded)).last_hidden_state[:, -1]
         elif prompt_state is None:
-            hidden = backbone(**self.collate(encoded)).last_hidden_state  # [batch, seq, hidden]
-        if prompt_state is None:
-            prompt_state = hidden[:, -1]  # [batch, hidden], left padding: the last prompt token
+            prompt_state = backbone(**self.collate(encoded)).last_hidden_state[:, -1]
         if self.critic == "detached":
             prompt_state = prompt_state.detach()
         normalized = self.value_head(prompt_state.float()).squeeze(-1)  # [batch]

@@ -64,6 +64,7 @@ class TeacherConfig:
     sft_unparsed: str = "none"          # "teacher": SFT targets for unparsed answers too
     temperature: float = 0.5            # the agent's sampling temperature
     teacher_temperature: float = 0.2    # the teacher's first SFT answer temperature
+    sft_coef: float = 1.0               # the SFT replay loss's weight (replay_loss)
     max_new_tokens: int = 64
     micro_batch_size: int = 32          # the KL pass's batch
     num_envs: int = 8                   # the SFT answers' generate batch
@@ -293,5 +294,6 @@ def replay_loss(policy, drawn, minibatch_size, args, logs):
                             [prompt for (_, prompt), _ in pairs])
     out = policy(encoded, [target for _, target in pairs], 1.0, value=False)
     guided = out["response_mask"] if args.guide_tokens == "all" else out["thought_mask"]
-    (args.sft_coef * replay_sft_loss(out["logprobs"], guided, minibatch_size)).backward()
-    logs["sft_loss"].append(replay_sft_loss(out["logprobs"], guided, len(pairs)).item())
+    loss = replay_sft_loss(out["logprobs"], guided, minibatch_size)
+    (args.sft_coef * loss).backward()
+    logs["sft_loss"].append(loss.item() * minibatch_size / len(pairs))  # per drawn target
